@@ -1,0 +1,23 @@
+# Two commands for a fresh machine: `make demo` (install + run the embedded model) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+
+demo: install
+	$(BIN)/moeserve generate "Once upon a time" --max-tokens 48
+
+test: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -x tests
+
+lint: install
+	$(BIN)/ruff check moeserve tests benchmarks
+
+.PHONY: install demo test lint

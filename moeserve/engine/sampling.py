@@ -1,0 +1,486 @@
+"""Turning next-token logits into token ids: request parameters, the sampler and stop strings.
+
+The parameter names, defaults and the order of the logit transforms follow vLLM (and so the
+OpenAI API), because clients written against those servers expect the same request to mean the
+same thing here:
+
+    repetition penalty -> frequency/presence penalties -> temperature -> top-k -> top-p -> min-p
+    -> sample (argmax when greedy)
+
+Logprobs are reported from the *raw* logits (before any penalty, temperature or filter), which
+is vLLM's default: they describe what the model believed, not the sampling distribution that a
+request's knobs happened to produce.
+
+Every transform is a pure function (it returns a new tensor and never modifies its input), so
+the filters can be tested on hand-written logits and a caller may keep the raw logits around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from moeserve.errors import RequestError
+
+# Temperatures below this are treated as greedy, like vLLM: dividing by a tiny temperature only
+# produces inf/NaN where argmax gives the intended answer.
+_SAMPLING_EPS = 1e-5
+
+
+def _bad(name: str, value: object, expected: str) -> RequestError:
+    """Build the one-line error every validation failure uses: parameter, value, expectation."""
+    return RequestError(f"invalid sampling parameter {name}={value!r}: {expected}")
+
+
+def _is_int(value: object) -> bool:
+    """True for real integers; bool is excluded because `top_k=True` is a client bug, not 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """True for int/float (not bool), so JSON numbers of either kind are accepted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters, shaped like vLLM's so OpenAI-style requests map 1:1.
+
+    Validation happens here, once, when the request arrives, so the sampler's hot loop can
+    trust the values and a bad request fails with a message naming the offending parameter
+    instead of a NaN or an index error deep inside torch.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = -1  # -1 or 0 disables top-k
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate every field and normalise `stop` to a list (vLLM accepts str or list)."""
+        if not _is_int(self.n) or self.n < 1:
+            raise _bad("n", self.n, "must be an integer >= 1")
+        if not _is_number(self.temperature) or not self.temperature >= 0.0:
+            raise _bad("temperature", self.temperature, "must be a number >= 0")
+        if self.temperature == float("inf"):
+            raise _bad("temperature", self.temperature, "must be finite")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise _bad("top_k", self.top_k, "must be an integer: -1 or 0 (disabled) or >= 1")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", self.top_p, "must be in (0, 1]")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", self.min_p, "must be in [0, 1]")
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0.0 < rp < float("inf"):
+            raise _bad("repetition_penalty", rp, "must be a finite number > 0")
+        # OpenAI documents [-2, 2]; vLLM enforces the same range.
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise _bad(name, value, "must be in [-2, 2]")
+        if self.seed is not None and not _is_int(self.seed):
+            raise _bad("seed", self.seed, "must be an integer or None")
+        # vLLM rejects max_tokens=0 as well: a request that may generate nothing is a client bug.
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise _bad("max_tokens", self.max_tokens, "must be an integer >= 1 or None")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise _bad("logprobs", self.logprobs, "must be an integer >= 0 or None")
+        if not isinstance(self.ignore_eos, bool):
+            raise _bad("ignore_eos", self.ignore_eos, "must be a bool")
+
+        if self.stop is None:
+            stop: list[str] = []
+        elif isinstance(self.stop, str):
+            stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            stop = list(self.stop)
+        else:
+            raise _bad("stop", self.stop, "must be a string, a list of strings or None")
+        for s in stop:
+            # An empty stop string would "match" before the first token and end every request.
+            if not isinstance(s, str) or not s:
+                raise _bad("stop", self.stop, "every stop string must be a non-empty string")
+        self.stop = stop
+
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise _bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        else:
+            self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """`stop` as a list (typed precisely, unlike the field which also admits str on input)."""
+        if isinstance(self.stop, str):  # only if reassigned after construction
+            return [self.stop]
+        return list(self.stop or [])
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling degenerates to argmax, so the sampler can skip the random path."""
+        return self.temperature < _SAMPLING_EPS or self.top_k == 1
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """Return a CPU generator seeded from `params.seed`, or None for unseeded requests.
+
+    The caller keeps one generator per sequence for its whole life and passes it at every step:
+    a seeded request then draws the same tokens whatever else shares its batch, because only
+    that request's rows ever consume its generator. Unseeded requests use torch's global RNG.
+    """
+    if params.seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(params.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Logit transforms. Each takes [B, V] float logits and per-row parameters, returns a new tensor.
+# Removed tokens get -inf so a later softmax gives them exactly zero probability.
+# --------------------------------------------------------------------------------------------
+
+
+def _per_row(
+    value: float | torch.Tensor | list[float] | list[int],
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Broadcast a scalar or per-row list to a [B, 1] tensor so rows can have different values."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"per-row parameter has shape {tuple(t.shape)}, expected ({batch},)")
+    return t.reshape(batch, 1)
+
+
+def _token_matrix(
+    token_lists: list[list[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Per-row token counts [B, V] built with one scatter_add, so penalties stay vectorised."""
+    batch = len(token_lists)
+    counts = torch.zeros(batch, vocab_size, dtype=torch.int32, device=device)
+    lengths = [len(toks) for toks in token_lists]
+    total = sum(lengths)
+    if total == 0:
+        return counts
+    flat = torch.tensor([t for toks in token_lists for t in toks], dtype=torch.long, device=device)
+    bad = (flat < 0) | (flat >= vocab_size)
+    if bool(bad.any()):
+        token = int(flat[bad][0])
+        raise RequestError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+    rows = torch.repeat_interleave(
+        torch.arange(batch, device=device), torch.tensor(lengths, device=device)
+    )
+    counts.view(-1).scatter_add_(
+        0, rows * vocab_size + flat, torch.ones(total, dtype=torch.int32, device=device)
+    )
+    return counts
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prev_tokens: list[list[int]],
+    output_tokens: list[list[int]],
+    repetition_penalty: float | list[float] = 1.0,
+    frequency_penalty: float | list[float] = 0.0,
+    presence_penalty: float | list[float] = 0.0,
+) -> torch.Tensor:
+    """Apply the repetition, then frequency and presence penalties (vLLM order).
+
+    * repetition (HF/CTRL style) covers prompt *and* output tokens (`prev_tokens`): a seen
+      token's logit is divided by the penalty when positive and multiplied when negative, so a
+      penalty > 1 always makes it less likely regardless of sign.
+    * frequency/presence (OpenAI style) cover output tokens only:
+      ``logit -= frequency * count + presence * (count > 0)``.
+    """
+    batch, vocab = logits.shape
+    if len(prev_tokens) != batch or len(output_tokens) != batch:
+        raise ValueError(
+            f"got {len(prev_tokens)} prev_tokens / {len(output_tokens)} output_tokens rows "
+            f"for {batch} logits rows"
+        )
+    out = logits
+    rep = _per_row(repetition_penalty, batch, logits.dtype, logits.device)
+    if bool((rep != 1.0).any()):
+        seen = _token_matrix(prev_tokens, vocab, logits.device) > 0
+        penalised = torch.where(out > 0, out / rep, out * rep)
+        out = torch.where(seen, penalised, out)
+    freq = _per_row(frequency_penalty, batch, logits.dtype, logits.device)
+    pres = _per_row(presence_penalty, batch, logits.dtype, logits.device)
+    if bool((freq != 0.0).any() or (pres != 0.0).any()):
+        counts = _token_matrix(output_tokens, vocab, logits.device).to(logits.dtype)
+        out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
+    return out if out is not logits else logits.clone()
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float | list[float]) -> torch.Tensor:
+    """Divide each row by its temperature; rows at (near) zero are left alone (they are argmax).
+
+    Leaving greedy rows untouched instead of dividing by zero keeps the batch free of inf/NaN,
+    and argmax is invariant to positive scaling anyway.
+    """
+    temp = _per_row(temperature, logits.shape[0], logits.dtype, logits.device)
+    temp = torch.where(temp < _SAMPLING_EPS, torch.ones_like(temp), temp)
+    return logits / temp
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | list[int]) -> torch.Tensor:
+    """Keep each row's `top_k` largest logits; k <= 0 (or >= V) leaves the row unchanged.
+
+    Tokens tied with the k-th largest value are all kept (the threshold is a value, not a
+    count), which matches vLLM's sort-and-threshold implementation.
+    """
+    batch, vocab = logits.shape
+    k = _per_row(top_k, batch, torch.long, logits.device)
+    active = (k > 0) & (k < vocab)
+    if not bool(active.any()):
+        return logits.clone()
+    # Only the largest active k is sorted for, so one disabled row does not force a full sort.
+    k = torch.where(active, k, torch.ones_like(k))
+    top_vals = torch.topk(logits, int(k.max()), dim=-1).values  # sorted descending
+    threshold = top_vals.gather(1, k - 1)
+    threshold = torch.where(active, threshold, torch.full_like(threshold, float("-inf")))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float | list[float]) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most-likely tokens whose probability >= top_p.
+
+    A token is kept when the probability mass strictly before it (in descending order) is
+    below p, so the most likely token always survives and the token that crosses p is included.
+    """
+    batch, _ = logits.shape
+    p = _per_row(top_p, batch, logits.dtype, logits.device)
+    if bool((p >= 1.0).all()):
+        return logits.clone()
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    remove_sorted = mass_before >= p
+    remove_sorted[:, 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float | list[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the row's top probability.
+
+    Unlike top-p this adapts to the model's confidence: a peaked distribution keeps few tokens,
+    a flat one keeps many. The most likely token always survives.
+    """
+    batch, _ = logits.shape
+    m = _per_row(min_p, batch, logits.dtype, logits.device)
+    if bool((m <= 0.0).all()):
+        return logits.clone()
+    probs = torch.softmax(logits, dim=-1)
+    threshold = m * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob report for one sampled token, from the raw (unpenalised) logits.
+
+    `top` holds the `params.logprobs` most likely (token_id, logprob) pairs, best first; it is
+    empty when logprobs=0, in which case only the chosen token's own logprob is reported.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int  # 1-based rank of the chosen token under the raw distribution
+    top: list[tuple[int, float]]
+
+
+class SamplerOutput(NamedTuple):
+    """What `Sampler.sample` returns; a tuple so callers may write `ids, lps = sample(...)`."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: list[TokenLogprobs | None]  # one entry per row, None when not requested
+
+
+class Sampler:
+    """Turns a batch of next-token logits into token ids, honouring each row's SamplingParams.
+
+    Rows may carry different parameters: every transform takes per-row values, and a transform
+    is skipped entirely when no row uses it, so the common all-default batch costs one softmax.
+    """
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        prev_tokens: list[list[int]],
+        output_tokens: list[list[int]],
+    ) -> SamplerOutput:
+        """Sample one token per row.
+
+        `prev_tokens` is each row's prompt + output so far (for the repetition penalty),
+        `output_tokens` its output only (for frequency/presence). `generators[i]` is consumed
+        only by row i, so a seeded row is reproducible independently of its batch-mates.
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+        batch = logits.shape[0]
+        for name, seq in (
+            ("params", params),
+            ("generators", generators),
+            ("prev_tokens", prev_tokens),
+            ("output_tokens", output_tokens),
+        ):
+            if len(seq) != batch:
+                raise ValueError(f"{name} has {len(seq)} entries for {batch} logits rows")
+        if batch == 0:
+            return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device), [])
+
+        raw = logits.float()
+        x = apply_penalties(
+            raw,
+            prev_tokens,
+            output_tokens,
+            repetition_penalty=[p.repetition_penalty for p in params],
+            frequency_penalty=[p.frequency_penalty for p in params],
+            presence_penalty=[p.presence_penalty for p in params],
+        )
+
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        token_ids = torch.argmax(x, dim=-1)
+        if not bool(greedy.all()):
+            x = apply_temperature(x, [p.temperature for p in params])
+            x = apply_top_k(x, [p.top_k for p in params])
+            x = apply_top_p(x, [p.top_p for p in params])
+            x = apply_min_p(x, [p.min_p for p in params])
+            probs = torch.softmax(x, dim=-1)
+            random_rows = [i for i in range(batch) if not params[i].greedy]
+            unseeded = [i for i in random_rows if generators[i] is None]
+            if unseeded:
+                rows = torch.tensor(unseeded, device=logits.device)
+                token_ids[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+            for i in random_rows:
+                gen = generators[i]
+                if gen is not None:
+                    token_ids[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+
+        return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+    ) -> list[TokenLogprobs | None]:
+        """Logprobs of the chosen and top tokens from the raw logits, for rows that asked."""
+        result: list[TokenLogprobs | None] = [None] * len(params)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return result
+        idx = torch.tensor(rows, device=raw.device)
+        lp = torch.log_softmax(raw[idx], dim=-1)
+        chosen = token_ids[idx]
+        chosen_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        ranks = (lp > chosen_lp.unsqueeze(1)).sum(dim=-1) + 1
+        max_k = min(max(params[i].logprobs or 0 for i in rows), lp.shape[1])
+        top_vals, top_ids = torch.topk(lp, max_k, dim=-1)  # max_k may be 0: empty columns
+        for j, i in enumerate(rows):
+            k = min(params[i].logprobs or 0, lp.shape[1])
+            top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist(), strict=True))
+            result[i] = TokenLogprobs(
+                token_id=int(chosen[j]),
+                logprob=float(chosen_lp[j]),
+                rank=int(ranks[j]),
+                top=top,
+            )
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Stop strings
+# --------------------------------------------------------------------------------------------
+
+
+class StopChecker:
+    """Finds stop strings in detokenised output text and decides how much may be streamed.
+
+    Works on text, not tokens, because a stop string may span several tokens or sit in the
+    middle of one token's text; the engine appends each new token's text and calls `check`.
+    The stop string itself is never part of the returned text (vLLM's default).
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        """`stop` as validated by SamplingParams (non-empty strings); an empty list disables."""
+        if any(not s for s in stop):
+            raise _bad("stop", stop, "every stop string must be a non-empty string")
+        self.stop = list(stop)
+        self._max_len = max((len(s) for s in self.stop), default=0)
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> StopChecker:
+        """Build the checker for a request."""
+        return cls(params.stop_strings)
+
+    def find(self, text: str, num_new_chars: int | None = None) -> int:
+        """Index of the earliest stop string in `text`, or -1.
+
+        `num_new_chars` lets an incremental caller (who has already checked the text minus its
+        last `num_new_chars` characters) search only the window where a new match can end,
+        keeping the per-token cost independent of the output length.
+        """
+        if not self.stop:
+            return -1
+        start = 0
+        if num_new_chars is not None:
+            start = max(0, len(text) - num_new_chars - self._max_len + 1)
+        best = -1
+        for s in self.stop:
+            pos = text.find(s, start)
+            if pos != -1 and (best == -1 or pos < best):
+                best = pos
+        return best
+
+    def check(self, text: str, num_new_chars: int | None = None) -> tuple[bool, str]:
+        """Return (stopped, visible_text).
+
+        When a stop string occurs, visible_text is everything before its first occurrence.
+        Otherwise it is all of `text` — the final output if generation ends now for another
+        reason (EOS, max_tokens); use `safe_len` to decide how much of it to stream yet.
+        """
+        pos = self.find(text, num_new_chars)
+        if pos == -1:
+            return False, text
+        return True, text[:pos]
+
+    def safe_len(self, text: str) -> int:
+        """How many leading characters of `text` can be streamed without ever being retracted.
+
+        Holds back the longest suffix that is a proper prefix of some stop string (the next
+        token might complete it), and never passes a complete stop string.
+        """
+        pos = self.find(text)
+        if pos != -1:
+            return pos
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return len(text) - hold

@@ -1,0 +1,159 @@
+"""Open a GGUF file memory-mapped and hand out its tensors still packed.
+
+The `gguf` package does the parsing; this module adds what an engine needs on top: metadata as
+plain Python values, tensors as `PackedTensor` views of the mapped bytes (nothing is copied or
+dequantized here), and one clear `GGUFError` per problem, naming the file and the key or tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from moeserve.errors import GGUFError, UnsupportedQuantError
+from moeserve.gguf.quants import SUPPORTED_QTYPES, dequantize, row_bytes
+
+_REQUIRED = object()
+
+
+@dataclass
+class PackedTensor:
+    """A weight exactly as stored in the file: GGML blocks, one row of blocks per output row.
+
+    `shape` is in PyTorch order (outermost first), e.g. `(out, in)` or `(experts, out, in)`;
+    `data` is uint8 `[*shape[:-1], row_bytes]`, normally a zero-copy view of the memory map.
+    """
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """Reference float32 copy of this tensor — for tests and tiny tensors (norms, biases)."""
+        return dequantize(self.data, self.qtype, self.shape[-1])
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the given rows (embedding lookup without touching the rest)."""
+        return dequantize(self.data[index], self.qtype, self.shape[-1])
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: metadata and packed tensors, validated on access."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise GGUFError(f"{self.path}: no such file")
+        try:
+            self._reader = GGUFReader(self.path, "r")
+        except Exception as exc:  # the gguf package raises bare ValueError/IndexError/KeyError
+            raise self._explain_parse_failure(exc) from None
+        self.tensors: dict[str, Any] = {t.name: t for t in self._reader.tensors}
+        self._check_extent()
+        self.metadata: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.metadata[key] = field.contents()
+            except Exception as exc:
+                raise GGUFError(f"{self.path}: metadata key '{key}' cannot be decoded ({exc})") from None
+
+    # -- errors ---------------------------------------------------------------------------
+    def _explain_parse_failure(self, exc: Exception) -> GGUFError:
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            return GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        text = str(exc)
+        if "is not a valid GGMLQuantizationType" in text:
+            return UnsupportedQuantError(f"{self.path}: a tensor uses an unknown quantization type ({text})")
+        return GGUFError(
+            f"{self.path}: file is truncated or corrupt ({size} bytes on disk; the header or tensor "
+            f"table points past the end: {type(exc).__name__}: {text})"
+        )
+
+    def _check_extent(self) -> None:
+        size = os.path.getsize(self.path)
+        for t in self._reader.tensors:
+            end = t.data_offset + t.n_bytes
+            if end > size:
+                raise GGUFError(
+                    f"{self.path}: file is truncated: tensor '{t.name}' needs bytes up to {end}, "
+                    f"file has {size}"
+                )
+
+    # -- metadata -------------------------------------------------------------------------
+    def get(self, key: str, default: Any = _REQUIRED, kind: type | None = None) -> Any:
+        """Metadata value for `key`; a missing required key or a wrong type raises GGUFError."""
+        if key not in self.metadata:
+            if default is _REQUIRED:
+                raise GGUFError(f"{self.path}: missing metadata key '{key}'")
+            return default
+        value = self.metadata[key]
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is not None and not isinstance(value, kind):
+            raise GGUFError(
+                f"{self.path}: metadata key '{key}' should be {kind.__name__}, found "
+                f"{type(value).__name__} {value!r}"
+            )
+        return value
+
+    @property
+    def architecture(self) -> str:
+        return self.get("general.architecture", kind=str)
+
+    # -- tensors --------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> PackedTensor:
+        """The packed tensor `name`, checked for presence, quant type and (optionally) shape."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.path}: missing tensor '{name}'")
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        torch_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape is not None and torch_shape != tuple(shape):
+            raise GGUFError(
+                f"{self.path}: tensor '{name}' has shape {list(torch_shape)}, expected {list(shape)}"
+            )
+        if qtype not in SUPPORTED_QTYPES:
+            supported = ", ".join(sorted(q.name for q in SUPPORTED_QTYPES))
+            raise UnsupportedQuantError(
+                f"{self.path}: tensor '{name}' uses quant type {qtype.name}, which moeserve does not "
+                f"support (supported: {supported})"
+            )
+        nrow = row_bytes(qtype, torch_shape[-1])
+        raw = np.asarray(t.data).view(np.uint8).reshape(*torch_shape[:-1], nrow)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mmap: we never write to it
+            data = torch.from_numpy(raw)
+        return PackedTensor(name=name, qtype=qtype, shape=torch_shape, data=data)
+
+    def tensor_types(self) -> dict[str, int]:
+        """Count of tensors per quant type name (for `moeserve inspect`)."""
+        counts: dict[str, int] = {}
+        for t in self._reader.tensors:
+            name = GGMLQuantizationType(int(t.tensor_type)).name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def total_bytes(self) -> int:
+        return int(sum(int(t.n_bytes) for t in self._reader.tensors))
+
+    def n_params(self) -> int:
+        return int(sum(int(t.n_elements) for t in self._reader.tensors))

@@ -1,0 +1,39 @@
+"""Causal grouped-query attention of new queries against a sequence's keys.
+
+Queries are the `t` newest tokens of one sequence, at absolute positions `q_pos .. q_pos+t-1`;
+keys/values are all `L = q_pos + t` tokens of that sequence (cache plus the new ones). KV head j
+serves query heads j*g .. j*g+g-1 (torch SDPA's `enable_gqa`), so K/V are never copied per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(q_pos: int, t: int, total: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [t, total] mask (True = attend), or None when plain causal `is_causal` suffices."""
+    if window is None and q_pos == 0:
+        return None
+    if window is None and t == 1:
+        return None  # one query at the end sees every key
+    qi = torch.arange(q_pos, q_pos + t, device=device).unsqueeze(1)
+    kj = torch.arange(total, device=device).unsqueeze(0)
+    mask = kj <= qi
+    if window is not None:
+        mask &= (qi - kj) < window
+    return mask
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: int, window: int | None = None,
+                  scale: float | None = None) -> torch.Tensor:
+    """q [t, nh, hd], k/v [L, nkv, hd] -> [t, nh*hd]."""
+    t, nh, hd = q.shape
+    total = k.shape[0]
+    mask = causal_mask(q_pos, t, total, window, q.device)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+    out = F.scaled_dot_product_attention(
+        qh.unsqueeze(0), kh.unsqueeze(0).to(q.dtype), vh.unsqueeze(0).to(q.dtype),
+        attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=nh != kh.shape[0],
+    )
+    return out[0].transpose(0, 1).reshape(t, nh * hd)

@@ -1,0 +1,110 @@
+"""The layers every supported decoder is built from: RMSNorm, attention, dense MLP, MoE.
+
+Each layer reads like the paper and owns its packed weights (`QLinear`/`QExperts`); all the
+number crunching lives in `moeserve.kernels`. Layers work on a flattened batch of T tokens that
+may belong to several sequences; only attention needs to know where one sequence ends (`SeqSlice`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.kernels.attention import gqa_attention
+from moeserve.kernels.moe import grouped_moe, route
+from moeserve.kernels.qlinear import QExperts, QLinear
+from moeserve.kernels.rope import Rope
+
+
+class KVStore(Protocol):
+    """Where one sequence keeps its keys and values (contiguous or paged, see engine/)."""
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class SeqSlice:
+    """Rows `start .. start+length` of the batch are one sequence's tokens at positions `pos ..`."""
+
+    start: int
+    length: int
+    pos: int = 0
+    kv: KVStore | None = None  # None: no cache, attend only within these rows (pos must be 0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w over the last dim, computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight
+
+
+class Attention:
+    def __init__(self, wq: QLinear, wk: QLinear, wv: QLinear, wo: QLinear, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
+                 rope: Rope, window: int | None) -> None:
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
+        self.rope, self.window = rope, window
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int) -> torch.Tensor:
+        T = h.shape[0]
+        q = self.wq(h).view(T, self.n_heads, self.head_dim)
+        k = self.wk(h).view(T, self.n_kv_heads, self.head_dim)
+        v = self.wv(h).view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        out = torch.empty(T, self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        for s in seqs:
+            rows = slice(s.start, s.start + s.length)
+            if s.kv is None:
+                keys, values = k[rows], v[rows]
+            else:
+                s.kv.write(layer, s.pos, k[rows], v[rows])
+                keys, values = s.kv.read(layer, s.pos + s.length)
+            out[rows] = gqa_attention(q[rows], keys, values, s.pos, self.window)
+        return self.wo(out)
+
+
+class MLP:
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate: QLinear, up: QLinear, down: QLinear) -> None:
+        self.gate, self.up, self.down = gate, up, down
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class MoE:
+    """Top-k routed SwiGLU experts; each chosen expert runs once over the tokens routed to it."""
+
+    def __init__(self, router: QLinear, gate: QExperts, up: QExperts, down: QExperts, top_k: int,
+                 renormalize: bool = True) -> None:
+        self.router, self.gate, self.up, self.down = router, gate, up, down
+        self.n_experts, self.top_k, self.renormalize = gate.n_experts, top_k, renormalize
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down(e, F.silu(self.gate(e, x)) * self.up(e, x))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        weights, experts = route(self.router(h), self.top_k, self.renormalize)
+        return grouped_moe(h, weights, experts, self.n_experts, self.expert)
+
+
+class Block:
+    """Pre-norm transformer block: x += attn(norm(x)); x += ffn(norm(x))."""
+
+    def __init__(self, attn_norm: torch.Tensor, attn: Attention, ffn_norm: torch.Tensor, ffn: MLP | MoE,
+                 eps: float) -> None:
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn, self.eps = attn_norm, attn, ffn_norm, ffn, eps
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
