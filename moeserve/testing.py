@@ -73,7 +73,7 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     byte_chars = [chr(c) for c in cs]  # index i -> the unicode char standing for byte bs[i]
     tokens = list(byte_chars)
     merges: list[str] = []
-    common = [chr(c) for c in b"etaoinshrdlu "] + ["Ġ"]
+    common = [chr(c) for c in b"etaoinshrdlu"] + ["Ġ"]
     for a in common:
         for b in common:
             if len(tokens) >= size - len(SPECIAL_TOKENS):
