@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
+from tqdm import tqdm
 
-from moeserve.gguf.quants import random_quant_bytes
+from moeserve.gguf.quants import random_quant_bytes, row_bytes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -85,10 +86,7 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     while len(tokens) < size - len(SPECIAL_TOKENS):
         tokens.append(f"<|unused_{i}|>")
         i += 1
-    types = [1] * len(tokens)
-    for i, t in enumerate(tokens):
-        if t.startswith("<|unused_"):
-            types[i] = 4
+    types = [1] * len(tokens)  # filler tokens stay normal: unreachable by merges, cheap to load
     tokens += list(SPECIAL_TOKENS)
     types += [3] * len(SPECIAL_TOKENS)
     return tokens, types, merges
@@ -131,7 +129,7 @@ def _random_tensor(s: ModelSpec, name: str, shape: tuple[int, ...], rng: np.rand
     return random_quant_bytes(qt, shape, rng, scale=scale), qt
 
 
-def write_model(path: str | Path, spec: ModelSpec | None = None, **overrides: object) -> Path:
+def write_model(path: str | Path, spec: ModelSpec | None = None, progress: bool = False, **overrides: object) -> Path:
     """Write a random-weight GGUF for `spec` (fields can be overridden by keyword) to `path`."""
     s = spec or ModelSpec()
     if overrides:
@@ -170,12 +168,19 @@ def write_model(path: str | Path, spec: ModelSpec | None = None, **overrides: ob
     w.add_pad_token_id(tokens.index("<|endoftext|>"))
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
-    for name, shape in _tensor_shapes(s):
-        data, qt = _random_tensor(s, name, shape, rng)
-        w.add_tensor(name, data, raw_dtype=qt)
+    # Stream: declare every tensor first, then generate and write one at a time, so a file of any
+    # size (an 18 GB Qwen3-30B-A3B-shaped one) never has more than one tensor in memory.
+    shapes = _tensor_shapes(s)
+    for name, shape in shapes:
+        qt = QT.F32 if len(shape) == 1 else s.type_of(name)
+        byte_shape = (*shape[:-1], row_bytes(qt, shape[-1])) if len(shape) > 1 else (shape[0] * 4,)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for name, shape in tqdm(shapes, desc=f"writing {path.name}", unit="tensor", disable=not progress):
+        data, _ = _random_tensor(s, name, shape, rng)
+        w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
     w.close()
     return path
 
