@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from moeserve.profiler import stage
+
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
@@ -48,5 +50,6 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n
     for e, s, t in segments:
         rows = tokens[s:t]
         y = expert_fn(e, x[rows])
-        out.index_add_(0, rows, y.float() * w_sorted[s:t, None])
+        with stage("weighted_sum"):
+            out.index_add_(0, rows, y.float() * w_sorted[s:t, None])
     return out

@@ -16,6 +16,7 @@ from moeserve.gguf.reader import GGUFFile, PackedTensor
 from moeserve.kernels.qlinear import QExperts, QLinear
 from moeserve.kernels.rope import Rope
 from moeserve.model.layers import MLP, Attention, Block, MoE, SeqSlice, rms_norm
+from moeserve.profiler import stage
 
 
 class Decoder:
@@ -32,7 +33,8 @@ class Decoder:
             x = block(x, positions, seqs, i)
         if logit_rows is not None:
             x = x[logit_rows]
-        return self.lm_head(rms_norm(x, self.norm, self.config.rms_eps)).float()
+        with stage("lm_head"):
+            return self.lm_head(rms_norm(x, self.norm, self.config.rms_eps)).float()
 
     def linears(self) -> Iterator[QLinear | QExperts]:
         """Every packed matmul weight (for the fast-kernel backends to prepare)."""

@@ -17,6 +17,7 @@ from moeserve.kernels.attention import gqa_attention
 from moeserve.kernels.moe import grouped_moe, route
 from moeserve.kernels.qlinear import QExperts, QLinear
 from moeserve.kernels.rope import Rope
+from moeserve.profiler import stage
 
 
 class KVStore(Protocol):
@@ -91,10 +92,16 @@ class MoE:
         self.n_experts, self.top_k, self.renormalize = gate.n_experts, top_k, renormalize
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.down(e, F.silu(self.gate(e, x)) * self.up(e, x))
+        with stage("expert_gate"):
+            g = self.gate(e, x)
+        with stage("expert_up"):
+            u = self.up(e, x)
+        with stage("expert_down"):
+            return self.down(e, F.silu(g) * u)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        weights, experts = route(self.router(h), self.top_k, self.renormalize)
+        with stage("router"):
+            weights, experts = route(self.router(h), self.top_k, self.renormalize)
         return grouped_moe(h, weights, experts, self.n_experts, self.expert)
 
 
@@ -106,5 +113,6 @@ class Block:
         self.attn_norm, self.attn, self.ffn_norm, self.ffn, self.eps = attn_norm, attn, ffn_norm, ffn, eps
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer)
+        with stage("attention"):
+            x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))

@@ -1,0 +1,172 @@
+"""Fast CPU kernels: exact repacks of GGUF blocks into layouts torch's fast kernels consume.
+
+`prepare_model(decoder)` walks `decoder.linears()` and sets `.fast` on every `QLinear`
+(`fast(x) -> x @ W.T`) and `QExperts` (`fast(e, x) -> x @ W[e].T`). Both take activations of
+any float dtype and shape `[..., K]` (experts: `[m, K]`) and return float32. The engine calls it
+for `MOESERVE_KERNELS=fast` (the default); with `reference`, `.fast` stays None and QLinear
+dequantizes per call.
+
+Backends, tried in this order for each weight:
+
+1. `native` (native.c via native.py; every quantized type; needs AVX2/FMA/F16C and a C compiler,
+   K % 256 == 0): integer dot products straight on the mapped GGUF bytes with 16-bit
+   activations for m < 8 (relative error ~3e-5), exact float32 dequant + torch GEMM for m >= 8
+   (exact up to float32 summation). No repack: zero load time, zero extra memory.
+2. `int4` (int4pack.py; the torch `_weight_int4pack_mm_for_cpu` kernel, bf16 activations and
+   output, relative error up to ~5e-3): an exact repack at load, scales rounded to bf16.
+
+   ============  ==============================================================  ===============
+   type          mapping                                                         bytes/weight
+   ============  ==============================================================  ===============
+   Q4_0/1, Q4_K  one int4 plane, group 32 (q4.py)                                 0.625 (file 0.56)
+   Q5_x, Q8_0    two planes in one call, `x' = [x, x]` (q5q8.py)                  1.25
+   Q6_K          one 32-group per 16-weight sub-block, `x' = [x, 8x]` (q6k.py)    1.25 (file 0.82)
+   ============  ==============================================================  ===============
+
+   The packed layout depends on the CPU's instruction set, so it is built here, at load.
+3. F32/F16/BF16: dense `F.linear` (dense.py).
+
+`MOESERVE_NATIVE=0` skips the native backend (e.g. to compare with the int4 one). Weights on a
+non-CPU device are left on the reference path (`.fast = None`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.fast import native
+from moeserve.kernels.fast.dense import DenseExperts, DenseLinear, dense_weight
+from moeserve.kernels.fast.int4pack import (
+    PLAIN,
+    Q6K_PAIRS,
+    TWO_PLANES,
+    Decoder,
+    Int4Experts,
+    Int4Linear,
+    repack,
+)
+from moeserve.kernels.fast.q4 import decode_q4_0, decode_q4_1, decode_q4_k
+from moeserve.kernels.fast.q5q8 import decode_q5_0, decode_q5_1, decode_q5_k, decode_q8_0
+from moeserve.kernels.fast.q6k import decode_q6_k
+from moeserve.kernels.qlinear import QExperts, QLinear
+
+__all__ = [
+    "BACKENDS",
+    "FLOAT_TYPES",
+    "INT4_TYPES",
+    "make_experts",
+    "make_linear",
+    "prepare_experts",
+    "prepare_linear",
+    "prepare_model",
+]
+
+INT4_TYPES: dict[QT, tuple[Decoder, str]] = {
+    QT.Q4_0: (decode_q4_0, PLAIN),
+    QT.Q4_1: (decode_q4_1, PLAIN),
+    QT.Q4_K: (decode_q4_k, PLAIN),
+    QT.Q5_0: (decode_q5_0, TWO_PLANES),
+    QT.Q5_1: (decode_q5_1, TWO_PLANES),
+    QT.Q5_K: (decode_q5_k, TWO_PLANES),
+    QT.Q8_0: (decode_q8_0, TWO_PLANES),
+    QT.Q6_K: (decode_q6_k, Q6K_PAIRS),
+}
+"""GGUF type -> (decoder to int4 codes, activation transform)."""
+
+FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+
+
+BACKENDS = ("auto", "native", "int4")
+
+
+def _backend(w: PackedTensor, backend: str) -> str | None:
+    """Which backend serves `w`: 'native', 'int4', 'dense' or None (stay on the reference path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    qt = QT(w.qtype)
+    if w.data.device.type != "cpu":
+        return None
+    if backend in ("auto", "native") and native.supports(w):
+        return "native"
+    if backend == "native":
+        return None
+    if qt in FLOAT_TYPES:
+        return "dense"
+    if qt in INT4_TYPES:
+        return "int4"
+    return None
+
+
+def make_linear(w: PackedTensor, backend: str = "auto") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A fast `x -> x @ W.T` for a 2-D packed weight, or None if no fast kernel applies."""
+    kind = _backend(w, backend)
+    if kind == "native":
+        return native.NativeLinear(w)
+    if kind == "dense":
+        return DenseLinear(dense_weight(w.data, QT(w.qtype), w.shape[-1]))
+    if kind == "int4":
+        decode, plane = INT4_TYPES[QT(w.qtype)]
+        packed, sz = repack(w.data, w.shape[-1], decode, plane)
+        return Int4Linear(packed, sz, w.shape[-1], plane)
+    return None
+
+
+def make_experts(w: PackedTensor, backend: str = "auto") -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    """A fast `(e, x) -> x @ W[e].T` for a 3-D packed expert stack, or None."""
+    kind = _backend(w, backend)
+    if kind == "native":
+        return native.NativeExperts(w)
+    if kind == "dense":
+        return DenseExperts(dense_weight(w.data, QT(w.qtype), w.shape[-1]))
+    if kind == "int4":
+        decode, plane = INT4_TYPES[QT(w.qtype)]
+        packed, sz = repack(w.data, w.shape[-1], decode, plane)
+        return Int4Experts(packed, sz, w.shape[-1], plane)
+    return None
+
+
+def prepare_linear(qlinear: QLinear, backend: str = "auto") -> None:
+    """Attach a fast kernel to `qlinear` (leaves `.fast` as is if none applies)."""
+    fast = make_linear(qlinear.weight, backend)
+    if fast is not None:
+        qlinear.fast = fast
+
+
+def prepare_experts(qexperts: QExperts, backend: str = "auto") -> None:
+    """Attach a fast kernel to `qexperts`: all experts are prepared now, nothing per call."""
+    fast = make_experts(qexperts.weight, backend)
+    if fast is not None:
+        qexperts.fast = fast
+
+
+def prepare_model(decoder: Any, progress: bool = False, backend: str = "auto") -> None:
+    """Attach fast kernels to every weight of `decoder.linears()`, in place.
+
+    With `progress`, shows a tqdm bar over the file bytes. The native backend only records
+    pointers into the memory map (instant); the int4 backend repacks each weight from the map
+    straight into its final buffers in small row chunks, so peak extra memory is the repacked
+    model plus a few MB.
+    """
+    linears = list(decoder.linears())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(lin.weight.nbytes for lin in linears)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="repacking weights")
+    try:
+        for lin in linears:
+            if isinstance(lin, QExperts):
+                prepare_experts(lin, backend)
+            else:
+                prepare_linear(lin, backend)
+            if bar is not None:
+                bar.update(lin.weight.nbytes)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,183 @@
+"""Build and call the native GGUF kernels in `native.c` (AVX2 + FMA + F16C CPUs).
+
+Why a C file: on AVX2-only machines torch's int4 kernel is instruction-bound at decode
+(~0.35 cycles per weight) and rounds activations and outputs to bf16. `native.c` runs integer
+dot products straight on the file's GGUF blocks with 16-bit activations: no repack (zero load
+time, zero extra memory), float32 output, ~1e-5 relative error. For larger batches it writes the
+exact float32 weights and lets torch's float32 GEMM (MKL) do the product.
+
+The library is compiled on first use with the system C compiler into a per-machine cache
+(`$MOESERVE_CACHE`, default `~/.cache/moeserve`), keyed by a hash of the source and flags; if
+there is no compiler or the CPU lacks AVX2/FMA/F16C, `available()` is False and callers fall back
+to the torch int4 path. `MOESERVE_NATIVE=0` disables it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from moeserve.gguf.reader import PackedTensor
+
+NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+_SOURCE = Path(__file__).with_name("native.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_ABI = 1
+
+GEMM_MIN_ROWS = 8
+"""From this many activation rows on, dequantize to exact float32 and use torch's GEMM. The integer
+kernel decodes the weights again for every activation row, so its cost grows linearly with m;
+on the 2-core AVX2 machine the crossover with dequant (~0.15 ns/weight) + MKL sgemm is m = 8-16."""
+
+
+def _cpu_ok() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
+
+
+def _compile(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_so)], check=True, capture_output=True)
+        os.replace(tmp_so, out)  # atomic: concurrent loaders never see a half-written library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when it cannot be used on this machine."""
+    if os.environ.get("MOESERVE_NATIVE", "1") == "0" or not _cpu_ok() or not _SOURCE.is_file():
+        return None  # (the source ships as package data: `kernels/fast/*.c`)
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"moeserve_native_{key}.so"
+    try:
+        if not path.exists():
+            _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    if lib.mk_abi_version() != _ABI:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.mk_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.mk_matmul.restype = ctypes.c_int
+    lib.mk_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.mk_dequant.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(w: PackedTensor) -> bool:
+    """True if `w` can use the native kernels (type, layout, CPU, K a multiple of 256)."""
+    return (
+        QT(w.qtype) in NATIVE_TYPES
+        and w.data.device.type == "cpu"
+        and w.shape[-1] % 256 == 0
+        and w.data.is_contiguous()
+        and available()
+    )
+
+
+_DEQ_CHUNK = 1 << 24
+"""Weights dequantized per GEMM step (64 MB of float32): bounds the scratch memory even for the
+151936x2048 lm_head, whose full float32 copy would be 1.2 GB."""
+
+
+class _Scratch:
+    """One reusable float32 buffer for dequantized weights (prefill path), grown on demand."""
+
+    buf = torch.empty(0)
+
+    @classmethod
+    def get(cls, n: int) -> torch.Tensor:
+        if cls.buf.numel() < n:
+            cls.buf = torch.empty(n)
+        return cls.buf[:n]
+
+
+class NativeMatmul:
+    """Shared call logic: small m -> integer kernel on the GGUF bytes; large m -> dequant + GEMM."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        lib = library()
+        assert lib is not None
+        self.weight = w
+        self.qtype = int(w.qtype)
+        self.out_features, self.in_features = w.shape[-2], w.shape[-1]
+        self.row_bytes = w.data.shape[-1]
+        self._mm, self._deq = lib.mk_matmul, lib.mk_dequant
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # runs on the mapped file bytes: nothing extra is allocated
+
+    def _run(self, ptr: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        m, n, k = x.shape[0], self.out_features, self.in_features
+        threads = torch.get_num_threads()
+        if m >= GEMM_MIN_ROWS:
+            step = max(1, _DEQ_CHUNK // k)
+            if step >= n:
+                w = _Scratch.get(n * k).view(n, k)
+                self._deq(self.qtype, ptr, self.row_bytes, n, k, w.data_ptr(), threads)
+                return x @ w.T
+            y = torch.empty(m, n)
+            for n0 in range(0, n, step):
+                rows = min(step, n - n0)
+                w = _Scratch.get(rows * k).view(rows, k)
+                self._deq(self.qtype, ptr + n0 * self.row_bytes, self.row_bytes, rows, k, w.data_ptr(), threads)
+                y[:, n0 : n0 + rows] = x @ w.T
+            return y
+        y = torch.empty(m, n)
+        if self._mm(self.qtype, ptr, self.row_bytes, n, k, x.data_ptr(), m, y.data_ptr(), threads):
+            raise RuntimeError(f"native kernel rejected {self.weight.name}")
+        return y
+
+
+class NativeLinear(NativeMatmul):
+    """`fast(x) -> x @ W.T` (float32) on a 2-D GGUF weight."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        super().__init__(w)
+        self._ptr = w.data.data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return self._run(self._ptr, x).view(*lead, self.out_features)
+
+
+class NativeExperts(NativeMatmul):
+    """`fast(e, x) -> x @ W[e].T` (float32) on a 3-D expert stack; expert e is a pointer offset."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        super().__init__(w)
+        base, stride = w.data.data_ptr(), w.data.stride(0)
+        self._ptrs = [base + e * stride for e in range(w.shape[0])]
+
+    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._ptrs[e], x)
