@@ -4,8 +4,11 @@
     out = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0.0))
     print(out[0].outputs[0].text)
 
-Prefill runs each prompt in one batched forward; then every unfinished sequence decodes together,
-one token per step, against its own KV cache.
+`generate` runs on the continuous-batching engine (`engine.py`): every prompt is queued at once,
+and each step is one batched forward in which all running sequences decode together and new
+prompts prefill in chunks, over a paged KV pool with prefix caching. `_forward` is the simple
+contiguous-cache path (one cache per sequence id), kept for tests and tools that drive the model
+step by step.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeserve.engine.engine import EngineConfig, EngineStats, LLMEngine
 from moeserve.engine.kv_cache import KVCache
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import Sampler, SamplingParams
-from moeserve.engine.sequence import Sequence, request_output
+from moeserve.engine.sequence import Sequence
 from moeserve.errors import RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
@@ -42,7 +46,18 @@ class LLM:
     """A loaded model with its tokenizer, KV cache and sampler."""
 
     def __init__(self, model: str | None = None, *, max_model_len: int | None = None, kernels: str | None = None,
-                 device: str | None = None, warmup: bool = True, progress: bool = False) -> None:
+                 device: str | None = None, warmup: bool = True, progress: bool = False,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None,
+                 kv_cache_dtype: str = "float32", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True) -> None:
+        """Load `model` (a GGUF path; the embedded tiny model when None).
+
+        The KV-pool and batching arguments configure the engine behind `generate` and the server
+        (see `EngineConfig`); the pool itself is allocated on first use.
+        """
+        self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
+                                          max_num_batched_tokens, enable_prefix_caching)
+        self._engine: LLMEngine | None = None
         self.path = model or default_model_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.file = GGUFFile(self.path)
@@ -129,6 +144,13 @@ class LLM:
         return [int(i) for i in ids]
 
     # -- generation -----------------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        """The continuous-batching engine (paged KV pool, scheduler), created on first use."""
+        if self._engine is None:
+            self._engine = LLMEngine(self, self.engine_config)
+        return self._engine
+
     def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -161,26 +183,43 @@ class LLM:
         for s, tok, lp in zip(seqs, out.token_ids.tolist(), out.logprobs):
             s.append(int(tok), lp, self.max_model_len)
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt; one RequestOutput per prompt, in order."""
+        """Generate for every prompt; one RequestOutput per prompt, in order.
+
+        All prompts go to the engine at once, so they prefill and decode batched together.
+        Every prompt is validated before any is queued, so a bad one leaves the engine untouched.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         plist = list(params) if isinstance(params, Seq) else [params] * len(prompts)
-        groups = [self.make_sequences(p, sp) for p, sp in zip(prompts, plist)]
-        seqs = [s for g in groups for s in g]
+        if len(plist) != len(prompts):
+            raise RequestError(f"got {len(plist)} sampling params for {len(prompts)} prompts")
+        engine = self.engine
+        groups = [engine.make_sequences(p, sp) for p, sp in zip(prompts, plist)]
+        rids = [engine.add_sequences(g) for g in groups]
+        results: dict[str, RequestOutput] = {}
         t0 = time.perf_counter()
+        bar = _progress_bar(len(rids)) if use_tqdm else None
+        base = engine.stats()
         try:
-            for s in seqs:  # prefill: the whole prompt in one forward per sequence
-                self._sample([s], self._forward([(id(s), s.prompt_ids)]))
-            while running := [s for s in seqs if not s.finished]:  # decode: all together
-                self._sample(running, self._forward([(id(s), s.output_ids[-1:]) for s in running]))
+            while len(results) < len(rids) and engine.has_unfinished():
+                for out in engine.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    _update_speeds(bar, engine, t0, base)
         finally:
-            for s in seqs:
-                self.kv.release(id(s))
+            for rid in rids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            if bar is not None:
+                bar.close()
         self.last_generate_seconds = time.perf_counter() - t0
-        return [request_output(g) for g in groups]
+        return [results[r] for r in rids]
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
@@ -199,3 +238,17 @@ class LLM:
         tpl = ChatTemplate(self.file.metadata.get("tokenizer.chat_template"), self.tokenizer.bos_token,
                            self.tokenizer.eos_token)
         return tpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+
+
+def _update_speeds(bar: Any, engine: LLMEngine, t0: float, base: EngineStats) -> None:
+    """Show prefill (prompt tokens actually computed) and decode tokens/s since generate started."""
+    st = engine.stats()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    bar.set_postfix_str(f"prefill: {(st.computed_prompt_tokens - base.computed_prompt_tokens) / dt:.1f} tok/s, "
+                        f"decode: {(st.generation_tokens - base.generation_tokens) / dt:.1f} tok/s", refresh=False)

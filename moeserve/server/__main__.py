@@ -1,0 +1,38 @@
+"""`python -m moeserve.server MODEL [--port N] ...`: the server without the full CLI.
+
+`moeserve serve` (the CLI) is the user-facing entry point; this module exists so tests and
+scripts can start a server process with nothing but the package importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moeserve.server.app import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moeserve.server", description=__doc__)
+    ap.add_argument("model", nargs="?", default=None, help="GGUF file (default: the embedded tiny model)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--kernels", default=None, choices=["fast", "reference"])
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", default=None, help="pool budget, e.g. 2GiB")
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--log-level", default="info")
+    a = ap.parse_args(argv)
+    run(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
+        log_level=a.log_level, max_model_len=a.max_model_len, kernels=a.kernels, num_kv_blocks=a.num_kv_blocks,
+        kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching)
+
+
+if __name__ == "__main__":
+    main()
