@@ -1,0 +1,592 @@
+"""The `moeserve` command line: generate, chat, inspect, serve.
+
+    moeserve generate "Once upon a time"                  # the embedded tiny model
+    moeserve generate model.gguf "Once upon a time" --stream --temperature 0
+    moeserve chat model.gguf                               # REPL; /clear, /exit
+    moeserve inspect model.gguf
+    moeserve serve model.gguf --port 8000 --api-key secret
+
+MODEL is optional everywhere; without it the small Qwen3-MoE shipped in the package is used.
+For `generate`, which also takes a prompt, one positional argument is the prompt and two are
+MODEL and PROMPT; `--model/-m` names the model explicitly (then the one positional is the prompt).
+
+Every failure — a missing file, a broken GGUF, an invalid flag value — is one line on stderr
+(`moeserve: error: ...`) and a non-zero exit code (1; 2 for command-line usage errors), never a
+traceback (`MOESERVE_DEBUG=1` shows the traceback of an unexpected internal error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from moeserve.errors import MoeServeError
+
+PROG = "moeserve"
+
+
+class CLIError(MoeServeError):
+    """A problem with the command line itself (missing prompt, conflicting arguments)."""
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """Print one line to stderr and exit."""
+    line = " ".join(str(message).split())  # never more than one line
+    sys.stderr.write(f"{PROG}: error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Click group that reports usage errors and moeserve errors as one line (no usage box)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERRORS as e:
+            if type(e).__name__ == "NoArgsIsHelpError" and getattr(e, "ctx", None) is not None:
+                sys.stdout.write(e.ctx.get_help() + "\n")  # bare `moeserve` / `moeserve generate`: help
+                sys.exit(0)
+            fmt = getattr(e, "format_message", None)
+            _fail(fmt() if fmt else str(e), getattr(e, "exit_code", 2))
+        except typer.Abort:
+            _fail("aborted", 130)
+        except MoeServeError as e:
+            _fail(str(e))
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(_describe_os_error(e))
+        except Exception as e:  # a bug: still one line, the traceback on request
+            if os.environ.get("MOESERVE_DEBUG"):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (set MOESERVE_DEBUG=1 for the traceback)")
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# typer >= 0.17 vendors click (its exceptions derive from typer.TyperException); older typer uses click.
+try:
+    import click
+
+    _click_error: type[BaseException] | None = click.ClickException
+except ImportError:  # pragma: no cover
+    _click_error = None
+_CLICK_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {e for e in (getattr(typer, "TyperException", None), _click_error) if e is not None})
+
+
+def _describe_os_error(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name=PROG,
+    help="Mixture-of-Experts LLM inference from GGUF files. Without MODEL, the embedded tiny Qwen3-MoE is used.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# --------------------------------------------------------------------------------------------
+# shared options
+# --------------------------------------------------------------------------------------------
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file (default: the embedded model).",
+                                              show_default=False)]
+MaxModelLen = Annotated[int | None, typer.Option(help="Context length to allocate (default: the model's, ≤ 4096).",
+                                                 show_default=False)]
+Kernels = Annotated[str | None, typer.Option(help="Matmul kernels: fast | reference (default: fast).",
+                                             show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
+
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
+TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 or -1 disables.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this probability mass.")]
+MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min-p × the most likely one.")]
+RepetitionPenalty = Annotated[float, typer.Option(help="Penalise tokens already in the prompt or output (1 = off).")]
+PresencePenalty = Annotated[float, typer.Option(help="Subtract from logits of tokens already generated.")]
+FrequencyPenalty = Annotated[float, typer.Option(help="Subtract × count from logits of tokens already generated.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.",
+                                          show_default=False)]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.",
+                                                show_default=False)]
+IgnoreEos = Annotated[bool, typer.Option(help="Keep generating past end-of-sequence tokens.")]
+
+
+def _sampling(max_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
+              presence_penalty: float, frequency_penalty: float, seed: int | None, stop: list[str] | None,
+              ignore_eos: bool) -> Any:
+    from moeserve.engine.sampling import SamplingParams
+
+    if max_tokens < 1:
+        raise CLIError(f"--max-tokens must be >= 1, got {max_tokens}")
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty, seed=seed, stop=list(stop or []) or None,
+                          ignore_eos=ignore_eos)
+
+
+def _model_path(model: str | None) -> str:
+    """The GGUF to use: `model`, or the embedded default; a missing file is a one-line error."""
+    from moeserve.engine.llm import default_model_path
+
+    if model is None:
+        path = default_model_path()
+        if not os.path.isfile(path):
+            raise CLIError(f"the embedded model is missing ({path}); reinstall moeserve or pass a MODEL file")
+        return path
+    if os.path.isdir(model):
+        raise CLIError(f"{model}: is a directory, expected a .gguf file")
+    if not os.path.isfile(model):
+        raise CLIError(f"{model}: no such file")
+    return model
+
+
+def _load(model: str | None, max_model_len: int | None, kernels: str | None, quiet: bool) -> Any:
+    """Load the model; on a terminal, loading shows a progress bar on stderr."""
+    path = _model_path(model)
+    show = not quiet and sys.stderr.isatty()
+    if show:
+        size = os.path.getsize(path)
+        sys.stderr.write(f"Loading {os.path.basename(path)} ({_human_bytes(size)})\n")
+        sys.stderr.flush()
+    from moeserve.engine.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(path, max_model_len=max_model_len, kernels=kernels, progress=show)
+    if show:
+        sys.stderr.write(f"Loaded in {time.perf_counter() - t0:.1f} s ({llm.kernels} kernels)\n")
+    return llm
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def stream_text(llm: Any, prompt: Any, params: Any) -> Iterator[Any]:
+    """Yield the text of one request as it is generated, then its final CompletionOutput-like info.
+
+    Uses the engine's DELTA outputs: each step's text is final (a possible stop string is held
+    back until it is ruled out), so printing the pieces in order gives exactly `generate`'s text.
+    Yields `str` pieces, and finally a dict with the finish reason and the token count.
+    """
+    from moeserve.engine.engine import OutputKind
+
+    engine = llm.engine
+    rid = engine.add_request(prompt, params, kind=OutputKind.DELTA)
+    n_tokens, finish = 0, None
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id != rid:
+                    continue
+                c = out.outputs[0]
+                n_tokens += len(c.token_ids)
+                finish = c.finish_reason or finish
+                if c.text:
+                    yield c.text
+    finally:
+        engine.abort_request(rid)  # interrupted mid-stream: free its KV blocks (no-op when done)
+    yield {"finish_reason": finish, "tokens": n_tokens}
+
+
+def _stats_line(tokens: int, seconds: float, finish: str | None) -> str:
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return f"[{tokens} tokens in {seconds:.2f} s, {rate:.1f} tok/s, finish: {finish}]\n"
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+@app.command(no_args_is_help=True)
+def generate(
+    args: Annotated[list[str], typer.Argument(metavar="[MODEL] PROMPT", show_default=False,
+                                              help="Optional GGUF file, then the prompt ('-' reads stdin).")],
+    model: ModelOpt = None,
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repetition_penalty: RepetitionPenalty = 1.1,
+    presence_penalty: PresencePenalty = 0.0,
+    frequency_penalty: FrequencyPenalty = 0.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    ignore_eos: IgnoreEos = False,
+    stream: Annotated[bool, typer.Option("--stream", "-s", help="Print tokens as they are generated.")] = False,
+    max_model_len: MaxModelLen = None,
+    kernels: Kernels = None,
+    quiet: Quiet = False,
+) -> None:
+    """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT."""
+    if len(args) > 2:
+        raise CLIError(f"expected [MODEL] PROMPT, got {len(args)} arguments (quote the prompt)")
+    if len(args) == 2:
+        if model is not None:
+            raise CLIError("MODEL given twice (as --model and as an argument)")
+        model, prompt = args
+    else:
+        (prompt,) = args
+        if model is None and prompt.endswith(".gguf") and os.path.isfile(prompt):
+            raise CLIError(f"no prompt given (usage: {PROG} generate [MODEL] PROMPT)")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise CLIError("the prompt is empty")
+    params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                       frequency_penalty, seed, stop, ignore_eos)
+    llm = _load(model, max_model_len, kernels, quiet)
+    show_stats = not quiet and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    if stream:
+        info: dict = {}
+        for piece in stream_text(llm, prompt, params):
+            if isinstance(piece, dict):
+                info = piece
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        tokens, finish = info.get("tokens", 0), info.get("finish_reason")
+    else:
+        out = llm.generate(prompt, params)[0].outputs[0]
+        sys.stdout.write(out.text + "\n")
+        tokens, finish = len(out.token_ids), out.finish_reason
+    sys.stdout.flush()
+    if show_stats:
+        sys.stderr.write(_stats_line(tokens, time.perf_counter() - t0, finish))
+
+
+# --------------------------------------------------------------------------------------------
+# chat
+# --------------------------------------------------------------------------------------------
+
+CHAT_HELP = "Commands: /clear forgets the conversation, /exit (or Ctrl-D) quits, /help shows this."
+
+
+def _fit_history(llm: Any, history: list[dict[str, str]], max_tokens: int) -> tuple[list[int], int]:
+    """Token ids of the rendered conversation, dropping the oldest turns until the reply fits.
+
+    Returns (ids, number of messages dropped). The system message and the last user message are
+    never dropped; if they alone do not fit, RequestError explains why.
+    """
+    from moeserve.errors import RequestError
+
+    dropped = 0
+    while True:
+        ids = llm.tokenizer.encode(llm.render_chat(history), add_special_tokens=False)
+        if len(ids) + min(max_tokens, 16) <= llm.max_model_len or len(history) <= 1:
+            break
+        first = 1 if history[0]["role"] == "system" else 0
+        if len(history) - first <= 1:
+            break
+        del history[first]
+        dropped += 1
+    if len(ids) >= llm.max_model_len:
+        raise RequestError(f"the message is {len(ids)} tokens long with the chat template; the model's context "
+                           f"is {llm.max_model_len} tokens")
+    return ids, dropped
+
+
+@app.command()
+def chat(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", show_default=False,
+                                                    help="GGUF file (default: the embedded model).")] = None,
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.", show_default=False)] = None,
+    max_tokens: MaxTokens = 256,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    repetition_penalty: RepetitionPenalty = 1.1,
+    presence_penalty: PresencePenalty = 0.0,
+    frequency_penalty: FrequencyPenalty = 0.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    ignore_eos: IgnoreEos = False,
+    max_model_len: MaxModelLen = None,
+    kernels: Kernels = None,
+    quiet: Quiet = False,
+) -> None:
+    """Chat with a model: an interactive REPL (reads lines from stdin, so it can be scripted).
+
+    Each line is a user message; the reply is streamed. /clear forgets the conversation, /exit
+    or end of input quits. The oldest turns are dropped when the conversation outgrows the context.
+    """
+    from moeserve.errors import RequestError
+
+    if model_arg is not None and model is not None:
+        raise CLIError("MODEL given twice (as --model and as an argument)")
+    params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                       frequency_penalty, seed, stop, ignore_eos)
+    llm = _load(model_arg or model, max_model_len, kernels, quiet)
+    if llm.tokenizer is None:
+        raise CLIError(f"{llm.path} has no tokenizer; chat needs one")
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    if interactive and not quiet:
+        sys.stderr.write(f"Chatting with {os.path.basename(llm.path)}. {CHAT_HELP}\n")
+
+    def notice(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                sys.stdout.write("\n")
+            break
+        if not interactive and line == "":  # end of input
+            break
+        message = line.rstrip("\r\n")
+        command = message.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit", "/bye"):
+            break
+        if command == "/clear":
+            history = list(base)
+            notice("(conversation cleared)")
+            continue
+        if command in ("/help", "/?"):
+            notice(CHAT_HELP)
+            continue
+        if command.startswith("/") and " " not in command:
+            notice(f"unknown command {command}; {CHAT_HELP}")
+            continue
+        history.append({"role": "user", "content": message})
+        try:
+            ids, dropped = _fit_history(llm, history, max_tokens)
+        except RequestError as e:
+            history.pop()
+            notice(f"{PROG}: error: {e}")
+            continue
+        if dropped:
+            notice(f"(dropped the {dropped} oldest message{'s' if dropped > 1 else ''} to fit the context)")
+        room = llm.max_model_len - len(ids)
+        turn = params if params.max_tokens <= room else _with_max_tokens(params, room)
+        reply: list[str] = []
+        try:
+            for piece in stream_text(llm, ids, turn):
+                if isinstance(piece, str):
+                    reply.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            notice("(interrupted)")
+            history.pop()
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def _with_max_tokens(params: Any, max_tokens: int) -> Any:
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max(1, max_tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+
+def describe(path: str) -> dict[str, Any]:
+    """What `inspect` shows, as plain data (also printed by `inspect --json`)."""
+    from gguf import GGMLQuantizationType
+
+    from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
+    from moeserve.gguf.reader import GGUFFile
+
+    f = GGUFFile(path)
+    c = load_config(f)
+    meta = f.metadata
+    types: dict[str, dict[str, int]] = {}
+    expert_params = 0
+    for name, t in f.tensors.items():
+        qt = GGMLQuantizationType(int(t.tensor_type)).name
+        row = types.setdefault(qt, {"tensors": 0, "params": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["params"] += int(t.n_elements)
+        row["bytes"] += int(t.n_bytes)
+        if "_exps." in name:
+            expert_params += int(t.n_elements)
+    n_params = f.n_params()
+    active = n_params - expert_params + (expert_params * c.n_experts_used // c.n_experts if c.n_experts else 0)
+    ctx = min(c.context_length, DEFAULT_MAX_CONTEXT)
+    kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4  # K and V, float32
+    weights = f.total_bytes()
+    tok = None
+    if "tokenizer.ggml.tokens" in meta:
+        tokens = meta["tokenizer.ggml.tokens"]
+
+        def token(key: str) -> str | None:
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+        tok = {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
+               "tokens": len(tokens), "bos": token("bos_token_id"), "eos": token("eos_token_id"),
+               "chat_template": "tokenizer.chat_template" in meta}
+    return {
+        "path": path,
+        "file_bytes": os.path.getsize(path),
+        "name": meta.get("general.name"),
+        "license": meta.get("general.license"),
+        "architecture": c.arch,
+        "config": {
+            "layers": c.n_layers, "hidden_size": c.hidden_size, "attention_heads": c.n_heads,
+            "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "context_length": c.context_length, "rope_theta": c.rope_theta, "rms_eps": c.rms_eps,
+            **({"experts": c.n_experts, "experts_per_token": c.n_experts_used,
+                "expert_ffn": c.expert_intermediate_size} if c.is_moe else {"ffn": c.intermediate_size}),
+            "tied_embeddings": c.tied_embeddings, "sliding_window": c.sliding_window,
+        },
+        "tensor_types": types,
+        "parameters": n_params,
+        "active_parameters": active,
+        "tokenizer": tok,
+        "memory": {"weights_bytes": weights, "kv_bytes_per_token": kv_per_token, "context": ctx,
+                   "kv_bytes_one_sequence": kv_per_token * ctx, "total_one_sequence": weights + kv_per_token * ctx},
+    }
+
+
+def _count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@app.command()
+def inspect(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", show_default=False,
+                                                    help="GGUF file (default: the embedded model).")] = None,
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
+    """Show a GGUF's architecture, config, tensor types, parameter count and memory estimate."""
+    if model_arg is not None and model is not None:
+        raise CLIError("MODEL given twice (as --model and as an argument)")
+    d = describe(_model_path(model_arg or model))
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False, soft_wrap=True)
+    con.print(f"[bold]{d['path']}[/bold]  ({_human_bytes(d['file_bytes'])})")
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="dim")
+    head.add_column()
+    head.add_row("architecture", d["architecture"])
+    if d["name"]:
+        head.add_row("name", str(d["name"]))
+    if d["license"]:
+        head.add_row("license", str(d["license"]))
+    for key, value in d["config"].items():
+        if value is not None:
+            head.add_row(key.replace("_", " "), f"{value:g}" if isinstance(value, float) else str(value))
+    if d["tokenizer"]:
+        t = d["tokenizer"]
+        head.add_row("tokenizer", f"{t['model']} (pre={t['pre']}), {t['tokens']} tokens, bos={t['bos']!r}, "
+                                  f"eos={t['eos']!r}, chat template: {'yes' if t['chat_template'] else 'no (ChatML)'}")
+    con.print(head)
+
+    table = Table(title="Tensor types", title_justify="left")
+    table.add_column("type")
+    table.add_column("tensors", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("share", justify="right")
+    total_bytes = sum(r["bytes"] for r in d["tensor_types"].values()) or 1
+    for qt, r in sorted(d["tensor_types"].items(), key=lambda kv: -kv[1]["bytes"]):
+        table.add_row(qt, str(r["tensors"]), _count(r["params"]), _human_bytes(r["bytes"]),
+                      f"{100 * r['bytes'] / total_bytes:.1f}%")
+    con.print(table)
+    m = d["memory"]
+    active = f", {_count(d['active_parameters'])} active per token" if d["active_parameters"] != d["parameters"] else ""
+    con.print(f"parameters: {_count(d['parameters'])} ({d['parameters']:,}){active}")
+    con.print(f"memory: weights {_human_bytes(m['weights_bytes'])} (kept packed) + KV cache "
+              f"{_human_bytes(m['kv_bytes_per_token'])}/token (float32) = "
+              f"{_human_bytes(m['total_one_sequence'])} for one {m['context']}-token sequence")
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", show_default=False,
+                                                    help="GGUF file (default: the embedded model).")] = None,
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="MOESERVE_API_KEY", show_default=False,
+                                                help="Require 'Authorization: Bearer KEY' (env MOESERVE_API_KEY).")]
+    = None,
+    served_model_name: Annotated[str | None, typer.Option(show_default=False,
+                                                          help="Model id in the API (default: file name).")] = None,
+    max_model_len: MaxModelLen = None,
+    kernels: Kernels = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together (default 32).",
+                                                     show_default=False)] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(help="KV pool budget, e.g. 2GiB.", show_default=False)] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    if model_arg is not None and model is not None:
+        raise CLIError("MODEL given twice (as --model and as an argument)")
+    path = _model_path(model_arg or model)
+    from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
+
+    engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
+                                           kv_cache_memory=kv_cache_memory).items() if v is not None}
+    run(path, host=host, port=port, api_key=api_key, served_model_name=served_model_name, log_level=log_level,
+        **engine_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+# `moeserve bench` is owned by the benchmarks work: register it here as another
+# `@app.command()` (it gets the same one-line error handling and the shared options above,
+# e.g. `model: ModelOpt`, `_model_path()` and `_load()`).
+
+
+def main() -> None:  # `python -m moeserve.cli`
+    app()
+
+
+if __name__ == "__main__":
+    main()
