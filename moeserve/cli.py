@@ -579,9 +579,34 @@ def serve(
 # --------------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------------
-# `moeserve bench` is owned by the benchmarks work: register it here as another
-# `@app.command()` (it gets the same one-line error handling and the shared options above,
-# e.g. `model: ModelOpt`, `_model_path()` and `_load()`).
+
+
+@app.command()
+def bench(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", show_default=False,
+                                                    help="GGUF file (default: the embedded model).")] = None,
+    model: ModelOpt = None,
+    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", min=0, help="Prompt tokens (pp test).")] = 512,
+    n_gen: Annotated[int, typer.Option("-n", "--n-gen", min=0, help="Generated tokens (tg test).")] = 128,
+    threads: Annotated[int, typer.Option("-t", "--threads", min=1, help="CPU threads.")] = 2,
+    reps: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Repetitions of each test.")] = 3,
+    kernels: Kernels = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (pp_tps, tg_tps, ...).")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Per-stage prefill and decode breakdown.")] = False,
+) -> None:
+    """Prompt-processing and generation speed, llama-bench style (mean ± sd over repetitions)."""
+    if model_arg is not None and model is not None:
+        raise CLIError("MODEL given twice (as --model and as an argument)")
+    if n_prompt == 0 and n_gen == 0:
+        raise CLIError("nothing to measure: -p and -n are both 0")
+    from moeserve.bench import format_table, run_bench
+
+    result = run_bench(_model_path(model_arg or model), n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps,
+                       kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty())
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+    else:
+        sys.stdout.write(format_table(result) + "\n")
 
 
 def main() -> None:  # `python -m moeserve.cli`
