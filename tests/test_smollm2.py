@@ -44,3 +44,13 @@ def test_smollm2_matches_hf_llama():
             ids.append(int(r.logits[0, -1].argmax()))
             x = torch.tensor([[ids[-1]]])
     assert out.outputs[0].token_ids == ids[len(prompt):]
+
+
+def test_smollm2_chat_answers_paris():
+    """Chat through the GGUF's own template, greedy (issue 3)."""
+    llm = LLM(PATH)
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0]
+    print("SmolLM2 says:", repr(out.text))
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
