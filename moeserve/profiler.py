@@ -12,7 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-STAGES = ("attention", "router", "expert_gate", "expert_up", "expert_down", "weighted_sum", "lm_head")
+STAGES = ("attention", "router", "expert_gate", "expert_up", "expert_down", "weighted_sum", "experts_fused",
+          "moe_fused", "lm_head")
 
 
 class Profiler:

@@ -90,6 +90,7 @@ class MoE:
                  renormalize: bool = True) -> None:
         self.router, self.gate, self.up, self.down = router, gate, up, down
         self.n_experts, self.top_k, self.renormalize = gate.n_experts, top_k, renormalize
+        self.fused = None  # fused(h, weights, experts) -> out for T <= fused.max_tokens (kernels.fast)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         with stage("expert_gate"):
@@ -100,8 +101,15 @@ class MoE:
             return self.down(e, F.silu(g) * u)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        fused = self.fused if self.fused is not None and h.shape[0] <= self.fused.max_tokens else None
+        if fused is not None and fused.top_k:  # routing, experts and weighted sum in one native call
+            with stage("moe_fused"):
+                return fused.routed(h)[0]
         with stage("router"):
             weights, experts = route(self.router(h), self.top_k, self.renormalize)
+        if fused is not None:  # gate, up, down and the weighted sum in one native call
+            with stage("experts_fused"):
+                return fused(h, weights, experts)
         return grouped_moe(h, weights, experts, self.n_experts, self.expert)
 
 

@@ -31,7 +31,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 1
+_ABI = 2
 
 GEMM_MIN_ROWS = 8
 """From this many activation rows on, dequantize to exact float32 and use torch's GEMM. The integer
@@ -59,6 +59,23 @@ def _compile(cc: str, out: Path) -> None:
         os.replace(tmp_so, out)  # atomic: concurrent loaders never see a half-written library
 
 
+class MoeLayer(ctypes.Structure):
+    """`mk_moe_t`: the gate, up and down expert stacks of one MoE layer, as GGUF bytes in place."""
+
+    _fields_ = [
+        ("qtype", ctypes.c_int32 * 3),
+        ("pad", ctypes.c_int32),
+        ("base", ctypes.c_void_p * 3),
+        ("expert_stride", ctypes.c_int64 * 3),
+        ("row_bytes", ctypes.c_int64 * 3),
+        ("n_experts", ctypes.c_int64),
+        ("H", ctypes.c_int64),
+        ("I", ctypes.c_int64),
+        ("router", ctypes.c_void_p),
+        ("renormalize", ctypes.c_int64),
+    ]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when it cannot be used on this machine."""
@@ -82,6 +99,10 @@ def library() -> ctypes.CDLL | None:
     lib.mk_matmul.restype = ctypes.c_int
     lib.mk_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mk_dequant.restype = ctypes.c_int
+    lib.mk_moe.argtypes = [ctypes.POINTER(MoeLayer), i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.mk_moe.restype = ctypes.c_int
+    lib.mk_moe_routed.argtypes = lib.mk_moe.argtypes
+    lib.mk_moe_routed.restype = ctypes.c_int
     return lib
 
 
