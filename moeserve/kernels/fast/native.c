@@ -17,6 +17,9 @@
  * For larger m, `mk_dequant` writes the exact float32 weights (same arithmetic order as the
  * reference dequantizer) and the caller uses a float32 GEMM.
  *
+ * `mk_moe` / `mk_moe_routed`: a whole MoE layer for a few tokens (decode) in one call, with the
+ * same dot products (see the section at the end).
+ *
  * Threads: OpenMP over weight rows, only for matrices of >= PAR_MIN weights: a fork/join costs
  * microseconds (tens on a busy machine), more than a small matmul. The library links
  * libgomp.so.1, the same soname torch loads, so the process keeps one OpenMP pool.
