@@ -12,12 +12,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 
 demo: install
-	$(BIN)/moeserve generate "Once upon a time" --max-tokens 48
+	$(BIN)/moeserve generate "The for statement" --max-tokens 48 --seed 0
 
 test: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -x tests
+	$(BIN)/ruff check moeserve tests benchmarks scripts
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
-lint: install
-	$(BIN)/ruff check moeserve tests benchmarks
-
-.PHONY: install demo test lint
+.PHONY: install demo test

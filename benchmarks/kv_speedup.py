@@ -50,7 +50,7 @@ def main() -> None:
 
     same = cached == uncached
     print(f"model: {path}  kernels: {args.kernels}  prompt {args.prompt_len} tokens, {args.tokens} generated")
-    print(f"| mode | seconds | tokens/s |\n|---|---:|---:|")
+    print("| mode | seconds | tokens/s |\n|---|---:|---:|")
     print(f"| KV cache | {cached_s:.2f} | {args.tokens / cached_s:.1f} |")
     print(f"| full recompute | {uncached_s:.2f} | {args.tokens / uncached_s:.1f} |")
     print(f"speed-up: {uncached_s / cached_s:.1f}x   identical tokens: {same}")

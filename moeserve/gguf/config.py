@@ -103,7 +103,8 @@ def load_config(f: GGUFFile) -> ModelConfig:
     embd = f.tensor("token_embd.weight")
     vocab = key("vocab_size", embd.shape[0])
     if embd.shape != (vocab, hidden):
-        raise GGUFError(f"{f.path}: tensor 'token_embd.weight' has shape {list(embd.shape)}, expected {[vocab, hidden]}")
+        raise GGUFError(
+            f"{f.path}: tensor 'token_embd.weight' has shape {list(embd.shape)}, expected {[vocab, hidden]}")
     window = key("attention.sliding_window", 0)
     cfg = ModelConfig(
         arch=arch,

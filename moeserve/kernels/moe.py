@@ -24,7 +24,9 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     return weights, experts
 
 
-def group_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+def group_by_expert(
+    experts: torch.Tensor, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """Sort the T*k (token, slot) pairs by expert.
 
     Returns (order, token_of_pair, segments) where `order` indexes the flattened [T*k] pairs in
