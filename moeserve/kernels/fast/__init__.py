@@ -111,32 +111,28 @@ def _backend(w: PackedTensor, backend: str) -> str | None:
     return None
 
 
-def make_linear(w: PackedTensor, backend: str = "auto") -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A fast `x -> x @ W.T` for a 2-D packed weight, or None if no fast kernel applies."""
+def _make(w: PackedTensor, backend: str, native_cls: type, dense_cls: type, int4_cls: type) -> Any:
+    """The fast kernel object of the backend `_backend` picks for `w` (None: stay on the reference path)."""
     kind = _backend(w, backend)
     if kind == "native":
-        return native.NativeLinear(w)
+        return native_cls(w)
     if kind == "dense":
-        return DenseLinear(dense_weight(w.data, QT(w.qtype), w.shape[-1]))
+        return dense_cls(dense_weight(w.data, QT(w.qtype), w.shape[-1]))
     if kind == "int4":
         decode, plane = INT4_TYPES[QT(w.qtype)]
         packed, sz = repack(w.data, w.shape[-1], decode, plane)
-        return Int4Linear(packed, sz, w.shape[-1], plane)
+        return int4_cls(packed, sz, w.shape[-1], plane)
     return None
+
+
+def make_linear(w: PackedTensor, backend: str = "auto") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A fast `x -> x @ W.T` for a 2-D packed weight, or None if no fast kernel applies."""
+    return _make(w, backend, native.NativeLinear, DenseLinear, Int4Linear)
 
 
 def make_experts(w: PackedTensor, backend: str = "auto") -> Callable[[int, torch.Tensor], torch.Tensor] | None:
     """A fast `(e, x) -> x @ W[e].T` for a 3-D packed expert stack, or None."""
-    kind = _backend(w, backend)
-    if kind == "native":
-        return native.NativeExperts(w)
-    if kind == "dense":
-        return DenseExperts(dense_weight(w.data, QT(w.qtype), w.shape[-1]))
-    if kind == "int4":
-        decode, plane = INT4_TYPES[QT(w.qtype)]
-        packed, sz = repack(w.data, w.shape[-1], decode, plane)
-        return Int4Experts(packed, sz, w.shape[-1], plane)
-    return None
+    return _make(w, backend, native.NativeExperts, DenseExperts, Int4Experts)
 
 
 def prepare_linear(qlinear: QLinear, backend: str = "auto") -> None:
