@@ -602,6 +602,117 @@ int mk_dequant(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
 }
 
 /* ---------------------------------------------------------------------------------------
+ * tiled GEMM for many activation rows (prefill, batched decode)
+ *
+ * The integer kernel above decodes every weight again for each activation row, so its cost grows
+ * with m. Here each thread dequantizes a tile of GT_ROWS weight rows to exact float32 (the same
+ * values as the reference dequantizer) into its own buffer, which stays in L2, and multiplies it
+ * with all m activation rows by a float32 FMA micro-kernel: 6 weight rows (broadcast) x 16
+ * activation rows (two 8-float vectors, from a transposed copy of x packed once per call) in 12
+ * accumulators. Decoding costs ~0.15 ns per weight once per call instead of once per row, and
+ * the products run at the FMA units' rate. The dequantized weights never leave the cache: no
+ * float32 copy of a matrix is written to memory (the lm_head's would be 1.2 GB).
+ * ------------------------------------------------------------------------------------- */
+
+#define GT_ROWS 24 /* weight rows per tile (K = 2048: 192 KB of float32 per thread) */
+#define GM_R 6     /* weight rows per micro-kernel call */
+#define GM_C 16    /* activation rows per packed panel */
+
+/* c[r][i] = Sum_k w[r][k] * xp[k][i] for r < 6, i < 16 (xp: panel of 16 columns) */
+static void ukernel_6x16(const float *w, int64_t ldw, const float *xp, int64_t K, float *c) {
+    __m256 a[GM_R][2];
+    for (int r = 0; r < GM_R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 x0 = _mm256_loadu_ps(xp + 16 * k), x1 = _mm256_loadu_ps(xp + 16 * k + 8);
+        for (int r = 0; r < GM_R; r++) {
+            __m256 b = _mm256_broadcast_ss(w + r * ldw + k);
+            a[r][0] = _mm256_fmadd_ps(b, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(b, x1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < GM_R; r++) {
+        _mm256_storeu_ps(c + 16 * r, a[r][0]);
+        _mm256_storeu_ps(c + 16 * r + 8, a[r][1]);
+    }
+}
+
+/* the same for a panel of 8 columns (the last one, when at most 8 activation rows remain) */
+static void ukernel_6x8(const float *w, int64_t ldw, const float *xp, int64_t K, float *c) {
+    __m256 a[GM_R];
+    for (int r = 0; r < GM_R; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 x0 = _mm256_loadu_ps(xp + 8 * k);
+        for (int r = 0; r < GM_R; r++) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * ldw + k), x0, a[r]);
+    }
+    for (int r = 0; r < GM_R; r++) _mm256_storeu_ps(c + 16 * r, a[r]);
+}
+
+static __thread float *gemm_tile = 0;
+static __thread int64_t gemm_tile_floats = 0;
+static __thread float *gemm_xp = 0;
+static __thread int64_t gemm_xp_floats = 0;
+
+static float *grow(float **buf, int64_t *have, int64_t n) {
+    if (n > *have) {
+        free(*buf);
+        *buf = (float *)aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+        *have = *buf ? n : 0;
+    }
+    return *buf;
+}
+
+/* y[m, N] = x[m, K] @ dequant(W).T, W = N rows of `row_bytes` GGUF bytes. K % 256 == 0.
+ * Returns 0, or -1 for an unsupported type / allocation failure. */
+int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
+            float *y, int nthreads) {
+    deq_fn deq = pick_deq(qtype);
+    if (!deq || K % QK || m <= 0) return -1;
+    const int64_t npanel = (m + GM_C - 1) / GM_C, ntile = (N + GT_ROWS - 1) / GT_ROWS;
+    float *xp = grow(&gemm_xp, &gemm_xp_floats, npanel * GM_C * K);
+    if (!xp) return -1;
+    int failed = 0;
+    int par = nthreads > 1 && N * K * m >= PAR_MIN;
+#pragma omp parallel num_threads(nthreads) if (par)
+    {
+        /* x -> panels of 16 (the last of 8 when <= 8 rows remain), transposed: xp[p][k][i] */
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < npanel; p++) {
+            const int64_t i0 = p * GM_C, rows = m - i0 < GM_C ? m - i0 : GM_C, width = rows <= 8 ? 8 : GM_C;
+            float *dst = xp + p * GM_C * K;
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t i = 0; i < width; i++) dst[k * width + i] = i < rows ? x[(i0 + i) * K + k] : 0.0f;
+        }
+        float *wt = grow(&gemm_tile, &gemm_tile_floats, GT_ROWS * K);
+        if (!wt) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float c[GM_R * GM_C];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntile; t++) {
+            if (!wt) continue;
+            const int64_t n0 = t * GT_ROWS, rows = N - n0 < GT_ROWS ? N - n0 : GT_ROWS;
+            for (int64_t r = 0; r < rows; r++) deq(w + (n0 + r) * row_bytes, K, wt + r * K);
+            const int64_t rows6 = (rows + GM_R - 1) / GM_R * GM_R;
+            if (rows6 > rows) memset(wt + rows * K, 0, (rows6 - rows) * K * sizeof(float));
+            for (int64_t p = 0; p < npanel; p++) {
+                const int64_t i0 = p * GM_C, prow = m - i0 < GM_C ? m - i0 : GM_C;
+                for (int64_t g = 0; g < rows6; g += GM_R) {
+                    if (prow <= 8)
+                        ukernel_6x8(wt + g * K, K, xp + p * GM_C * K, K, c);
+                    else
+                        ukernel_6x16(wt + g * K, K, xp + p * GM_C * K, K, c);
+                    const int64_t gr = rows - g < GM_R ? rows - g : GM_R;
+                    for (int64_t i = 0; i < prow; i++)
+                        for (int64_t r = 0; r < gr; r++) y[(i0 + i) * N + n0 + g + r] = c[16 * r + i];
+                }
+            }
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------
  * fused MoE for a few tokens (decode): one call per layer
  *
  *   out[t] = Sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
@@ -821,4 +932,4 @@ int mk_moe_routed(const mk_moe_t *L, int64_t T, int64_t k, const float *x, float
     return moe_run(L, T, k, x, w, ids, out, nthreads, 1);
 }
 
-int mk_abi_version(void) { return 2; }
+int mk_abi_version(void) { return 3; }
