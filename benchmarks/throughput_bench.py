@@ -39,19 +39,20 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 
 def bench_moeserve(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, kernels: str | None,
-                   ) -> dict[int, float]:
+                   profile: bool = False) -> dict[int, float]:
     from moeserve import LLM, SamplingParams
     from moeserve.engine.engine import EngineConfig, LLMEngine
 
     top = max(streams)
-    max_len = prompt_len + warmup + tokens + 8
+    max_len = prompt_len + warmup + 2 * tokens + 8
     llm = LLM(path, kernels=kernels, max_model_len=max_len)
     results = {}
     for n in streams:
         engine = LLMEngine(llm, EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
                                              num_kv_blocks=n * (-(-max_len // 16)) + 1,
                                              enable_prefix_caching=False))
-        params = SamplingParams(max_tokens=warmup + tokens + 1, temperature=0.0, ignore_eos=True)
+        steps = warmup + tokens * (2 if profile else 1) + 1
+        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
         for p in make_prompts(n, prompt_len, llm.config.vocab_size):
             engine.add_request(p, params)
         states = engine.scheduler.running
@@ -65,6 +66,17 @@ def bench_moeserve(path: str, streams: list[int], prompt_len: int, tokens: int, 
             engine.step()
         dt = time.perf_counter() - t0
         results[n] = n * tokens / dt
+        if profile:  # the same number of steps again, timed per stage: ms per batched step
+            from moeserve.bench import _profiled
+
+            def timed(eng: LLMEngine = engine) -> float:
+                t = time.perf_counter()
+                for _ in range(tokens):
+                    eng.step()
+                return time.perf_counter() - t
+
+            prof = _profiled(timed, tokens)
+            print(f"  one {n}-stream step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if v >= 0.05))
         engine.abort_all()
         print(f"moeserve   streams={n:3d}: {results[n]:8.1f} tok/s aggregate ({dt / tokens * 1e3:.1f} ms/step)",
               flush=True)
@@ -158,11 +170,12 @@ def main() -> None:
     ap.add_argument("--kernels", default=None, choices=["fast", "reference"])
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp column")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON object")
+    ap.add_argument("--profile", action="store_true", help="print moeserve's per-stage time of one batched step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model or tiny_model()
 
-    ours = bench_moeserve(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.kernels)
+    ours = bench_moeserve(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.kernels, args.profile)
     theirs: dict[int, float] = {}
     if not args.no_llama:
         try:

@@ -9,6 +9,7 @@ from moeserve.engine.paged_cache import (
     BLOCK_SIZE,
     BlockAllocator,
     KVPool,
+    PagedDecodeBatch,
     PagedSequenceKV,
     blocks_for,
     chain_hash,
@@ -140,3 +141,44 @@ def test_other_sequences_are_untouched() -> None:
     assert torch.equal(a.read(0, 20)[0], ka)
     alloc.free(a.clear())
     assert a.capacity == 0 and alloc.num_free == 2
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_batched_decode_attention_equals_per_sequence(window: int | None) -> None:
+    """`PagedDecodeBatch` + `decode_attention` (one gather and one SDPA for the whole step) give the
+    same cache contents and outputs as writing, reading and attending one sequence at a time."""
+    from moeserve.kernels.attention import decode_attention, gqa_attention
+
+    torch.manual_seed(0)
+    lengths = [3, 17, 40]  # cached tokens before this step; block tables deliberately scattered
+    tables = [[7], [2, 9], [4, 0, 11]]
+    nh, nkv, hd = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+    out = {}
+    for batched in (False, True):
+        pool = KVPool(CFG, 12)
+        pool.k.fill_(float("nan"))  # never-written slots may hold anything: padding must not read them
+        pool.v.fill_(float("nan"))
+        seqs = []
+        for n, blocks in zip(lengths, tables, strict=True):
+            kv = PagedSequenceKV(pool)
+            kv.append_blocks(blocks)
+            g = torch.Generator().manual_seed(n)
+            for layer in range(CFG.n_layers):
+                kv.write(layer, 0, torch.randn(n, nkv, hd, generator=g), torch.randn(n, nkv, hd, generator=g))
+            seqs.append(kv)
+        g = torch.Generator().manual_seed(99)
+        q = torch.randn(3, nh, hd, generator=g)
+        k, v = torch.randn(3, nkv, hd, generator=g), torch.randn(3, nkv, hd, generator=g)
+        if batched:
+            batch = PagedDecodeBatch(seqs, lengths)
+            keys, values = batch.write_read(1, k, v)
+            out[batched] = (decode_attention(q, keys, values, batch.positions, window), pool.k.clone())
+        else:
+            rows = []
+            for i, (kv, n) in enumerate(zip(seqs, lengths, strict=True)):
+                kv.write(1, n, k[i:i + 1], v[i:i + 1])
+                keys, values = kv.read(1, n + 1)
+                rows.append(gqa_attention(q[i:i + 1], keys, values, n, window))
+            out[batched] = (torch.cat(rows), pool.k.clone())
+    assert torch.equal(out[True][1].nan_to_num(), out[False][1].nan_to_num())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)

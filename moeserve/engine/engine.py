@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
-from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
+from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PagedDecodeBatch, PoolStats, parse_memory
 from moeserve.engine.sampling import SamplingParams
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput, SeqState, SeqStatus
 from moeserve.engine.sequence import Sequence, request_output
@@ -209,8 +209,11 @@ class LLMEngine:
             n_prompt = len(st.seq.prompt_ids)
             self._computed_prompt_tokens += max(0, min(c.start + c.length, n_prompt) - c.start)
         dev = self.llm.device
+        batch = None
+        if len(slices) > 1 and len(ids) == len(slices):  # a pure decode step: batched attention
+            batch = PagedDecodeBatch([c.state.kv for c in sched.chunks], positions)
         logits = self.llm.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), slices,
-                                        torch.tensor(rows, device=dev, dtype=torch.long))
+                                        torch.tensor(rows, device=dev, dtype=torch.long), batch)
         self.scheduler.commit(sched)
         if sampled:
             self.llm._sample(sampled, logits)

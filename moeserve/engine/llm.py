@@ -49,8 +49,12 @@ class LLM:
                  device: str | None = None, warmup: bool = True, progress: bool = False,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None,
                  kv_cache_dtype: str = "float32", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, in_memory: bool | None = None) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
+
+        `in_memory` (default: on for CPU unless `MOESERVE_MMAP=1`) reads the file into huge-page
+        memory at load, sequentially, instead of page-faulting weights in from the file map at
+        random during the first tokens (see `GGUFFile.read_into_memory`).
 
         The KV-pool and batching arguments configure the engine behind `generate` and the server
         (see `EngineConfig`); the pool itself is allocated on first use.
@@ -62,6 +66,10 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.file = GGUFFile(self.path)
         self.config = load_config(self.file)
+        if in_memory is None:
+            in_memory = self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
+        if in_memory:
+            self.file.read_into_memory(progress=progress)
         cap = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
         self.max_model_len = cap
         self.model = load_decoder(self.file, self.config, self.device, max_positions=cap)

@@ -284,3 +284,41 @@ class PagedSequenceKV:
         k = torch.index_select(self.pool.k[layer], 0, idx).view(shape)[:end]
         v = torch.index_select(self.pool.v[layer], 0, idx).view(shape)[:end]
         return k, v
+
+
+class PagedDecodeBatch:
+    """A decode step's sequences (one new token each) as one `BatchKV` for the model.
+
+    The slot of every new token and the padded slot table of every sequence's keys are computed
+    once per step; each layer then does one `index_copy_` (write) and one `index_select` per
+    tensor (gather) for the whole batch, instead of a write, a read and an attention call per
+    sequence. Padding reads a valid slot of the same sequence and is masked out by the kernel.
+    """
+
+    def __init__(self, seqs: Sequence[PagedSequenceKV], positions: Sequence[int]) -> None:
+        pool = seqs[0].pool
+        self.pool = pool
+        L = max(positions) + 1
+        nb = blocks_for(L)
+        table = [s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in seqs]
+        for s, p in zip(seqs, positions, strict=True):
+            if p >= s.capacity:
+                raise RuntimeError(f"write of position {p} past the {s.capacity} reserved slots")
+        dev = pool.device
+        t = torch.tensor(table, dtype=torch.long, device=dev)  # [B, nb]
+        j = torch.arange(L, device=dev)
+        self.positions = torch.tensor(list(positions), dtype=torch.long, device=dev)
+        slots = t[:, j // BLOCK_SIZE] * BLOCK_SIZE + j % BLOCK_SIZE  # [B, L]
+        self.write_slots = slots.gather(1, self.positions.unsqueeze(1)).squeeze(1)
+        # Padding reads the sequence's own first slot: never-written slots may hold NaN, and a
+        # masked-out NaN value still poisons the attention output (0 * NaN).
+        valid = j.unsqueeze(0) <= self.positions.unsqueeze(1)
+        self.read_slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)  # [B * L]
+        self.B, self.L = len(seqs), L
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, vs = self.pool.k_slots[layer], self.pool.v_slots[layer]
+        ks.index_copy_(0, self.write_slots, k.to(ks.dtype))
+        vs.index_copy_(0, self.write_slots, v.to(vs.dtype))
+        shape = (self.B, self.L, *ks.shape[1:])
+        return ks.index_select(0, self.read_slots).view(shape), vs.index_select(0, self.read_slots).view(shape)

@@ -53,6 +53,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
+        self._memory: np.ndarray | None = None  # set by read_into_memory
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such file")
         try:
@@ -138,11 +139,53 @@ class GGUFFile:
                 f"support (supported: {supported})"
             )
         nrow = row_bytes(qtype, torch_shape[-1])
-        raw = np.asarray(t.data).view(np.uint8).reshape(*torch_shape[:-1], nrow)
+        if self._memory is not None:
+            raw = self._memory[t.data_offset:t.data_offset + int(t.n_bytes)]
+        else:
+            raw = np.asarray(t.data).view(np.uint8)
+        raw = raw.reshape(*torch_shape[:-1], nrow)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only mmap: we never write to it
             data = torch.from_numpy(raw)
         return PackedTensor(name=name, qtype=qtype, shape=torch_shape, data=data)
+
+    def read_into_memory(self, progress: bool = False, chunk: int = 1 << 26) -> None:
+        """Copy the file into anonymous memory backed by 2 MiB (transparent huge) pages.
+
+        Why: tensors are otherwise lazy views of the file map, so each 4 KiB page is faulted in
+        on first use, in the middle of a token; an MoE model touches its experts at random, and on
+        this VM a file-page fault costs ~15 us (populating the map up front ran at 270 MB/s). One
+        sequential read into huge pages runs at ~750 MB/s from the page cache (disk speed when
+        cold) and leaves 512x fewer pages for the TLB during decode. The copy is exact; the page
+        cache copy stays evictable and is not counted in RSS. Call before handing out tensors.
+        """
+        import mmap
+
+        size = os.path.getsize(self.path)
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        view = memoryview(buf)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=size, unit="B", unit_scale=True, desc="reading weights", leave=False)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                off = 0
+                while off < size:
+                    n = f.readinto(view[off:off + chunk])
+                    if not n:
+                        raise GGUFError(f"{self.path}: file shrank while being read ({off} of {size} bytes)")
+                    off += n
+                    if bar is not None:
+                        bar.update(n)
+        finally:
+            view.release()
+            if bar is not None:
+                bar.close()
+        self._memory = np.frombuffer(buf, dtype=np.uint8)
 
     def tensor_types(self) -> dict[str, int]:
         """Count of tensors per quant type name (for `moeserve inspect`)."""

@@ -37,3 +37,23 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: int,
         attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=nh != kh.shape[0],
     )
     return out[0].transpose(0, 1).reshape(t, nh * hd)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """One new query per sequence for B sequences at once: q [B, nh, hd], k/v [B, L, nkv, hd]
+    (each sequence's keys padded to the longest, L), q_pos [B] -> [B, nh*hd].
+
+    Sequence b attends to its keys 0..q_pos[b] (inside the window); padding is masked out. One SDPA
+    call for the whole decode batch instead of B small ones.
+    """
+    B, nh, hd = q.shape
+    j = torch.arange(k.shape[1], device=q.device)
+    mask = j.unsqueeze(0) <= q_pos.unsqueeze(1)
+    if window is not None:
+        mask &= (q_pos.unsqueeze(1) - j.unsqueeze(0)) < window
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=nh != k.shape[2],
+    )
+    return out.reshape(B, nh * hd)

@@ -15,7 +15,7 @@ from moeserve.gguf.config import ModelConfig, load_config
 from moeserve.gguf.reader import GGUFFile, PackedTensor
 from moeserve.kernels.qlinear import QExperts, QLinear
 from moeserve.kernels.rope import Rope
-from moeserve.model.layers import MLP, Attention, Block, MoE, SeqSlice, rms_norm
+from moeserve.model.layers import MLP, Attention, BatchKV, Block, MoE, SeqSlice, rms_norm
 from moeserve.profiler import stage
 
 
@@ -26,11 +26,15 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice],
-                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [R, vocab] for `logit_rows` of the flattened batch (all rows when None)."""
+                logit_rows: torch.Tensor | None = None, batch: BatchKV | None = None) -> torch.Tensor:
+        """Logits [R, vocab] for `logit_rows` of the flattened batch (all rows when None).
+
+        `batch`: for a decode step (one token per sequence), the sequences' caches as one object,
+        so that attention writes, gathers and attends for all of them in one call per layer.
+        """
         x = self.embed.rows(ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, seqs, i)
+            x = block(x, positions, seqs, i, batch)
         if logit_rows is not None:
             x = x[logit_rows]
         with stage("lm_head"):

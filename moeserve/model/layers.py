@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.attention import gqa_attention
+from moeserve.kernels.attention import decode_attention, gqa_attention
 from moeserve.kernels.moe import grouped_moe, route
 from moeserve.kernels.qlinear import QExperts, QLinear
 from moeserve.kernels.rope import Rope
@@ -26,6 +26,17 @@ class KVStore(Protocol):
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BatchKV(Protocol):
+    """The caches of a decode batch (one new token per sequence, rows in sequence order), read and
+    written for all sequences at once (see engine/paged_cache.py `PagedDecodeBatch`)."""
+
+    positions: torch.Tensor  # [B] position of each sequence's new token
+
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, nkv, hd]; return every sequence's keys/values, padded: [B, L, nkv, hd]."""
+        ...
 
 
 @dataclass
@@ -53,7 +64,8 @@ class Attention:
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
         self.rope, self.window = rope, window
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int,
+                 batch: BatchKV | None = None) -> torch.Tensor:
         T = h.shape[0]
         q = self.wq(h).view(T, self.n_heads, self.head_dim)
         k = self.wk(h).view(T, self.n_kv_heads, self.head_dim)
@@ -61,6 +73,9 @@ class Attention:
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         q, k = self.rope(q, positions), self.rope(k, positions)
+        if batch is not None:  # decode batch: one write/gather and one attention call for all sequences
+            keys, values = batch.write_read(layer, k, v)
+            return self.wo(decode_attention(q, keys, values, batch.positions, self.window))
         out = torch.empty(T, self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in seqs:
             rows = slice(s.start, s.start + s.length)
@@ -120,7 +135,8 @@ class Block:
                  eps: float) -> None:
         self.attn_norm, self.attn, self.ffn_norm, self.ffn, self.eps = attn_norm, attn, ffn_norm, ffn, eps
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int,
+                 batch: BatchKV | None = None) -> torch.Tensor:
         with stage("attention"):
-            x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer)
+            x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer, batch)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))

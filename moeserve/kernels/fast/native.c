@@ -746,7 +746,7 @@ typedef struct {
     int64_t renormalize; /* top-k weights renormalised to sum to 1 (else: full-softmax probs) */
 } mk_moe_t;
 
-#define MOE_DOWN_CHUNK 64 /* output rows per phase-B item */
+#define MOE_DOWN_ROWS 256 /* down rows of one expert per phase-B item */
 
 static __thread void *moe_scratch = 0;
 static __thread int64_t moe_scratch_bytes = 0;
@@ -862,7 +862,7 @@ static int moe_run(const mk_moe_t *L, int64_t T, int64_t k, const float *x, floa
     for (int64_t p = 0; p < P; p++) xq_bind(&aq[p], ah + p * I, al + p * I, as + p * (I / QK), ab + p * (I / 16));
     int64_t U = route ? 0 : moe_group(ids, P, E, order, gexp, gstart, count);
 
-    const int64_t nblk = I / QK, nchunk = (H + MOE_DOWN_CHUNK - 1) / MOE_DOWN_CHUNK;
+    const int64_t nblk = I / QK, nchunk = (H + MOE_DOWN_ROWS - 1) / MOE_DOWN_ROWS;
     const uint8_t *gb = L->base[0], *ub = L->base[1], *db = L->base[2];
     const int64_t gs = L->expert_stride[0], us = L->expert_stride[1], ds = L->expert_stride[2];
     const int64_t grb = L->row_bytes[0], urb = L->row_bytes[1], drb = L->row_bytes[2];
@@ -898,23 +898,25 @@ static int moe_run(const mk_moe_t *L, int64_t T, int64_t k, const float *x, floa
         }
         /* implicit barrier: every pair's hidden activation is complete and quantized */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < nchunk; c++) {
-            const int64_t h0 = c * MOE_DOWN_CHUNK, h1 = h0 + MOE_DOWN_CHUNK < H ? h0 + MOE_DOWN_CHUNK : H;
-            for (int64_t u = 0; u < U; u++) {
-                const uint8_t *d0 = db + gexp[u] * ds;
-                for (int64_t h = h0; h < h1; h++)
-                    for (int64_t r = gstart[u]; r < gstart[u + 1]; r++) {
-                        const int64_t p = order[r];
-                        y[p * H + h] = dd(d0 + h * drb, I, &aq[p]);
-                    }
-            }
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t h = h0; h < h1; h++) {
-                    float s = 0.0f;
-                    for (int64_t j = 0; j < k; j++) s += w[t * k + j] * y[(t * k + j) * H + h];
-                    out[t * H + h] = s;
+        for (int64_t it = 0; it < U * nchunk; it++) {
+            /* one expert's contiguous run of MOE_DOWN_ROWS down rows: long sequential reads */
+            const int64_t u = it / nchunk, h0 = (it % nchunk) * MOE_DOWN_ROWS;
+            const int64_t h1 = h0 + MOE_DOWN_ROWS < H ? h0 + MOE_DOWN_ROWS : H;
+            const uint8_t *d0 = db + gexp[u] * ds;
+            for (int64_t h = h0; h < h1; h++)
+                for (int64_t r = gstart[u]; r < gstart[u + 1]; r++) {
+                    const int64_t p = order[r];
+                    y[p * H + h] = dd(d0 + h * drb, I, &aq[p]);
                 }
         }
+        /* implicit barrier: all down outputs are in y */
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                float s = 0.0f;
+                for (int64_t j = 0; j < k; j++) s += w[t * k + j] * y[(t * k + j) * H + h];
+                out[t * H + h] = s;
+            }
     }
     return 0;
 }
