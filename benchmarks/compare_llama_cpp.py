@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,7 +50,24 @@ print(json.dumps(run_bench(path, p, n, t, r, progress=False).to_dict()))
 """
 
 
-def run(snippet: str, path: str, p: int, n: int, t: int, r: int) -> dict:
+def evict(path: str) -> None:
+    """Drop `path` from the page cache, so the next load reads it from disk (a cold start)."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:  # as root, also drop every clean page (catches pages fadvise leaves behind)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError:
+        pass
+
+
+def run(snippet: str, path: str, p: int, n: int, t: int, r: int, cold: bool = False) -> dict:
+    if cold:
+        evict(path)
     env_cmd = [sys.executable, "-c", snippet, path, str(p), str(n), str(t), str(r)]
     t0 = time.perf_counter()
     out = subprocess.run(env_cmd, capture_output=True, text=True)
@@ -69,20 +87,24 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--plot", help="write a PNG of tokens/s per model (e.g. per layer count)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the file from the page cache before each engine: load = cold start to first token")
     args = ap.parse_args()
     rows = []
     print(f"# {time.strftime('%Y-%m-%d')}  threads={args.t}  pp{args.p} tg{args.n}  reps={args.r}")
-    print("| model | engine | pp t/s | tg t/s | load s | peak RSS GB |")
+    load = "cold start to first token s" if args.cold else "load s"
+    print(f"| model | engine | pp t/s | tg t/s | {load} | peak RSS GB |")
     print("|---|---|---:|---:|---:|---:|")
     for m in args.models:
-        ms = run(MOESERVE_SNIPPET, m, args.p, args.n, args.t, args.r)
-        lc = run(LLAMA_SNIPPET, m, args.p, args.n, args.t, args.r)
+        ms = run(MOESERVE_SNIPPET, m, args.p, args.n, args.t, args.r, args.cold)
+        lc = run(LLAMA_SNIPPET, m, args.p, args.n, args.t, args.r, args.cold)
         for name, res in (("moeserve", ms), ("llama.cpp", lc)):
             print(f"| {m} | {name} | {res['pp_tps']:.2f} ± {res['pp_tps_sd']:.2f} | {res['tg_tps']:.2f} ± "
                   f"{res['tg_tps_sd']:.2f} | {res['load_s']:.1f} | {res['peak_rss_gb']:.2f} |")
         pp_ratio = ms["pp_tps"] / lc["pp_tps"] if lc["pp_tps"] else float("nan")
         tg_ratio = ms["tg_tps"] / lc["tg_tps"] if lc["tg_tps"] else float("nan")
-        print(f"| {m} | **ratio** | **{pp_ratio:.2f}x** | **{tg_ratio:.2f}x** | | |")
+        load_ratio = ms["load_s"] / lc["load_s"] if lc["load_s"] else float("nan")
+        print(f"| {m} | **ratio** | **{pp_ratio:.2f}x** | **{tg_ratio:.2f}x** | {load_ratio:.2f}x | |")
         rows.append(dict(model=m, moeserve=ms, llama_cpp=lc, pp_ratio=pp_ratio, tg_ratio=tg_ratio))
     if args.json:
         print(json.dumps(rows))
