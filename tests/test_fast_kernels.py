@@ -222,3 +222,45 @@ def test_native_gemm_ragged_rows() -> None:
     x = torch.randn(native.GEMM_MIN_ROWS + 1, K)
     ref = x @ dequantize(w.data, QT.Q6_K, K).T
     assert _rel_err(make_linear(w)(x), ref) < 5e-6
+
+
+@needs_native
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rope_dim", [128, 64])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_native_norm_rope_matches_reference(neox: bool, rope_dim: int, with_norm: bool) -> None:
+    """`mk_norm_rope` == `rms_norm` + `Rope` (partial RoPE, both layouts, a position past the table)."""
+    from moeserve.kernels.rope import Rope
+    from moeserve.model.layers import rms_norm
+
+    rope = Rope(rope_dim, 1e6, neox, max_pos=64)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(5, 4, 128, generator=g), torch.randn(128, generator=g)
+    pos = torch.tensor([0, 3, 63, 100, 7])
+    ref = Rope(rope_dim, 1e6, neox, max_pos=64)(rms_norm(x, w, 1e-6) if with_norm else x, pos)
+    got = native.NormRope(rope, 1e-6)(x.clone(), w if with_norm else None, pos)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    from moeserve.model.layers import rms_norm as ref_norm
+
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-6), ref_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("window", [None, 7])
+def test_native_decode_attention_matches_reference(window: int | None) -> None:
+    """`mk_attn_decode` == torch SDPA for one query per sequence: GQA (32 query / 4 KV heads), a batch of
+    sequences of different lengths padded to the longest (padding = NaN, never read), sliding window."""
+    from moeserve.kernels.attention import gqa_attention
+
+    g = torch.Generator().manual_seed(2)
+    lens = [1, 9, 40, 333]
+    L = max(lens)
+    q = torch.randn(len(lens), 32, 128, generator=g)
+    k, v = torch.full((len(lens), L, 4, 128), float("nan")), torch.full((len(lens), L, 4, 128), float("nan"))
+    refs = []
+    for b, n in enumerate(lens):
+        k[b, :n], v[b, :n] = torch.randn(n, 4, 128, generator=g), torch.randn(n, 4, 128, generator=g)
+        refs.append(gqa_attention(q[b:b + 1], k[b, :n], v[b, :n], n - 1, window))
+    got = native.attn_decode(q, k, v, torch.tensor(lens), window)
+    assert got is not None
+    torch.testing.assert_close(got, torch.cat(refs), rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ may belong to several sequences; only attention needs to know where one sequence
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +64,10 @@ class Attention:
         self.q_norm, self.k_norm = q_norm, k_norm
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
         self.rope, self.window = rope, window
+        # kernels.fast: one query per sequence, (q [B, nh, hd], k/v [B, L, nkv, hd], lens [B], window)
+        # -> [B, nh*hd], or None when it does not apply (then the torch kernels below run)
+        self.fast_decode: Callable[..., torch.Tensor | None] | None = None
+        self.norm_rope: Callable[..., torch.Tensor] | None = None  # kernels.fast: norm + RoPE in place
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int,
                  batch: BatchKV | None = None) -> torch.Tensor:
@@ -70,12 +75,16 @@ class Attention:
         q = self.wq(h).view(T, self.n_heads, self.head_dim)
         k = self.wk(h).view(T, self.n_kv_heads, self.head_dim)
         v = self.wv(h).view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        if self.norm_rope is not None:  # the same two steps in one native call per tensor
+            q, k = self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions)
+        else:
+            if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
+                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = self.rope(q, positions), self.rope(k, positions)
         if batch is not None:  # decode batch: one write/gather and one attention call for all sequences
             keys, values = batch.write_read(layer, k, v)
-            return self.wo(decode_attention(q, keys, values, batch.positions, self.window))
+            o = self.fast_decode(q, keys, values, batch.positions + 1, self.window) if self.fast_decode else None
+            return self.wo(o if o is not None else decode_attention(q, keys, values, batch.positions, self.window))
         out = torch.empty(T, self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in seqs:
             rows = slice(s.start, s.start + s.length)
@@ -84,6 +93,11 @@ class Attention:
             else:
                 s.kv.write(layer, s.pos, k[rows], v[rows])
                 keys, values = s.kv.read(layer, s.pos + s.length)
+            if s.length == 1 and self.fast_decode is not None:
+                o = self.fast_decode(q[rows], keys[None], values[None], torch.tensor([s.pos + 1]), self.window)
+                if o is not None:
+                    out[rows] = o
+                    continue
             out[rows] = gqa_attention(q[rows], keys, values, s.pos, self.window)
         return self.wo(out)
 
@@ -134,9 +148,14 @@ class Block:
     def __init__(self, attn_norm: torch.Tensor, attn: Attention, ffn_norm: torch.Tensor, ffn: MLP | MoE,
                  eps: float) -> None:
         self.attn_norm, self.attn, self.ffn_norm, self.ffn, self.eps = attn_norm, attn, ffn_norm, ffn, eps
+        self.fast_norm: Callable[..., torch.Tensor | None] | None = None  # kernels.fast: native rms_norm
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = self.fast_norm(x, weight, self.eps) if self.fast_norm is not None else None
+        return out if out is not None else rms_norm(x, weight, self.eps)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int,
                  batch: BatchKV | None = None) -> torch.Tensor:
         with stage("attention"):
-            x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, seqs, layer, batch)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+            x = x + self.attn(self.norm(x, self.attn_norm), positions, seqs, layer, batch)
+        return x + self.ffn(self.norm(x, self.ffn_norm))

@@ -10,8 +10,9 @@ Backends, tried in this order for each weight:
 
 1. `native` (native.c via native.py; every quantized type; needs AVX2/FMA/F16C and a C compiler,
    K % 256 == 0): integer dot products straight on the mapped GGUF bytes with 16-bit
-   activations for m < 8 (relative error ~3e-5), exact float32 dequant + torch GEMM for m >= 8
-   (exact up to float32 summation). No repack: zero load time, zero extra memory.
+   activations for m < 8 (relative error ~3e-5); for m >= 8 a tiled GEMM (`mk_gemm`) that
+   dequantizes tiles of weight rows to exact float32 in each core's L2 and runs a float32 FMA
+   micro-kernel (exact up to float32 summation). No repack: zero load time, no extra memory.
 2. `int4` (int4pack.py; the torch `_weight_int4pack_mm_for_cpu` kernel, bf16 activations and
    output, relative error up to ~5e-3): an exact repack at load, scales rounded to bf16.
 
@@ -177,6 +178,20 @@ def prepare_model(decoder: Any, progress: bool = False, backend: str = "auto") -
             bar.close()
     if backend in ("auto", "native"):
         prepare_moe(decoder)
+        prepare_attention(decoder)
+
+
+def prepare_attention(decoder: Any) -> None:
+    """Attach the native one-query attention (`native.attn_decode`), per-head norm + RoPE
+    (`native.NormRope`) and block RMSNorm (`native.rms_norm`) to every CPU layer."""
+    if not native.available() or os.environ.get("MOESERVE_NATIVE_ATTENTION", "1") == "0":
+        return
+    for block in getattr(decoder, "blocks", ()):
+        attn = block.attn
+        if hasattr(attn, "fast_decode") and attn.rope.cos.device.type == "cpu":
+            attn.fast_decode = native.attn_decode
+            attn.norm_rope = native.NormRope(attn.rope, attn.eps)
+            block.fast_norm = native.rms_norm
 
 
 def prepare_moe(decoder: Any) -> None:

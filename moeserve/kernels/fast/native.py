@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -32,7 +33,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 3
+_ABI = 5
 
 GEMM_MIN_ROWS = 8
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
@@ -101,6 +102,13 @@ def library() -> ctypes.CDLL | None:
     lib.mk_matmul.restype = ctypes.c_int
     lib.mk_gemm.argtypes = lib.mk_matmul.argtypes
     lib.mk_gemm.restype = ctypes.c_int
+    lib.mk_attn_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, i64, ptr,
+                                   ctypes.c_int]
+    lib.mk_attn_decode.restype = ctypes.c_int
+    lib.mk_norm_rope.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, i64, ctypes.c_int, ptr, ptr, ptr]
+    lib.mk_norm_rope.restype = ctypes.c_int
+    lib.mk_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float]
+    lib.mk_rms_norm.restype = ctypes.c_int
     lib.mk_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mk_dequant.restype = ctypes.c_int
     lib.mk_moe.argtypes = [ctypes.POINTER(MoeLayer), i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -177,3 +185,65 @@ class NativeExperts(NativeMatmul):
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._run(self._ptrs[e], x)
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, window: int | None = None,
+                scale: float | None = None) -> torch.Tensor | None:
+    """One query per sequence (`mk_attn_decode`): q [B, nh, hd], k/v [B, L, nkv, hd] (rows past
+    `lens[b]` are ignored), lens [B] int64 -> [B, nh*hd]; the same result as `decode_attention` /
+    `gqa_attention` for one query. None when the inputs do not fit the kernel (caller falls back)."""
+    lib = library()
+    B, nh, hd = q.shape
+    if (lib is None or q.device.type != "cpu" or k.dtype is not torch.float32 or v.dtype is not torch.float32
+            or q.dtype is not torch.float32 or hd % 8 or k.dim() != 4 or k.shape[0] != B):
+        return None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lens = lens.to(torch.int64).contiguous()
+    out = torch.empty(B, nh * hd)
+    rc = lib.mk_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, k.shape[1], lens.data_ptr(), nh, k.shape[2],
+                            hd, scale if scale is not None else hd ** -0.5, window or 0, out.data_ptr(),
+                            torch.get_num_threads())
+    return None if rc else out
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`model.layers.rms_norm` over the last dim in one native call (new tensor), or None if it does not apply."""
+    lib = library()
+    if lib is None or not (_plain(x) and _plain(weight)) or x.shape[-1] != weight.shape[0]:
+        return None
+    out = torch.empty_like(x)
+    lib.mk_rms_norm(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps)
+    return out
+
+
+class NormRope:
+    """`(x [T, nh, hd], norm_weight | None, positions [T]) -> x`, in place: per-head RMSNorm then RoPE
+    in one native call (`mk_norm_rope`); the same math as `rms_norm` + `Rope.__call__`."""
+
+    def __init__(self, rope: Any, eps: float) -> None:
+        lib = library()
+        assert lib is not None
+        self.rope, self.eps, self._fn = rope, eps, lib.mk_norm_rope
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        rope = self.rope
+        if not _plain(x) or (weight is not None and not _plain(weight)) or x.dim() != 3:
+            if weight is not None:  # the reference formula (model.layers.rms_norm)
+                xf = x.float()
+                x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+            return rope(x, positions)
+        if positions.dtype is not torch.int64 or not positions.is_contiguous():
+            positions = positions.long().contiguous()
+        top = int(positions.max())
+        if top >= rope.cos.shape[0]:
+            rope._build(max(top + 1, 2 * rope.cos.shape[0]))  # grow the angle tables, as Rope does
+        T, nh, hd = x.shape
+        rc = self._fn(x.data_ptr(), T, nh, hd, weight.data_ptr() if weight is not None else None, self.eps,
+                      rope.rope_dim, int(rope.neox), rope.cos.data_ptr(), rope.sin.data_ptr(), positions.data_ptr())
+        if rc:
+            raise RuntimeError("mk_norm_rope rejected its inputs")
+        return x
