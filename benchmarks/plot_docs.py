@@ -13,18 +13,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LAYERS = [4, 48]
-TG = {"moeserve": [31.37, 6.03], "llama.cpp": [31.84, 5.32]}
-PP = {"moeserve": [115.78, 6.30], "llama.cpp": [187.33, 11.15]}  # pp512 at 4 layers, pp128 at 48
+TG = {"moeserve": [44.99, 8.35], "llama.cpp": [44.27, 8.34]}  # tg128 at 4 layers, tg32 at 48
+PP = {"moeserve": [263.77, 20.71], "llama.cpp": [283.06, 20.01]}  # pp512
 STREAMS = [1, 4, 16]
-AGG = {"moeserve": [30.3, 37.6, 43.4], "llama.cpp": [27.0, 43.3, 58.8]}
+AGG = {"moeserve": [46.2, 56.7, 81.5], "llama.cpp": [31.2, 57.4, 81.1]}  # 4-layer file
+AGG48 = {"moeserve": [8.9, 9.6, 12.6], "llama.cpp": [6.0, 11.7, 13.8]}  # full-size file
 
 
 def main(path: str = "docs/benchmarks.png") -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     for ax, data, title, xs, xlabel in (
         (axes[0], TG, "generation (single stream)", LAYERS, "layers"),
         (axes[1], PP, "prompt processing", LAYERS, "layers"),
         (axes[2], AGG, "batched decode, 4-layer file", STREAMS, "concurrent streams"),
+        (axes[3], AGG48, "batched decode, full-size file", STREAMS, "concurrent streams"),
     ):
         for (name, ys), style in zip(data.items(), ("o-", "s--")):
             ax.plot(xs, ys, style, label=name)
@@ -34,7 +36,7 @@ def main(path: str = "docs/benchmarks.png") -> None:
         ax.set_xscale("log")
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_yscale("log" if ax is not axes[2] else "linear")
+        ax.set_yscale("log" if ax in (axes[0], axes[1]) else "linear")
         ax.legend()
     fig.suptitle("Qwen3-30B-A3B-shaped Q4_K_M (random valid blocks), 2 threads, same file, same run — 2026-11-24")
     fig.tight_layout()
