@@ -29,7 +29,7 @@ from moeserve.kernels.qlinear import QExperts, QLinear
 
 QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 FLOATS = [QT.F32, QT.F16, QT.BF16]
-ROWS = (1, 7, 64, 512)
+ROWS = (1, 2, 5, 7, 64, 512)  # 2, 5, 7: the multi-row integer dots (groups of 4 + remainders)
 N, K = 256, 512
 BOUND = 5e-3
 

@@ -385,6 +385,122 @@ static float dot_q6_k(const uint8_t *w, int64_t K, const xq_t *x) {
     return hsum8(_mm256_sub_ps(acc, voff));
 }
 
+/* ---------------------------------------------------------------------------------------
+ * one weight row . up to 4 activation rows (Q4_K, Q6_K)
+ *
+ * The same integer arithmetic as dot_q4_k / dot_q6_k, but each block's scales, mins and 6-/4-bit
+ * codes are decoded once for all the activations: on this CPU decoding is ~80 % of a dot's cost
+ * (dropping half the multiplies saved only ~20 %), so batched decode, which dots each weight row with
+ * several tokens, pays it once instead of once per token. NA is a compile-time constant (1..4).
+ * ------------------------------------------------------------------------------------- */
+
+static inline void dotn_q4_k(const uint8_t *w, int64_t K, const xq_t *const *x, float *out, const int NA) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4], vmin[4];
+    for (int a = 0; a < NA; a++) acc[a] = vmin[a] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        const uint8_t *blk = w + b * 144;
+        PREFETCH(blk);
+        PREFETCH(blk + 64);
+        PREFETCH(blk + 128);
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        __m128i scm = k_scale_min_v(blk + 4);
+        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+        __m256i ah[4], al[4];
+        for (int a = 0; a < NA; a++) {
+            vmin[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(k_min_sums(scm, x[a]->bsum + b * 16)),
+                                      _mm256_set1_ps(dmin * x[a]->s[b]), vmin[a]);
+            ah[a] = al[a] = _mm256_setzero_si256();
+        }
+        const uint8_t *qs = blk + 16;
+        for (int j = 0; j < 4; j++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i q0 = _mm256_and_si256(q, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            __m256i s0 = _mm256_shuffle_epi8(sc16, pick16(2 * j)), s1 = _mm256_shuffle_epi8(sc16, pick16(2 * j + 1));
+            for (int a = 0; a < NA; a++) {
+                const int8_t *h = x[a]->hi + b * QK + 64 * j, *l = x[a]->lo + b * QK + 64 * j;
+                dot32(q0, h, l, s0, &ah[a], &al[a]);
+                dot32(q1, h + 32, l + 32, s1, &ah[a], &al[a]);
+            }
+        }
+        for (int a = 0; a < NA; a++) acc[a] = fold(acc[a], ah[a], al[a], d * x[a]->s[b]);
+    }
+    for (int a = 0; a < NA; a++) out[a] = hsum8(_mm256_sub_ps(acc[a], vmin[a]));
+}
+
+static inline void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x, float *out, const int NA) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    __m256 acc[4], voff[4];
+    for (int a = 0; a < NA; a++) acc[a] = voff[a] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        const uint8_t *blk = w + b * 210;
+        PREFETCH(blk);
+        PREFETCH(blk + 64);
+        PREFETCH(blk + 128);
+        PREFETCH(blk + 192);
+        __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+        const float d = h2f(blk + 208);
+        const __m256i sclo = _mm256_cvtepi8_epi32(sc8), schi = _mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8));
+        __m256i ah[4], al[4];
+        for (int a = 0; a < NA; a++) {
+            const int32_t *bs = x[a]->bsum + b * 16;
+            __m256i is = _mm256_add_epi32(_mm256_mullo_epi32(sclo, _mm256_loadu_si256((const __m256i *)bs)),
+                                          _mm256_mullo_epi32(schi, _mm256_loadu_si256((const __m256i *)(bs + 8))));
+            voff[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(32.0f * d * x[a]->s[b]), voff[a]);
+            ah[a] = al[a] = _mm256_setzero_si256();
+        }
+        __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        for (int hf = 0; hf < 2; hf++) {
+            const uint8_t *ql = blk + 64 * hf, *qhp = blk + 128 + 32 * hf;
+            __m256i half = hf ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            for (int qq = 0; qq < 4; qq++) {
+                const int o = 128 * hf + 32 * qq;
+                const __m256i sc = _mm256_shuffle_epi8(half, q6_pick(qq));
+                for (int a = 0; a < NA; a++)
+                    dot32(q[qq], x[a]->hi + b * QK + o, x[a]->lo + b * QK + o, sc, &ah[a], &al[a]);
+            }
+        }
+        for (int a = 0; a < NA; a++) acc[a] = fold(acc[a], ah[a], al[a], d * x[a]->s[b]);
+    }
+    for (int a = 0; a < NA; a++) out[a] = hsum8(_mm256_sub_ps(acc[a], voff[a]));
+}
+
+/* out[a] = row . x[a] for a < n (n >= 1), in groups of up to 4 activations per pass over the row.
+ * Returns 0 for one activation or a type without a multi-activation kernel: the caller loops the
+ * single-row dot. */
+#ifndef DOT_GROUP
+#define DOT_GROUP 4
+#endif
+static int dot_multi(int qtype, const uint8_t *w, int64_t K, const xq_t *const *x, int64_t n, float *out) {
+    if ((qtype != QT_Q4_K && qtype != QT_Q6_K) || n < 2) return 0; /* one activation: the plain dot */
+    for (int64_t a = 0; a < n; a += DOT_GROUP) {
+        const int64_t r = n - a < DOT_GROUP ? n - a : DOT_GROUP;
+        if (qtype == QT_Q4_K) {
+            if (r == 4) dotn_q4_k(w, K, x + a, out + a, 4);
+            else if (r == 3) dotn_q4_k(w, K, x + a, out + a, 3);
+            else if (r == 2) dotn_q4_k(w, K, x + a, out + a, 2);
+            else dotn_q4_k(w, K, x + a, out + a, 1);
+        } else {
+            if (r == 4) dotn_q6_k(w, K, x + a, out + a, 4);
+            else if (r == 3) dotn_q6_k(w, K, x + a, out + a, 3);
+            else if (r == 2) dotn_q6_k(w, K, x + a, out + a, 2);
+            else dotn_q6_k(w, K, x + a, out + a, 1);
+        }
+    }
+    return 1;
+}
+
 typedef float (*dot_fn)(const uint8_t *, int64_t, const xq_t *);
 
 static dot_fn pick_dot(int qtype) {
@@ -435,9 +551,16 @@ int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
         for (int64_t n = 0; n < N; n++) y[n] = dot(w + n * row_bytes, K, &xq[0]);
     } else {
+        const xq_t *xp[m];
+        for (int64_t i = 0; i < m; i++) xp[i] = &xq[i];
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t i = 0; i < m; i++) y[i * N + n] = dot(w + n * row_bytes, K, &xq[i]);
+        for (int64_t n = 0; n < N; n++) {
+            float r[m];
+            if (dot_multi(qtype, w + n * row_bytes, K, xp, m, r))
+                for (int64_t i = 0; i < m; i++) y[i * N + n] = r[i];
+            else
+                for (int64_t i = 0; i < m; i++) y[i * N + n] = dot(w + n * row_bytes, K, &xq[i]);
+        }
     }
     return 0;
 }
@@ -823,8 +946,8 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
  *
  *   out[t] = Sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
  *
- * Same integer dot products as mk_matmul (m < 8). Each token's activation is quantized once and
- * reused by all its experts; each hidden activation a = silu(g) * u is quantized per 256 values
+ * Same integer dot products as mk_matmul (m < 8), up to 4 of an expert's tokens per pass over a
+ * row (`dot_multi`). Each token's activation is quantized once and reused by all its experts; each hidden activation a = silu(g) * u is quantized per 256 values
  * exactly as mk_matmul would quantize the `down` input. The (token, slot) pairs are grouped by
  * expert (counting sort), so an expert chosen by several tokens reads each weight row once and
  * dots it with all of their activations while it is in L1.
@@ -985,21 +1108,29 @@ static int moe_run(const mk_moe_t *L, int64_t T, int64_t k, const float *x, floa
                 U = moe_group(ids, P, E, order, gexp, gstart, count);
             } /* implicit barrier: routing and grouping visible to all threads */
         }
-        float a[QK];
+        float a[4][QK];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < U * nblk; it++) {
             const int64_t u = it / nblk, b = it % nblk, e = gexp[u];
             const uint8_t *g0 = gb + e * gs + b * QK * grb, *u0 = ub + e * us + b * QK * urb;
-            for (int64_t r = gstart[u]; r < gstart[u + 1]; r++) {
-                const int64_t p = order[r];
-                const xq_t *xt = &xq[p / k];
+            for (int64_t r0 = gstart[u]; r0 < gstart[u + 1]; r0 += 4) { /* up to 4 pairs per pass over the rows */
+                const int64_t cnt = gstart[u + 1] - r0 < 4 ? gstart[u + 1] - r0 : 4;
+                const xq_t *xt[4];
+                for (int64_t i = 0; i < cnt; i++) xt[i] = &xq[order[r0 + i] / k];
                 for (int n = 0; n < QK; n++) {
-                    float g = dg(g0 + n * grb, H, xt), v = du(u0 + n * urb, H, xt);
-                    a[n] = silu_f(g) * v;
+                    float g[4], v[4];
+                    if (!dot_multi(L->qtype[0], g0 + n * grb, H, xt, cnt, g))
+                        for (int64_t i = 0; i < cnt; i++) g[i] = dg(g0 + n * grb, H, xt[i]);
+                    if (!dot_multi(L->qtype[1], u0 + n * urb, H, xt, cnt, v))
+                        for (int64_t i = 0; i < cnt; i++) v[i] = du(u0 + n * urb, H, xt[i]);
+                    for (int64_t i = 0; i < cnt; i++) a[i][n] = silu_f(g[i]) * v[i];
                 }
-                xq_t blk;
-                xq_bind(&blk, aq[p].hi + b * QK, aq[p].lo + b * QK, aq[p].s + b, aq[p].bsum + b * (QK / 16));
-                quant_row(a, QK, blk);
+                for (int64_t i = 0; i < cnt; i++) {
+                    const int64_t p = order[r0 + i];
+                    xq_t blk;
+                    xq_bind(&blk, aq[p].hi + b * QK, aq[p].lo + b * QK, aq[p].s + b, aq[p].bsum + b * (QK / 16));
+                    quant_row(a[i], QK, blk);
+                }
             }
         }
         /* implicit barrier: every pair's hidden activation is complete and quantized */
@@ -1010,9 +1141,14 @@ static int moe_run(const mk_moe_t *L, int64_t T, int64_t k, const float *x, floa
             const int64_t h1 = h0 + MOE_DOWN_ROWS < H ? h0 + MOE_DOWN_ROWS : H;
             const uint8_t *d0 = db + gexp[u] * ds;
             for (int64_t h = h0; h < h1; h++)
-                for (int64_t r = gstart[u]; r < gstart[u + 1]; r++) {
-                    const int64_t p = order[r];
-                    y[p * H + h] = dd(d0 + h * drb, I, &aq[p]);
+                for (int64_t r0 = gstart[u]; r0 < gstart[u + 1]; r0 += 4) {
+                    const int64_t cnt = gstart[u + 1] - r0 < 4 ? gstart[u + 1] - r0 : 4;
+                    const xq_t *ap[4];
+                    float o[4];
+                    for (int64_t i = 0; i < cnt; i++) ap[i] = &aq[order[r0 + i]];
+                    if (!dot_multi(L->qtype[2], d0 + h * drb, I, ap, cnt, o))
+                        for (int64_t i = 0; i < cnt; i++) o[i] = dd(d0 + h * drb, I, ap[i]);
+                    for (int64_t i = 0; i < cnt; i++) y[order[r0 + i] * H + h] = o[i];
                 }
         }
         /* implicit barrier: all down outputs are in y */

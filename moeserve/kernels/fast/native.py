@@ -35,11 +35,12 @@ _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 _ABI = 5
 
-GEMM_MIN_ROWS = 8
+GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
-L2, float32 FMA micro-kernel) replaces the integer kernel, which decodes the weights again for
-every row. Measured on the 2-core AVX2 machine (2 threads, Q4_K 768x2048): m=4 integer 0.30 ms vs
-tiled 0.53; m=8 0.56 vs 0.54; m=32 2.07 vs 0.88; Q6_K lm_head 151936x2048 at m=16: 167 vs 87 ms."""
+L2, float32 FMA micro-kernel) replaces the integer kernel, whose cost grows with every row (Q4_K/Q6_K
+decode each block once for up to 4 rows, the other types once per row). Measured on the 2-core AVX2
+machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=12 0.39 vs 0.38, m=16
+0.51 vs 0.40; Q6_K lm_head 151936x2048 m=8 52 vs 64 ms, m=12 83 vs 79, m=16 117 vs 84."""
 
 
 def _cpu_ok() -> bool:
