@@ -13,11 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LAYERS = [4, 48]
-TG = {"moeserve": [44.99, 8.35], "llama.cpp": [44.27, 8.34]}  # tg128 at 4 layers, tg32 at 48
-PP = {"moeserve": [263.77, 20.71], "llama.cpp": [283.06, 20.01]}  # pp512
+TG = {"moeserve": [44.99, 6.94], "llama.cpp": [44.27, 7.09]}  # tg128 at 4 layers, tg32 at 48 (run C)
+PP = {"moeserve": [263.77, 22.84], "llama.cpp": [283.06, 17.66]}  # pp512
 STREAMS = [1, 4, 16]
-AGG = {"moeserve": [46.2, 56.7, 81.5], "llama.cpp": [31.2, 57.4, 81.1]}  # 4-layer file
-AGG48 = {"moeserve": [8.9, 9.6, 12.6], "llama.cpp": [6.0, 11.7, 13.8]}  # full-size file
+AGG = {"moeserve": [38.6, 46.5, 87.9], "llama.cpp": [35.5, 58.2, 76.4]}  # 4-layer file, final code
+AGG48 = {"moeserve": [8.4, 11.5, 13.9], "llama.cpp": [8.6, 9.7, 10.8]}  # full-size file, final code
 
 
 def main(path: str = "docs/benchmarks.png") -> None:
