@@ -264,3 +264,13 @@ def test_native_decode_attention_matches_reference(window: int | None) -> None:
     got = native.attn_decode(q, k, v, torch.tensor(lens), window)
     assert got is not None
     torch.testing.assert_close(got, torch.cat(refs), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+def test_native_dequant_is_bit_exact(qt: QT) -> None:
+    """The tiles `mk_gemm` multiplies hold exactly the reference dequantizer's float32 weights."""
+    w = _weight(qt, (N, K), seed=4)
+    out = torch.empty(N, K)
+    assert native.library().mk_dequant(int(qt), w.data.data_ptr(), w.data.shape[-1], N, K, out.data_ptr(), 1) == 0
+    assert torch.equal(out, dequantize(w.data, qt, K))
