@@ -42,6 +42,18 @@ def default_model_path() -> str:
     return str(files("moeserve") / "data" / "moeserve-tiny-moe.gguf")
 
 
+def _available_memory() -> int:
+    """Bytes of memory available for new allocations (MemAvailable; unbounded if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 class LLM:
     """A loaded model with its tokenizer, KV cache and sampler."""
 
@@ -52,9 +64,10 @@ class LLM:
                  enable_prefix_caching: bool = True, in_memory: bool | None = None) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
-        `in_memory` (default: on for CPU unless `MOESERVE_MMAP=1`) reads the file into huge-page
-        memory at load, sequentially, instead of page-faulting weights in from the file map at
-        random during the first tokens (see `GGUFFile.read_into_memory`).
+        `in_memory` (default: on for CPU unless `MOESERVE_MMAP=1` or the file exceeds 80 % of the
+        available memory) reads the file into huge-page memory at load, sequentially, instead of
+        page-faulting weights in from the file map at random during the first tokens (see
+        `GGUFFile.read_into_memory`).
 
         The KV-pool and batching arguments configure the engine behind `generate` and the server
         (see `EngineConfig`); the pool itself is allocated on first use.
@@ -66,8 +79,9 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.file = GGUFFile(self.path)
         self.config = load_config(self.file)
-        if in_memory is None:
-            in_memory = self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
+        if in_memory is None:  # default: only when the copy fits comfortably (else the lazy map, no OOM)
+            in_memory = (self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
+                         and os.path.getsize(self.path) < 0.8 * _available_memory())
         if in_memory:
             self.file.read_into_memory(progress=progress)
         cap = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
