@@ -666,10 +666,15 @@ static void deq_q5_k(const uint8_t *w, int64_t K, float *o) {
 }
 
 static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), k32 = _mm256_set1_epi8(32);
     for (int64_t b = 0; b < K / QK; b++, w += 210, o += QK) {
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float d = h2f(w + 208);
+        /* (d * sc) * (q - 32) as in the reference: both factors are exact in float32 (q - 32 taken in
+         * int8), so the one rounding of the product is the reference's */
+        float dsc[16];
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
+        const __m256 d = _mm256_set1_ps(h2f(w + 208));
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8))));
+        _mm256_storeu_ps(dsc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))));
         for (int hf = 0; hf < 2; hf++) {
             const uint8_t *ql = w + 64 * hf, *qhp = w + 128 + 32 * hf;
             __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
@@ -684,16 +689,15 @@ static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
             for (int qq = 0; qq < 4; qq++) {
-                int s = 8 * hf + 2 * qq;
+                const int s = 8 * hf + 2 * qq;
                 float *oo = o + 128 * hf + 32 * qq;
-                __m128i lo = _mm256_castsi256_si128(q[qq]), hi = _mm256_extracti128_si256(q[qq], 1);
-                __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                for (int i = 0; i < 4; i++) {
-                    /* (d * sc) * (q - 32), both factors exact as in the reference */
-                    __m256 dl = _mm256_set1_ps(d * (float)sc[s + i / 2]);
-                    __m256 f = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), _mm256_set1_ps(32.0f));
-                    _mm256_storeu_ps(oo + 8 * i, _mm256_mul_ps(dl, f));
-                }
+                const __m256i c = _mm256_sub_epi8(q[qq], k32); /* -32..31 */
+                const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+                const __m256 d0 = _mm256_broadcast_ss(dsc + s), d1 = _mm256_broadcast_ss(dsc + s + 1);
+                _mm256_storeu_ps(oo, _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+                _mm256_storeu_ps(oo + 8, _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+                _mm256_storeu_ps(oo + 16, _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+                _mm256_storeu_ps(oo + 24, _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
             }
         }
     }
