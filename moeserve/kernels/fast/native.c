@@ -275,33 +275,6 @@ static inline __m256i k_min_sums(__m128i scm, const int32_t *bs) {
         _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8)), _mm256_loadu_si256((const __m256i *)(bs + 8))));
 }
 
-static float dot_q4_k(const uint8_t *w, int64_t K, const xq_t *x) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps(), vmin = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / QK; b++) {
-        const uint8_t *blk = w + b * 144;
-        PREFETCH(blk);
-        PREFETCH(blk + 64);
-        PREFETCH(blk + 128);
-        float xs = x->s[b];
-        float d = h2f(blk) * xs, dmin = h2f(blk + 2) * xs;
-        __m128i scm = k_scale_min_v(blk + 4);
-        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
-        vmin = _mm256_fmadd_ps(_mm256_cvtepi32_ps(k_min_sums(scm, x->bsum + b * 16)), _mm256_set1_ps(dmin), vmin);
-        const uint8_t *qs = blk + 16;
-        const int8_t *h = x->hi + b * QK, *l = x->lo + b * QK;
-        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-            __m256i q0 = _mm256_and_si256(q, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            dot32(q0, h + 64 * j, l + 64 * j, _mm256_shuffle_epi8(sc16, pick16(2 * j)), &ah, &al);
-            dot32(q1, h + 64 * j + 32, l + 64 * j + 32, _mm256_shuffle_epi8(sc16, pick16(2 * j + 1)), &ah, &al);
-        }
-        acc = fold(acc, ah, al, d);
-    }
-    return hsum8(_mm256_sub_ps(acc, vmin));
-}
-
 static float dot_q5_k(const uint8_t *w, int64_t K, const xq_t *x) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps(), vmin = _mm256_setzero_ps();
@@ -341,54 +314,25 @@ static inline __m256i q6_pick(int qq) {
                              _mm_set1_epi16((short)((2 * hi) | ((2 * hi + 1) << 8))));
 }
 
-static float dot_q6_k(const uint8_t *w, int64_t K, const xq_t *x) {
+/* Q6_K: one half-block (128 weights) -> 4 x 32 six-bit codes (0..63), q[i] = weights 32 i .. 32 i + 31
+ * of the half, from its 64 bytes of low nibbles `ql` and 32 bytes of high bit pairs `qh` */
+static inline void q6_codes(const uint8_t *ql, const uint8_t *qhp, __m256i q[4]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
-    __m256 acc = _mm256_setzero_ps(), voff = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / QK; b++) {
-        const uint8_t *blk = w + b * 210;
-        PREFETCH(blk);
-        PREFETCH(blk + 64);
-        PREFETCH(blk + 128);
-        PREFETCH(blk + 192);
-        __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-        float d = h2f(blk + 208) * x->s[b];
-        const int8_t *h = x->hi + b * QK, *l = x->lo + b * QK;
-        const int32_t *bs = x->bsum + b * 16;
-        /* the -32 offset: Sum_j sc[j] * bsum[j], exact in int32 */
-        __m256i is = _mm256_add_epi32(
-            _mm256_mullo_epi32(_mm256_cvtepi8_epi32(sc8), _mm256_loadu_si256((const __m256i *)bs)),
-            _mm256_mullo_epi32(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)), _mm256_loadu_si256((const __m256i *)(bs + 8))));
-        voff = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(32.0f * d), voff);
-        __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
-        for (int hf = 0; hf < 2; hf++) {
-            const uint8_t *ql = blk + 64 * hf, *qhp = blk + 128 + 32 * hf;
-            __m256i half = hf ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
-            for (int qq = 0; qq < 4; qq++) {
-                int o = 128 * hf + 32 * qq;
-                dot32(q[qq], h + o, l + o, _mm256_shuffle_epi8(half, q6_pick(qq)), &ah, &al);
-            }
-        }
-        acc = fold(acc, ah, al, d);
-    }
-    return hsum8(_mm256_sub_ps(acc, voff));
+    __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+    __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
 }
 
 /* ---------------------------------------------------------------------------------------
- * one weight row . up to 4 activation rows (Q4_K, Q6_K)
+ * one weight row . up to 4 activation rows (Q4_K, Q6_K; one row is dot_q4_k / dot_q6_k)
  *
- * The same integer arithmetic as dot_q4_k / dot_q6_k, but each block's scales, mins and 6-/4-bit
+ * The same integer arithmetic as the other dots, but each block's scales, mins and 6-/4-bit
  * codes are decoded once for all the activations: on this CPU decoding is ~80 % of a dot's cost
  * (dropping half the multiplies saved only ~20 %), so batched decode, which dots each weight row with
  * several tokens, pays it once instead of once per token. NA is a compile-time constant (1..4).
@@ -429,7 +373,6 @@ static inline void dotn_q4_k(const uint8_t *w, int64_t K, const xq_t *const *x, 
 }
 
 static inline void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x, float *out, const int NA) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
     __m256 acc[4], voff[4];
     for (int a = 0; a < NA; a++) acc[a] = voff[a] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QK; b++) {
@@ -453,17 +396,8 @@ static inline void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x, 
         for (int hf = 0; hf < 2; hf++) {
             const uint8_t *ql = blk + 64 * hf, *qhp = blk + 128 + 32 * hf;
             __m256i half = hf ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
             __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            q6_codes(ql, qhp, q);
             for (int qq = 0; qq < 4; qq++) {
                 const int o = 128 * hf + 32 * qq;
                 const __m256i sc = _mm256_shuffle_epi8(half, q6_pick(qq));
@@ -476,12 +410,22 @@ static inline void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x, 
     for (int a = 0; a < NA; a++) out[a] = hsum8(_mm256_sub_ps(acc[a], voff[a]));
 }
 
+static float dot_q4_k(const uint8_t *w, int64_t K, const xq_t *x) {
+    float r;
+    dotn_q4_k(w, K, &x, &r, 1);
+    return r;
+}
+
+static float dot_q6_k(const uint8_t *w, int64_t K, const xq_t *x) {
+    float r;
+    dotn_q6_k(w, K, &x, &r, 1);
+    return r;
+}
+
 /* out[a] = row . x[a] for a < n (n >= 1), in groups of up to 4 activations per pass over the row.
  * Returns 0 for one activation or a type without a multi-activation kernel: the caller loops the
  * single-row dot. */
-#ifndef DOT_GROUP
-#define DOT_GROUP 4
-#endif
+#define DOT_GROUP 4 /* activations per pass over a row (measured: 2 and 3 were slower at m = 4) */
 static int dot_multi(int qtype, const uint8_t *w, int64_t K, const xq_t *const *x, int64_t n, float *out) {
     if ((qtype != QT_Q4_K && qtype != QT_Q6_K) || n < 2) return 0; /* one activation: the plain dot */
     for (int64_t a = 0; a < n; a += DOT_GROUP) {
@@ -666,7 +610,7 @@ static void deq_q5_k(const uint8_t *w, int64_t K, float *o) {
 }
 
 static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03), k32 = _mm256_set1_epi8(32);
+    const __m256i k32 = _mm256_set1_epi8(32);
     for (int64_t b = 0; b < K / QK; b++, w += 210, o += QK) {
         /* (d * sc) * (q - 32) as in the reference: both factors are exact in float32 (q - 32 taken in
          * int8), so the one rounding of the product is the reference's */
@@ -677,17 +621,8 @@ static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
         _mm256_storeu_ps(dsc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))));
         for (int hf = 0; hf < 2; hf++) {
             const uint8_t *ql = w + 64 * hf, *qhp = w + 128 + 32 * hf;
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
             __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            q6_codes(ql, qhp, q);
             for (int qq = 0; qq < 4; qq++) {
                 const int s = 8 * hf + 2 * qq;
                 float *oo = o + 128 * hf + 32 * qq;
