@@ -26,10 +26,14 @@ class Rope:
         angles = torch.outer(pos, self.inv_freq)  # [P, rope_dim/2]
         self.cos, self.sin = angles.cos(), angles.sin()
 
+    def ensure(self, pos: int) -> None:
+        """Grow the cos/sin tables (doubling) so that they cover position `pos`."""
+        if pos >= self.cos.shape[0]:
+            self._build(max(pos + 1, 2 * self.cos.shape[0]))
+
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x` [T, heads, head_dim] for absolute `positions` [T]."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            self._build(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
+        self.ensure(int(positions.max()))
         cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, d/2]
         sin = self.sin[positions].unsqueeze(1).to(x.dtype)
         d = self.rope_dim

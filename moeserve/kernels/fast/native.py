@@ -239,9 +239,7 @@ class NormRope:
             return rope(x, positions)
         if positions.dtype is not torch.int64 or not positions.is_contiguous():
             positions = positions.long().contiguous()
-        top = int(positions.max())
-        if top >= rope.cos.shape[0]:
-            rope._build(max(top + 1, 2 * rope.cos.shape[0]))  # grow the angle tables, as Rope does
+        rope.ensure(int(positions.max()))
         T, nh, hd = x.shape
         rc = self._fn(x.data_ptr(), T, nh, hd, weight.data_ptr() if weight is not None else None, self.eps,
                       rope.rope_dim, int(rope.neox), rope.cos.data_ptr(), rope.sin.data_ptr(), positions.data_ptr())
