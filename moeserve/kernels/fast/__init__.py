@@ -10,7 +10,7 @@ Backends, tried in this order for each weight:
 
 1. `native` (native.c via native.py; every quantized type; needs AVX2/FMA/F16C and a C compiler,
    K % 256 == 0): integer dot products straight on the mapped GGUF bytes with 16-bit
-   activations for m < 8 (relative error ~3e-5); for m >= 8 a tiled GEMM (`mk_gemm`) that
+   activations for m < 12 (relative error ~3e-5); from 12 rows a tiled GEMM (`mk_gemm`) that
    dequantizes tiles of weight rows to exact float32 in each core's L2 and runs a float32 FMA
    micro-kernel (exact up to float32 summation). No repack: zero load time, no extra memory.
 2. `int4` (int4pack.py; the torch `_weight_int4pack_mm_for_cpu` kernel, bf16 activations and

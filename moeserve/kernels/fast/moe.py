@@ -2,7 +2,7 @@
 
 `make_moe(gate, up, down)` returns `fused(x [T, H], weights [T, k], experts [T, k]) -> out [T, H]`
 (float32), computing for every token `Sum_j w_j * down_e(silu(gate_e(x)) * up_e(x))` with
-`mk_moe` in native.c: the same integer dot products as the native m < 8 matmul, on the GGUF
+`mk_moe` in native.c: the same integer dot products as the native few-row matmul, on the GGUF
 bytes in place, with the token's activation quantized once for all of its experts, each
 expert's rows read once for all the tokens routed to it, and both cores busy in one OpenMP
 region (gate/up rows of all experts, one barrier, then down rows) — instead of k x 3 matmul calls,

@@ -885,7 +885,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
  *
  *   out[t] = Sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
  *
- * Same integer dot products as mk_matmul (m < 8), up to 4 of an expert's tokens per pass over a
+ * Same integer dot products as mk_matmul (m < GEMM_MIN_ROWS), up to 4 of an expert's tokens per pass over a
  * row (`dot_multi`). Each token's activation is quantized once and reused by all its experts; each hidden activation a = silu(g) * u is quantized per 256 values
  * exactly as mk_matmul would quantize the `down` input. The (token, slot) pairs are grouped by
  * expert (counting sort), so an expert chosen by several tokens reads each weight row once and
