@@ -145,16 +145,19 @@ def test_other_sequences_are_untouched() -> None:
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_batched_decode_attention_equals_per_sequence(window: int | None) -> None:
-    """`PagedDecodeBatch` + `decode_attention` (one gather and one SDPA for the whole step) give the
-    same cache contents and outputs as writing, reading and attending one sequence at a time."""
+    """`PagedDecodeBatch` + `decode_attention` (one gather and one SDPA for the whole step), and the
+    native kernel reading the pool in place through the block table, give the same cache contents
+    and outputs as writing, reading and attending one sequence at a time."""
     from moeserve.kernels.attention import decode_attention, gqa_attention
+    from moeserve.kernels.fast import native
 
     torch.manual_seed(0)
     lengths = [3, 17, 40]  # cached tokens before this step; block tables deliberately scattered
     tables = [[7], [2, 9], [4, 0, 11]]
     nh, nkv, hd = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
     out = {}
-    for batched in (False, True):
+    modes = ["per_sequence", "gather"] + (["paged"] if native.available() else [])
+    for mode in modes:
         pool = KVPool(CFG, 12)
         pool.k.fill_(float("nan"))  # never-written slots may hold anything: padding must not read them
         pool.v.fill_(float("nan"))
@@ -169,16 +172,23 @@ def test_batched_decode_attention_equals_per_sequence(window: int | None) -> Non
         g = torch.Generator().manual_seed(99)
         q = torch.randn(3, nh, hd, generator=g)
         k, v = torch.randn(3, nkv, hd, generator=g), torch.randn(3, nkv, hd, generator=g)
-        if batched:
+        if mode != "per_sequence":
             batch = PagedDecodeBatch(seqs, lengths)
-            keys, values = batch.write_read(1, k, v)
-            out[batched] = (decode_attention(q, keys, values, batch.positions, window), pool.k.clone())
+            batch.write(1, k, v)
+            if mode == "gather":
+                keys, values = batch.read(1)
+                o = decode_attention(q, keys, values, batch.positions, window)
+            else:
+                o = native.attn_decode(q, *batch.pool(1), batch.lens, window, table=batch.table,
+                                       block_size=batch.block_size)
+            out[mode] = (o, pool.k.clone())
         else:
             rows = []
             for i, (kv, n) in enumerate(zip(seqs, lengths, strict=True)):
                 kv.write(1, n, k[i:i + 1], v[i:i + 1])
                 keys, values = kv.read(1, n + 1)
                 rows.append(gqa_attention(q[i:i + 1], keys, values, n, window))
-            out[batched] = (torch.cat(rows), pool.k.clone())
-    assert torch.equal(out[True][1].nan_to_num(), out[False][1].nan_to_num())
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+            out[mode] = (torch.cat(rows), pool.k.clone())
+    for mode in modes[1:]:
+        assert torch.equal(out[mode][1].nan_to_num(), out["per_sequence"][1].nan_to_num())
+        torch.testing.assert_close(out[mode][0], out["per_sequence"][0], rtol=1e-5, atol=1e-5)

@@ -210,7 +210,7 @@ class LLMEngine:
             self._computed_prompt_tokens += max(0, min(c.start + c.length, n_prompt) - c.start)
         dev = self.llm.device
         batch = None
-        if len(slices) > 1 and len(ids) == len(slices):  # a pure decode step: batched attention
+        if len(ids) == len(slices):  # a pure decode step: one attention call per layer over the paged pool
             batch = PagedDecodeBatch([c.state.kv for c in sched.chunks], positions)
         logits = self.llm.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), slices,
                                         torch.tensor(rows, device=dev, dtype=torch.long), batch)

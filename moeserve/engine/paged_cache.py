@@ -289,36 +289,53 @@ class PagedSequenceKV:
 class PagedDecodeBatch:
     """A decode step's sequences (one new token each) as one `BatchKV` for the model.
 
-    The slot of every new token and the padded slot table of every sequence's keys are computed
-    once per step; each layer then does one `index_copy_` (write) and one `index_select` per
-    tensor (gather) for the whole batch, instead of a write, a read and an attention call per
-    sequence. Padding reads a valid slot of the same sequence and is masked out by the kernel.
+    The block table and the slot of every new token are computed once per step; each layer then
+    does one `index_copy_` per tensor (write) for the whole batch, and the native attention reads
+    the pool in place through the table (`pool`, `table`). Without it, `read` gathers every
+    sequence's keys into a padded batch (one `index_select` per tensor, computed on first use):
+    padding reads a valid slot of the same sequence and is masked out by the kernel.
     """
+
+    block_size = BLOCK_SIZE
 
     def __init__(self, seqs: Sequence[PagedSequenceKV], positions: Sequence[int]) -> None:
         pool = seqs[0].pool
-        self.pool = pool
+        self.pool_ = pool
         L = max(positions) + 1
         nb = blocks_for(L)
-        table = [s.blocks[:nb] + [0] * (nb - min(nb, len(s.blocks))) for s in seqs]
         for s, p in zip(seqs, positions, strict=True):
             if p >= s.capacity:
                 raise RuntimeError(f"write of position {p} past the {s.capacity} reserved slots")
         dev = pool.device
-        t = torch.tensor(table, dtype=torch.long, device=dev)  # [B, nb]
-        j = torch.arange(L, device=dev)
+        # [B, nb] block ids; a shorter sequence's tail repeats its first block (never read: rows >= lens)
+        self.table = torch.tensor([s.blocks[:nb] + [s.blocks[0]] * (nb - min(nb, len(s.blocks))) for s in seqs],
+                                  dtype=torch.long, device=dev)
         self.positions = torch.tensor(list(positions), dtype=torch.long, device=dev)
-        slots = t[:, j // BLOCK_SIZE] * BLOCK_SIZE + j % BLOCK_SIZE  # [B, L]
-        self.write_slots = slots.gather(1, self.positions.unsqueeze(1)).squeeze(1)
-        # Padding reads the sequence's own first slot: never-written slots may hold NaN, and a
-        # masked-out NaN value still poisons the attention output (0 * NaN).
-        valid = j.unsqueeze(0) <= self.positions.unsqueeze(1)
-        self.read_slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)  # [B * L]
+        self.lens = self.positions + 1
+        self.write_slots = torch.tensor([s.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                                         for s, p in zip(seqs, positions, strict=True)], dtype=torch.long, device=dev)
         self.B, self.L = len(seqs), L
+        self._read_slots: torch.Tensor | None = None
 
-    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ks, vs = self.pool.k_slots[layer], self.pool.v_slots[layer]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' k/v [B, nkv, hd] in their slots."""
+        ks, vs = self.pool_.k_slots[layer], self.pool_.v_slots[layer]
         ks.index_copy_(0, self.write_slots, k.to(ks.dtype))
         vs.index_copy_(0, self.write_slots, v.to(vs.dtype))
+
+    def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's slot pools [n_blocks * block_size, nkv, hd], addressed through `table`."""
+        return self.pool_.k_slots[layer], self.pool_.v_slots[layer]
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's keys/values gathered and padded: [B, L, nkv, hd]."""
+        if self._read_slots is None:
+            j = torch.arange(self.L, device=self.table.device)
+            slots = self.table[:, j // BLOCK_SIZE] * BLOCK_SIZE + j % BLOCK_SIZE  # [B, L]
+            # Padding reads the sequence's own first slot: never-written slots may hold NaN, and a
+            # masked-out NaN value still poisons the attention output (0 * NaN).
+            valid = j.unsqueeze(0) <= self.positions.unsqueeze(1)
+            self._read_slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)  # [B * L]
+        ks, vs = self.pool(layer)
         shape = (self.B, self.L, *ks.shape[1:])
-        return ks.index_select(0, self.read_slots).view(shape), vs.index_select(0, self.read_slots).view(shape)
+        return ks.index_select(0, self._read_slots).view(shape), vs.index_select(0, self._read_slots).view(shape)

@@ -34,9 +34,20 @@ class BatchKV(Protocol):
     written for all sequences at once (see engine/paged_cache.py `PagedDecodeBatch`)."""
 
     positions: torch.Tensor  # [B] position of each sequence's new token
+    lens: torch.Tensor  # [B] keys per sequence after the write (positions + 1)
+    table: torch.Tensor  # [B, nb] block ids of each sequence, for `pool`
+    block_size: int
 
-    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, nkv, hd]; return every sequence's keys/values, padded: [B, L, nkv, hd]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' k/v [B, nkv, hd]."""
+        ...
+
+    def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key/value slots [n_blocks * block_size, nkv, hd], addressed through `table`."""
+        ...
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's keys/values, padded: [B, L, nkv, hd]."""
         ...
 
 
@@ -81,10 +92,16 @@ class Attention:
             if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
                 q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if batch is not None:  # decode batch: one write/gather and one attention call for all sequences
-            keys, values = batch.write_read(layer, k, v)
-            o = self.fast_decode(q, keys, values, batch.positions + 1, self.window) if self.fast_decode else None
-            return self.wo(o if o is not None else decode_attention(q, keys, values, batch.positions, self.window))
+        if batch is not None:  # decode batch: one write and one attention call for all sequences
+            batch.write(layer, k, v)
+            o = None
+            if self.fast_decode is not None:  # reads the paged pool in place through the block table
+                o = self.fast_decode(q, *batch.pool(layer), batch.lens, self.window, table=batch.table,
+                                     block_size=batch.block_size)
+            if o is None:
+                keys, values = batch.read(layer)
+                o = decode_attention(q, keys, values, batch.positions, self.window)
+            return self.wo(o)
         out = torch.empty(T, self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in seqs:
             rows = slice(s.start, s.start + s.length)

@@ -782,7 +782,9 @@ int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K
  * decode attention: one new query per sequence against that sequence's cached keys
  *
  * q [B, nh, hd], k/v [B, Lmax, nkv, hd] (row j of sequence b at (b * Lmax + j) * nkv * hd), lens[b]
- * keys used by sequence b (the last `window` of them with a sliding window). Query head h reads KV
+ * keys used by sequence b. Paged (block > 0): k/v are slot pools [slots, nkv, hd] and row j of
+ * sequence b is slot table[b * tstride + j / block] * block + j % block, so a decode step reads the
+ * paged KV cache in place (no gather copy per layer); Lmax then only bounds lens (the last `window` of them with a sliding window). Query head h reads KV
  * head h / (nh / nkv). Work items are (sequence, KV head) pairs; each computes the scores of its
  * query heads, a max-subtracted softmax with a vectorised exp, and the weighted sums of values.
  *
@@ -815,8 +817,9 @@ static __thread float *attn_scores = 0;
 static __thread int64_t attn_scores_n = 0;
 
 int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t Lmax, const int64_t *lens,
-                   int64_t nh, int64_t nkv, int64_t hd, float scale, int64_t window, float *out, int nthreads) {
-    if (hd % 8 || hd > ATT_HD_MAX || nh % nkv || B <= 0) return -1;
+                   int64_t nh, int64_t nkv, int64_t hd, float scale, int64_t window, const int64_t *table,
+                   int64_t tstride, int64_t block, float *out, int nthreads) {
+    if (hd % 8 || hd > ATT_HD_MAX || nh % nkv || B <= 0 || (block > 0 && !table)) return -1;
     for (int64_t b = 0; b < B; b++)
         if (lens[b] < 1 || lens[b] > Lmax) return -1;
     const int64_t g = nh / nkv, rs = nkv * hd;
@@ -840,14 +843,16 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
             const int64_t b = it / (nkv * ng), kvh = (it / ng) % nkv, h0 = kvh * g + (it % ng) * 8, L = lens[b];
             const int64_t G = g - (h0 - kvh * g) < 8 ? g - (h0 - kvh * g) : 8;
             const int64_t j0 = window > 0 && L > window ? L - window : 0, n = L - j0;
-            const float *kb = k + (b * Lmax + j0) * rs + kvh * hd, *vb = v + (b * Lmax + j0) * rs + kvh * hd;
+            const float *kb = k + kvh * hd, *vb = v + kvh * hd; /* + row(j) * rs */
+            const int64_t *tb = block > 0 ? table + b * tstride : 0;
+#define ATT_ROW(j) (tb ? tb[(j) / block] * block + (j) % block : b * Lmax + (j))
             /* the group's queries at a fixed stride (one base register for all 8; extra lanes repeat head 0) */
             float qg[8][ATT_HD_MAX];
             for (int64_t hh = 0; hh < 8; hh++) memcpy(qg[hh], q + (b * nh + h0 + (hh < G ? hh : 0)) * hd, hd * sizeof(float));
             const __m256 vscale = _mm256_set1_ps(scale);
             __m256 vmax = _mm256_set1_ps(-INFINITY);
             for (int64_t j = 0; j < n; j++) {
-                const float *kr = kb + j * rs;
+                const float *kr = kb + ATT_ROW(j0 + j) * rs;
                 __m256 a[8];
                 for (int hh = 0; hh < 8; hh++) a[hh] = _mm256_setzero_ps();
                 for (int64_t d = 0; d < hd; d += 8) {
@@ -877,6 +882,8 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
             memset(ob, 0, G * hd * sizeof(float));
             for (int64_t t0 = 0; t0 < n; t0 += ATT_TILE) {
                 const int64_t t1 = t0 + ATT_TILE < n ? t0 + ATT_TILE : n;
+                const float *vrow[ATT_TILE];
+                for (int64_t jj = t0; jj < t1; jj++) vrow[jj - t0] = vb + ATT_ROW(j0 + jj) * rs;
                 for (int64_t hh = 0; hh < G; hh++) {
                     float *o = ob + hh * hd;
                     int64_t d0 = 0;
@@ -886,7 +893,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
                         for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
                         for (int64_t jj = t0; jj < t1; jj++) {
                             const __m256 pj = _mm256_broadcast_ss(scores + 8 * jj + hh);
-                            const float *vr = vb + jj * rs + d0;
+                            const float *vr = vrow[jj - t0] + d0;
                             for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * i), acc[i]);
                         }
                         for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
@@ -894,7 +901,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
                     for (; d0 < hd; d0 += 8) { /* head_dim not a multiple of 64: the rest, 8 dims per pass */
                         __m256 acc = _mm256_loadu_ps(o + d0);
                         for (int64_t jj = t0; jj < t1; jj++)
-                            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 8 * jj + hh), _mm256_loadu_ps(vb + jj * rs + d0), acc);
+                            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 8 * jj + hh), _mm256_loadu_ps(vrow[jj - t0] + d0), acc);
                         _mm256_storeu_ps(o + d0, acc);
                     }
                 }
@@ -907,6 +914,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
         }
     }
     return failed ? -1 : 0;
+#undef ATT_ROW
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -1202,4 +1210,4 @@ int mk_norm_rope(float *x, int64_t T, int64_t nh, int64_t hd, const float *w, fl
     return 0;
 }
 
-int mk_abi_version(void) { return 5; }
+int mk_abi_version(void) { return 6; }

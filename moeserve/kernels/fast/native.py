@@ -33,7 +33,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 5
+_ABI = 6
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
@@ -103,8 +103,8 @@ def library() -> ctypes.CDLL | None:
     lib.mk_matmul.restype = ctypes.c_int
     lib.mk_gemm.argtypes = lib.mk_matmul.argtypes
     lib.mk_gemm.restype = ctypes.c_int
-    lib.mk_attn_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, i64, ptr,
-                                   ctypes.c_int]
+    lib.mk_attn_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, i64, ptr, i64, i64,
+                                   ptr, ctypes.c_int]
     lib.mk_attn_decode.restype = ctypes.c_int
     lib.mk_norm_rope.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, i64, ctypes.c_int, ptr, ptr, ptr]
     lib.mk_norm_rope.restype = ctypes.c_int
@@ -189,21 +189,34 @@ class NativeExperts(NativeMatmul):
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, window: int | None = None,
-                scale: float | None = None) -> torch.Tensor | None:
-    """One query per sequence (`mk_attn_decode`): q [B, nh, hd], k/v [B, L, nkv, hd] (rows past
-    `lens[b]` are ignored), lens [B] int64 -> [B, nh*hd]; the same result as `decode_attention` /
-    `gqa_attention` for one query. None when the inputs do not fit the kernel (caller falls back)."""
+                scale: float | None = None, table: torch.Tensor | None = None,
+                block_size: int = 0) -> torch.Tensor | None:
+    """One query per sequence (`mk_attn_decode`): q [B, nh, hd], lens [B] int64 -> [B, nh*hd]; the same
+    result as `decode_attention` / `gqa_attention` for one query. k/v are either padded per sequence,
+    [B, L, nkv, hd] (rows past `lens[b]` are ignored), or, with `table` [B, nb] int64 block ids and
+    `block_size`, the paged pool's slots [n_blocks * block_size, nkv, hd], read in place (row j of
+    sequence b is slot table[b, j // block_size] * block_size + j % block_size).
+    None when the inputs do not fit the kernel (the caller falls back)."""
     lib = library()
     B, nh, hd = q.shape
+    paged = table is not None
     if (lib is None or q.device.type != "cpu" or k.dtype is not torch.float32 or v.dtype is not torch.float32
-            or q.dtype is not torch.float32 or hd % 8 or k.dim() != 4 or k.shape[0] != B):
+            or q.dtype is not torch.float32 or hd % 8 or hd > 256 or k.dim() != (3 if paged else 4)
+            or (k.shape[0] != B and not paged) or k.shape != v.shape):
         return None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lens = lens.to(torch.int64).contiguous()
+    if paged:
+        if block_size < 1 or table.dim() != 2 or table.shape[0] != B:
+            return None
+        table = table.to(torch.int64).contiguous()
+        lmax, nkv, tptr, tstride = table.shape[1] * block_size, k.shape[1], table.data_ptr(), table.shape[1]
+    else:
+        lmax, nkv, tptr, tstride, block_size = k.shape[1], k.shape[2], None, 0, 0
     out = torch.empty(B, nh * hd)
-    rc = lib.mk_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, k.shape[1], lens.data_ptr(), nh, k.shape[2],
-                            hd, scale if scale is not None else hd ** -0.5, window or 0, out.data_ptr(),
-                            torch.get_num_threads())
+    rc = lib.mk_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, lmax, lens.data_ptr(), nh, nkv, hd,
+                            scale if scale is not None else hd ** -0.5, window or 0, tptr, tstride, block_size,
+                            out.data_ptr(), torch.get_num_threads())
     return None if rc else out
 
 
