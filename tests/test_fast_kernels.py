@@ -68,6 +68,18 @@ def test_native_linear(qt: QT) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("m", [1, 3, 5, native.GEMM_MIN_ROWS])
+def test_fused_linears_equal_separate_calls(m: int) -> None:
+    """`FusedLinears` (one `mk_matmul_multi` call for q/k/v-like projections of mixed types and sizes)
+    gives bit-identical outputs to calling each native linear on its own."""
+    ws = [_weight(QT.Q4_K, (N, K), seed=5), _weight(QT.Q6_K, (64, K), seed=6), _weight(QT.Q8_0, (96, K), seed=7)]
+    lins = [make_linear(w, "native") for w in ws]
+    x = torch.randn(m, K)
+    for got, lin in zip(native.FusedLinears(lins)(x), lins, strict=True):
+        assert torch.equal(got, lin(x))
+
+
+@needs_native
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
 @pytest.mark.parametrize("m", [native.GEMM_MIN_ROWS, 17, 40])
 def test_native_gemm_path_is_exact(qt: QT, m: int) -> None:

@@ -183,7 +183,8 @@ def prepare_model(decoder: Any, progress: bool = False, backend: str = "auto") -
 
 def prepare_attention(decoder: Any) -> None:
     """Attach the native one-query attention (`native.attn_decode`), per-head norm + RoPE
-    (`native.NormRope`) and block RMSNorm (`native.rms_norm`) to every CPU layer."""
+    (`native.NormRope`), block RMSNorm (`native.rms_norm`) and the fused q/k/v projection
+    (`native.FusedLinears`) to every CPU layer."""
     if not native.available() or os.environ.get("MOESERVE_NATIVE_ATTENTION", "1") == "0":
         return
     for block in getattr(decoder, "blocks", ()):
@@ -192,6 +193,9 @@ def prepare_attention(decoder: Any) -> None:
             attn.fast_decode = native.attn_decode
             attn.norm_rope = native.NormRope(attn.rope, attn.eps)
             block.fast_norm = native.rms_norm
+            projections = (attn.wq, attn.wk, attn.wv)
+            if all(isinstance(p.fast, native.NativeLinear) and p.bias is None for p in projections):
+                attn.qkv = native.FusedLinears([p.fast for p in projections])
 
 
 def prepare_moe(decoder: Any) -> None:

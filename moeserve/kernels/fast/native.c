@@ -467,12 +467,30 @@ static dot_fn pick_dot(int qtype) {
 static __thread void *scratch = 0;
 static __thread int64_t scratch_bytes = 0;
 
-/* y[m, N] = x[m, K] @ W.T for W = N rows of `row_bytes` GGUF bytes. K % 256 == 0.
+/* One weight matrix of a multi-matrix product: y[m, N] = x @ W.T */
+typedef struct {
+    int32_t qtype, pad;
+    const uint8_t *w;
+    int64_t row_bytes, N;
+    float *y;
+} mk_mat_t;
+
+/* y_j[m, N_j] = x[m, K] @ W_j.T for nm matrices sharing the input (e.g. an attention layer's q, k and
+ * v projections): x is quantized once and all the rows are shared out in one parallel region, so
+ * the three small calls' fixed costs (call, quantization, fork/join) are paid once. K % 256 == 0.
  * Returns 0, or -1 for an unsupported type / allocation failure. */
-int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
-              float *y, int nthreads) {
-    dot_fn dot = pick_dot(qtype);
-    if (!dot || K % QK) return -1;
+int mk_matmul_multi(const mk_mat_t *mats, int64_t nm, int64_t K, const float *x, int64_t m, int nthreads) {
+    if (K % QK || nm < 1 || nm > 8 || m < 0) return -1;
+    int64_t first[9], total = 0;
+    dot_fn dots[8];
+    for (int64_t j = 0; j < nm; j++) {
+        dots[j] = pick_dot(mats[j].qtype);
+        if (!dots[j]) return -1;
+        first[j] = total;
+        total += mats[j].N;
+    }
+    first[nm] = total;
+    if (m == 0) return 0;
     int64_t need = m * (2 * K + 4 * (K / QK) + 4 * (K / 16) + 4 * (K / 32)) + 64;
     if (need > scratch_bytes) {
         free(scratch);
@@ -485,7 +503,8 @@ int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t
     float *fb = (float *)(bsum + m * (K / 16));
     int8_t *hi = (int8_t *)(fb + m * (K / 32));
     int8_t *lo = hi + m * K;
-    xq_t xq[m > 0 ? m : 1];
+    xq_t xq[m];
+    const xq_t *xp[m];
     for (int64_t i = 0; i < m; i++) {
         xq[i].hi = hi + i * K;
         xq[i].lo = lo + i * K;
@@ -493,24 +512,33 @@ int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t
         xq[i].bsum = bsum + i * (K / 16);
         xq[i].fb = fb + i * (K / 32);
         quant_row(x + i * K, K, xq[i]);
+        xp[i] = &xq[i];
     }
-    int par = nthreads > 1 && N * K * m >= PAR_MIN;
-    if (m == 1) {
+    int par = nthreads > 1 && total * K * m >= PAR_MIN;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-        for (int64_t n = 0; n < N; n++) y[n] = dot(w + n * row_bytes, K, &xq[0]);
-    } else {
-        const xq_t *xp[m];
-        for (int64_t i = 0; i < m; i++) xp[i] = &xq[i];
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-        for (int64_t n = 0; n < N; n++) {
-            float r[m];
-            if (dot_multi(qtype, w + n * row_bytes, K, xp, m, r))
-                for (int64_t i = 0; i < m; i++) y[i * N + n] = r[i];
-            else
-                for (int64_t i = 0; i < m; i++) y[i * N + n] = dot(w + n * row_bytes, K, &xq[i]);
+    for (int64_t r = 0; r < total; r++) {
+        int64_t j = 0;
+        while (r >= first[j + 1]) j++;
+        const mk_mat_t *M = &mats[j];
+        const int64_t n = r - first[j];
+        const uint8_t *row = M->w + n * M->row_bytes;
+        if (m == 1) {
+            M->y[n] = dots[j](row, K, &xq[0]);
+            continue;
         }
+        float o[m];
+        if (!dot_multi(M->qtype, row, K, xp, m, o))
+            for (int64_t i = 0; i < m; i++) o[i] = dots[j](row, K, &xq[i]);
+        for (int64_t i = 0; i < m; i++) M->y[i * M->N + n] = o[i];
     }
     return 0;
+}
+
+/* y[m, N] = x[m, K] @ W.T for W = N rows of `row_bytes` GGUF bytes (the one-matrix case). */
+int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
+              float *y, int nthreads) {
+    const mk_mat_t mat = {qtype, 0, w, row_bytes, N, y};
+    return mk_matmul_multi(&mat, 1, K, x, m, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -1210,4 +1238,4 @@ int mk_norm_rope(float *x, int64_t T, int64_t nh, int64_t hd, const float *w, fl
     return 0;
 }
 
-int mk_abi_version(void) { return 6; }
+int mk_abi_version(void) { return 7; }
