@@ -68,6 +68,16 @@ def test_native_linear(qt: QT) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+def test_embedding_rows_are_the_reference_rows(qt: QT) -> None:
+    """The native embedding lookup dequantizes exactly the rows the reference lookup does, bit for bit."""
+    w = _weight(qt, (N, K), seed=9)
+    ids = torch.tensor([[0, 5, 5], [N - 1, 17, 3]])
+    got = native.EmbeddingRows(w)(ids)
+    assert got.shape == (2, 3, K) and torch.equal(got, w.rows(ids))
+
+
+@needs_native
 @pytest.mark.parametrize("m", [1, 3, 5, native.GEMM_MIN_ROWS])
 def test_fused_linears_equal_separate_calls(m: int) -> None:
     """`FusedLinears` (one `mk_matmul_multi` call for q/k/v-like projections of mixed types and sizes)
@@ -286,3 +296,14 @@ def test_native_dequant_is_bit_exact(qt: QT) -> None:
     out = torch.empty(N, K)
     assert native.library().mk_dequant(int(qt), w.data.data_ptr(), w.data.shape[-1], N, K, out.data_ptr(), 1) == 0
     assert torch.equal(out, dequantize(w.data, qt, K))
+
+
+@needs_native
+def test_native_argmax_matches_torch() -> None:
+    """Same answer as torch.argmax: first index on ties, first NaN when there is one, odd widths."""
+    x = torch.randn(5, 1003)
+    x[1, 7] = x[1, 900] = 50.0  # tie: the first wins
+    x[2, 10], x[2, 20] = float("nan"), float("inf")  # NaN beats everything
+    x[3] = float("-inf")
+    x[4, 1002] = 99.0  # in the scalar tail
+    assert torch.equal(native.argmax(x), torch.argmax(x, dim=-1))

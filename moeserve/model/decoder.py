@@ -7,7 +7,7 @@ Every tensor is checked for presence, shape and quant type as it is wired in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -23,6 +23,7 @@ class Decoder:
     def __init__(self, config: ModelConfig, embed: PackedTensor, blocks: list[Block], norm: torch.Tensor,
                  lm_head: QLinear) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
+        self.embed_rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # kernels.fast: row lookup
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice],
@@ -32,7 +33,7 @@ class Decoder:
         `batch`: for a decode step (one token per sequence), the sequences' caches as one object,
         so that attention writes, gathers and attends for all of them in one call per layer.
         """
-        x = self.embed.rows(ids)
+        x = self.embed_rows(ids) if self.embed_rows is not None else self.embed.rows(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, seqs, i, batch)
         if logit_rows is not None:

@@ -179,6 +179,9 @@ def prepare_model(decoder: Any, progress: bool = False, backend: str = "auto") -
     if backend in ("auto", "native"):
         prepare_moe(decoder)
         prepare_attention(decoder)
+        embed = getattr(decoder, "embed", None)
+        if hasattr(decoder, "embed_rows") and embed is not None and native.supports(embed):
+            decoder.embed_rows = native.EmbeddingRows(embed)
 
 
 def prepare_attention(decoder: Any) -> None:

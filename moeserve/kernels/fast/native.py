@@ -33,7 +33,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 7
+_ABI = 8
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
@@ -121,6 +121,8 @@ def library() -> ctypes.CDLL | None:
     lib.mk_rms_norm.restype = ctypes.c_int
     lib.mk_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mk_dequant.restype = ctypes.c_int
+    lib.mk_argmax.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mk_argmax.restype = ctypes.c_int
     lib.mk_moe.argtypes = [ctypes.POINTER(MoeLayer), i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.mk_moe.restype = ctypes.c_int
     lib.mk_moe_routed.argtypes = lib.mk_moe.argtypes
@@ -260,6 +262,37 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.T
                             scale if scale is not None else hd ** -0.5, window or 0, tptr, tstride, block_size,
                             out.data_ptr(), torch.get_num_threads())
     return None if rc else out
+
+
+class EmbeddingRows:
+    """`rows(ids) -> [len(ids), K]` float32: an embedding lookup dequantizing only the rows asked for
+    with `mk_dequant` (bit-exact with the reference dequantizer, ~1 us per row instead of ~0.3 ms
+    per call through the numpy reference)."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        lib = library()
+        assert lib is not None
+        self.weight, self.qtype, self.K = w, int(w.qtype), w.shape[-1]
+        self._fn = lib.mk_dequant
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        raw = self.weight.data[ids.reshape(-1)].contiguous()  # the rows' GGUF bytes (bad ids: an index error)
+        n = raw.shape[0]
+        out = torch.empty(n, self.K)
+        if n and self._fn(self.qtype, raw.data_ptr(), raw.shape[-1], n, self.K, out.data_ptr(), 1):
+            raise RuntimeError(f"mk_dequant rejected {self.weight.name}")
+        return out.view(*ids.shape, self.K)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """`torch.argmax(x, dim=-1)` for a float32 CPU matrix [R, V] (same ties and NaN rule), or None
+    when it does not apply."""
+    lib = library()
+    if lib is None or x.dim() != 2 or not _plain(x) or x.shape[1] < 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.mk_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _plain(t: torch.Tensor) -> bool:
