@@ -13,11 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LAYERS = [4, 48]
-TG = {"moeserve": [44.99, 6.94], "llama.cpp": [44.27, 7.09]}  # tg128 at 4 layers, tg32 at 48 (run C)
-PP = {"moeserve": [263.77, 22.84], "llama.cpp": [283.06, 17.66]}  # pp512
+TG = {"moeserve": [51.23, 9.46], "llama.cpp": [53.01, 8.63]}  # tg128 at 4 layers (run 1), tg32 at 48 (run D)
+PP = {"moeserve": [267.41, 25.75], "llama.cpp": [304.86, 17.74]}  # pp512
 STREAMS = [1, 4, 16]
-AGG = {"moeserve": [38.6, 46.5, 87.9], "llama.cpp": [35.5, 58.2, 76.4]}  # 4-layer file, final code
-AGG48 = {"moeserve": [8.4, 11.5, 13.9], "llama.cpp": [8.6, 9.7, 10.8]}  # full-size file, final code
+AGG = {"moeserve": [52.5, 77.3, 99.9], "llama.cpp": [41.2, 69.0, 88.4]}  # 4-layer file, final code (first run)
+AGG48 = {"moeserve": [8.1, 8.6, 13.7], "llama.cpp": [7.9, 8.8, 14.3]}  # full-size file, final code
 
 
 def main(path: str = "docs/benchmarks.png") -> None:
