@@ -300,7 +300,7 @@ class PagedDecodeBatch:
 
     def __init__(self, seqs: Sequence[PagedSequenceKV], positions: Sequence[int]) -> None:
         pool = seqs[0].pool
-        self.pool_ = pool
+        self.kv_pool = pool
         L = max(positions) + 1
         nb = blocks_for(L)
         for s, p in zip(seqs, positions, strict=True):
@@ -319,13 +319,13 @@ class PagedDecodeBatch:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' k/v [B, nkv, hd] in their slots."""
-        ks, vs = self.pool_.k_slots[layer], self.pool_.v_slots[layer]
+        ks, vs = self.kv_pool.k_slots[layer], self.kv_pool.v_slots[layer]
         ks.index_copy_(0, self.write_slots, k.to(ks.dtype))
         vs.index_copy_(0, self.write_slots, v.to(vs.dtype))
 
     def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's slot pools [n_blocks * block_size, nkv, hd], addressed through `table`."""
-        return self.pool_.k_slots[layer], self.pool_.v_slots[layer]
+        return self.kv_pool.k_slots[layer], self.kv_pool.v_slots[layer]
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's keys/values gathered and padded: [B, L, nkv, hd]."""
