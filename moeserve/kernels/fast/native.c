@@ -339,7 +339,9 @@ static inline void q6_codes(const uint8_t *ql, const uint8_t *qhp, __m256i q[4])
  * several tokens, pays it once instead of once per token. NA is a compile-time constant (1..4).
  * ------------------------------------------------------------------------------------- */
 
-static inline void dotn_q4_k(const uint8_t *w, int64_t K, const xq_t *const *x, float *out, const int NA) {
+/* always_inline: as a call from dot_q4_k it cost ~6 % on 768-wide rows (MoE down) */
+static inline __attribute__((always_inline)) void dotn_q4_k(const uint8_t *w, int64_t K, const xq_t *const *x,
+                                                            float *out, const int NA) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4], vmin[4];
     for (int a = 0; a < NA; a++) acc[a] = vmin[a] = _mm256_setzero_ps();
@@ -374,7 +376,8 @@ static inline void dotn_q4_k(const uint8_t *w, int64_t K, const xq_t *const *x, 
     for (int a = 0; a < NA; a++) out[a] = hsum8(_mm256_sub_ps(acc[a], vmin[a]));
 }
 
-static inline void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x, float *out, const int NA) {
+static inline __attribute__((always_inline)) void dotn_q6_k(const uint8_t *w, int64_t K, const xq_t *const *x,
+                                                            float *out, const int NA) {
     __m256 acc[4], voff[4];
     for (int a = 0; a < NA; a++) acc[a] = voff[a] = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QK; b++) {
