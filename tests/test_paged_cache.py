@@ -192,3 +192,22 @@ def test_batched_decode_attention_equals_per_sequence(window: int | None) -> Non
     for mode in modes[1:]:
         assert torch.equal(out[mode][1].nan_to_num(), out["per_sequence"][1].nan_to_num())
         torch.testing.assert_close(out[mode][0], out["per_sequence"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_native_paged_attention_rejects_blocks_outside_the_pool() -> None:
+    """A block id past the pool (or negative) makes the kernel decline (None) instead of reading
+    outside the pool's memory."""
+    from moeserve.kernels.fast import native
+
+    if not native.available():
+        pytest.skip("native kernels not built on this machine")
+    pool = KVPool(CFG, 4)
+    q = torch.randn(1, CFG.n_heads, CFG.head_dim)
+    k, v = pool.k_slots[0], pool.v_slots[0]
+    k.zero_()
+    v.zero_()
+    lens = torch.tensor([20])
+    ok = native.attn_decode(q, k, v, lens, table=torch.tensor([[1, 2]]), block_size=BLOCK_SIZE)
+    assert ok is not None and ok.shape == (1, CFG.n_heads * CFG.head_dim)
+    for bad in ([[1, 4]], [[-1, 2]]):
+        assert native.attn_decode(q, k, v, lens, table=torch.tensor(bad), block_size=BLOCK_SIZE) is None

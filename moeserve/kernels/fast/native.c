@@ -814,8 +814,9 @@ int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K
  *
  * q [B, nh, hd], k/v [B, Lmax, nkv, hd] (row j of sequence b at (b * Lmax + j) * nkv * hd), lens[b]
  * keys used by sequence b. Paged (block > 0): k/v are slot pools [slots, nkv, hd] and row j of
- * sequence b is slot table[b * tstride + j / block] * block + j % block, so a decode step reads the
- * paged KV cache in place (no gather copy per layer); Lmax then only bounds lens (the last `window` of them with a sliding window). Query head h reads KV
+ * sequence b is slot table[b * tstride + j / block] * block + j % block (checked against the pool's nslots
+ * rows), so a decode step reads the paged KV cache in place (no gather copy per layer); Lmax then only
+ * bounds lens (the last `window` of them with a sliding window). Query head h reads KV
  * head h / (nh / nkv). Work items are (sequence, KV head) pairs; each computes the scores of its
  * query heads, a max-subtracted softmax with a vectorised exp, and the weighted sums of values.
  *
@@ -849,10 +850,14 @@ static __thread int64_t attn_scores_n = 0;
 
 int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t Lmax, const int64_t *lens,
                    int64_t nh, int64_t nkv, int64_t hd, float scale, int64_t window, const int64_t *table,
-                   int64_t tstride, int64_t block, float *out, int nthreads) {
+                   int64_t tstride, int64_t block, int64_t nslots, float *out, int nthreads) {
     if (hd % 8 || hd > ATT_HD_MAX || nh % nkv || B <= 0 || (block > 0 && !table)) return -1;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0; b < B; b++) {
         if (lens[b] < 1 || lens[b] > Lmax) return -1;
+        if (block > 0) /* every block a sequence reads must lie inside the pool's nslots rows */
+            for (int64_t i = 0; i < (lens[b] + block - 1) / block; i++)
+                if (table[b * tstride + i] < 0 || (table[b * tstride + i] + 1) * block > nslots) return -1;
+    }
     const int64_t g = nh / nkv, rs = nkv * hd;
     int failed = 0;
     int par = nthreads > 1 && B * nh * Lmax * hd >= (1 << 15);
@@ -1274,4 +1279,4 @@ int mk_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int nthreads) 
     return 0;
 }
 
-int mk_abi_version(void) { return 8; }
+int mk_abi_version(void) { return 9; }

@@ -33,7 +33,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 8
+_ABI = 9
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL | None:
     lib.mk_gemm.argtypes = lib.mk_matmul.argtypes
     lib.mk_gemm.restype = ctypes.c_int
     lib.mk_attn_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, i64, ptr, i64, i64,
-                                   ptr, ctypes.c_int]
+                                   i64, ptr, ctypes.c_int]
     lib.mk_attn_decode.restype = ctypes.c_int
     lib.mk_norm_rope.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, i64, ctypes.c_int, ptr, ptr, ptr]
     lib.mk_norm_rope.restype = ctypes.c_int
@@ -257,10 +257,11 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.T
         lmax, nkv, tptr, tstride = table.shape[1] * block_size, k.shape[1], table.data_ptr(), table.shape[1]
     else:
         lmax, nkv, tptr, tstride, block_size = k.shape[1], k.shape[2], None, 0, 0
+    nslots = k.shape[0]  # (paged: pool rows; the kernel checks every block it reads lies inside)
     out = torch.empty(B, nh * hd)
     rc = lib.mk_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, lmax, lens.data_ptr(), nh, nkv, hd,
                             scale if scale is not None else hd ** -0.5, window or 0, tptr, tstride, block_size,
-                            out.data_ptr(), torch.get_num_threads())
+                            nslots, out.data_ptr(), torch.get_num_threads())
     return None if rc else out
 
 
