@@ -307,3 +307,15 @@ def test_native_argmax_matches_torch() -> None:
     x[3] = float("-inf")
     x[4, 1002] = 99.0  # in the scalar tail
     assert torch.equal(native.argmax(x), torch.argmax(x, dim=-1))
+
+
+@needs_native
+def test_native_attention_propagates_nan_like_torch() -> None:
+    """A NaN in a key that is read poisons that KV head's query heads, as in torch; others stay finite."""
+    from moeserve.kernels.attention import decode_attention
+
+    q, k, v = torch.randn(1, 8, 64), torch.randn(1, 20, 2, 64), torch.randn(1, 20, 2, 64)
+    k[0, 5, 1, 3] = float("nan")
+    got = native.attn_decode(q, k, v, torch.tensor([20])).view(1, 8, 64)
+    ref = decode_attention(q, k, v, torch.tensor([19]), None).view(1, 8, 64)
+    assert torch.equal(got.isnan(), ref.isnan()) and got[0, 4:].isnan().all() and not got[0, :4].isnan().any()

@@ -110,6 +110,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._prompt_tokens = self._computed_prompt_tokens = self._generation_tokens = self._steps = 0
         self._finished: dict[str, int] = {}
+        # native decode attention on a float32 pool reads the paged KV cache in place (see `_run`)
+        blocks = getattr(llm.model, "blocks", [])
+        self._attention_reads_pool = dtype is torch.float32 and bool(blocks) and all(
+            getattr(b.attn, "fast_decode", None) is not None for b in blocks)
 
     # -- requests ---------------------------------------------------------------------------
     def make_sequences(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> list[Sequence]:
@@ -210,7 +214,9 @@ class LLMEngine:
             self._computed_prompt_tokens += max(0, min(c.start + c.length, n_prompt) - c.start)
         dev = self.llm.device
         batch = None
-        if len(ids) == len(slices):  # a pure decode step: one attention call per layer over the paged pool
+        # A pure decode step: one attention call per layer for all sequences. A single sequence takes it
+        # only when attention reads the pool in place (native); otherwise its contiguous-view read is cheaper.
+        if len(ids) == len(slices) and (len(slices) > 1 or self._attention_reads_pool):
             batch = PagedDecodeBatch([c.state.kv for c in sched.chunks], positions)
         logits = self.llm.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), slices,
                                         torch.tensor(rows, device=dev, dtype=torch.long), batch)

@@ -826,7 +826,7 @@ int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K
 
 /* e^x for x <= 0 (softmax arguments): Cephes' expf polynomial, relative error ~1e-7 */
 static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* (a NaN x is returned as is: NaN scores propagate) */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -856,7 +856,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
         if (lens[b] < 1 || lens[b] > Lmax) return -1;
         if (block > 0) /* every block a sequence reads must lie inside the pool's nslots rows */
             for (int64_t i = 0; i < (lens[b] + block - 1) / block; i++)
-                if (table[b * tstride + i] < 0 || (table[b * tstride + i] + 1) * block > nslots) return -1;
+                if (table[b * tstride + i] < 0 || table[b * tstride + i] >= nslots / block) return -1;
     }
     const int64_t g = nh / nkv, rs = nkv * hd;
     int failed = 0;

@@ -246,7 +246,8 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.T
     paged = table is not None
     if (lib is None or q.device.type != "cpu" or k.dtype is not torch.float32 or v.dtype is not torch.float32
             or q.dtype is not torch.float32 or hd % 8 or hd > 256 or k.dim() != (3 if paged else 4)
-            or (k.shape[0] != B and not paged) or k.shape != v.shape):
+            or (k.shape[0] != B and not paged) or k.shape != v.shape or k.shape[-1] != hd or nh % k.shape[-2]
+            or lens.numel() != B):
         return None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lens = lens.to(torch.int64).contiguous()
