@@ -319,3 +319,26 @@ def test_native_attention_propagates_nan_like_torch() -> None:
     got = native.attn_decode(q, k, v, torch.tensor([20])).view(1, 8, 64)
     ref = decode_attention(q, k, v, torch.tensor([19]), None).view(1, 8, 64)
     assert torch.equal(got.isnan(), ref.isnan()) and got[0, 4:].isnan().all() and not got[0, :4].isnan().any()
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, native.GEMM_MIN_ROWS])
+def test_qkv_rope_equals_projections_then_norm_rope(m: int) -> None:
+    """`QKVRope` (one `mk_qkv_rope` call at decode; FusedLinears + NormRope from GEMM_MIN_ROWS rows) gives
+    bit-identical q, k, v to the separate native projections followed by `NormRope`."""
+    from moeserve.kernels.rope import Rope
+
+    nh, nkv, hd = 4, 2, 128
+    ws = [_weight(QT.Q4_K, (nh * hd, K), seed=11), _weight(QT.Q4_K, (nkv * hd, K), seed=12),
+          _weight(QT.Q6_K, (nkv * hd, K), seed=13)]
+    lins = [make_linear(w, "native") for w in ws]
+    g = torch.Generator().manual_seed(2)
+    qn, kn, x = torch.randn(hd, generator=g), torch.randn(hd, generator=g), torch.randn(m, K, generator=g)
+    pos = torch.arange(90, 90 + m)  # past the table: it grows
+    fused = native.QKVRope(native.FusedLinears(lins), native.NormRope(Rope(hd, 1e6, True, max_pos=64), 1e-6),
+                           qn, kn, nh, nkv, hd)
+    q, k, v = fused(x, pos)
+    norm_rope = native.NormRope(Rope(hd, 1e6, True, max_pos=64), 1e-6)
+    assert torch.equal(q, norm_rope(lins[0](x).view(m, nh, hd), qn, pos))
+    assert torch.equal(k, norm_rope(lins[1](x).view(m, nkv, hd), kn, pos))
+    assert torch.equal(v, lins[2](x).view(m, nkv, hd))

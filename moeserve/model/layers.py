@@ -79,22 +79,24 @@ class Attention:
         # -> [B, nh*hd], or None when it does not apply (then the torch kernels below run)
         self.fast_decode: Callable[..., torch.Tensor | None] | None = None
         self.norm_rope: Callable[..., torch.Tensor] | None = None  # kernels.fast: norm + RoPE in place
-        # kernels.fast: h -> (h @ wq.T, h @ wk.T, h @ wv.T) in one call
-        self.qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # kernels.fast: (h, positions) -> (q, k, v) [T, heads, hd], projected, q/k-normed and rotated
+        self.qkv_rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice], layer: int,
                  batch: BatchKV | None = None) -> torch.Tensor:
         T = h.shape[0]
-        q, k, v = self.qkv(h) if self.qkv is not None else (self.wq(h), self.wk(h), self.wv(h))
-        q = q.view(T, self.n_heads, self.head_dim)
-        k = k.view(T, self.n_kv_heads, self.head_dim)
-        v = v.view(T, self.n_kv_heads, self.head_dim)
-        if self.norm_rope is not None:  # the same two steps in one native call per tensor
-            q, k = self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions)
+        if self.qkv_rope is not None:  # the same steps in one native call at decode
+            q, k, v = self.qkv_rope(h, positions)
         else:
-            if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
-                q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            q = self.wq(h).view(T, self.n_heads, self.head_dim)
+            k = self.wk(h).view(T, self.n_kv_heads, self.head_dim)
+            v = self.wv(h).view(T, self.n_kv_heads, self.head_dim)
+            if self.norm_rope is not None:  # norm + RoPE in one native call per tensor
+                q, k = self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions)
+            else:
+                if self.q_norm is not None:  # Qwen3: per-head RMSNorm, before RoPE
+                    q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+                q, k = self.rope(q, positions), self.rope(k, positions)
         if batch is not None:  # decode batch: one write and one attention call for all sequences
             batch.write(layer, k, v)
             o = None

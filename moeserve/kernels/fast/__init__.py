@@ -186,8 +186,8 @@ def prepare_model(decoder: Any, progress: bool = False, backend: str = "auto") -
 
 def prepare_attention(decoder: Any) -> None:
     """Attach the native one-query attention (`native.attn_decode`), per-head norm + RoPE
-    (`native.NormRope`), block RMSNorm (`native.rms_norm`) and the fused q/k/v projection
-    (`native.FusedLinears`) to every CPU layer."""
+    (`native.NormRope`), block RMSNorm (`native.rms_norm`) and the fused q/k/v projection + norm + RoPE
+    (`native.QKVRope`) to every CPU layer."""
     if not native.available() or os.environ.get("MOESERVE_NATIVE_ATTENTION", "1") == "0":
         return
     for block in getattr(decoder, "blocks", ()):
@@ -198,7 +198,9 @@ def prepare_attention(decoder: Any) -> None:
             block.fast_norm = native.rms_norm
             projections = (attn.wq, attn.wk, attn.wv)
             if all(isinstance(p.fast, native.NativeLinear) and p.bias is None for p in projections):
-                attn.qkv = native.FusedLinears([p.fast for p in projections])
+                attn.qkv_rope = native.QKVRope(native.FusedLinears([p.fast for p in projections]), attn.norm_rope,
+                                               attn.q_norm, attn.k_norm, attn.n_heads, attn.n_kv_heads,
+                                               attn.head_dim)
 
 
 def prepare_moe(decoder: Any) -> None:

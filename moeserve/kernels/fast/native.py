@@ -33,7 +33,7 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 9
+_ABI = 10
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
@@ -121,6 +121,9 @@ def library() -> ctypes.CDLL | None:
     lib.mk_rms_norm.restype = ctypes.c_int
     lib.mk_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mk_dequant.restype = ctypes.c_int
+    lib.mk_qkv_rope.argtypes = [ctypes.POINTER(MatSpec), i64, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, i64,
+                                ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
+    lib.mk_qkv_rope.restype = ctypes.c_int
     lib.mk_argmax.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.mk_argmax.restype = ctypes.c_int
     lib.mk_moe.argtypes = [ctypes.POINTER(MoeLayer), i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -218,6 +221,42 @@ class FusedLinears:
         if self._fn(self._specs, len(self.linears), self.in_features, x.data_ptr(), m, torch.get_num_threads()):
             raise RuntimeError("mk_matmul_multi rejected its inputs")
         return outs
+
+
+class QKVRope:
+    """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's
+    projections, per-head q/k RMSNorm and RoPE. At decode (< `GEMM_MIN_ROWS` rows) one native call
+    (`mk_qkv_rope`) does all of it; larger inputs take `FusedLinears` (tiled GEMMs) and `NormRope`."""
+
+    def __init__(self, fused: FusedLinears, norm_rope: NormRope, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        self.fused, self.norm_rope, self.q_norm, self.k_norm = fused, norm_rope, q_norm, k_norm
+        self.nh, self.nkv, self.hd = n_heads, n_kv_heads, head_dim
+        lib = library()
+        assert lib is not None
+        self._fn = lib.mk_qkv_rope
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = h.shape[0]
+        native_ok = (h.dim() == 2 and T < GEMM_MIN_ROWS and _plain(h) and positions.dtype is torch.int64
+                     and positions.is_contiguous() and all(w is None or _plain(w) for w in (self.q_norm, self.k_norm)))
+        if not native_ok:
+            q, k, v = self.fused(h)
+            q, k = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd)
+            return self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions), \
+                v.view(T, self.nkv, self.hd)
+        rope = self.norm_rope.rope
+        rope.ensure(int(positions.max()))
+        outs = tuple(torch.empty(T, lin.out_features) for lin in self.fused.linears)
+        for spec, y in zip(self.fused._specs, outs, strict=True):
+            spec.y = y.data_ptr()
+        ptr = lambda w: w.data_ptr() if w is not None else None  # noqa: E731
+        if self._fn(self.fused._specs, self.fused.in_features, h.data_ptr(), T, self.nh, self.nkv, self.hd,
+                    ptr(self.q_norm), ptr(self.k_norm), self.norm_rope.eps, rope.rope_dim, int(rope.neox),
+                    rope.cos.data_ptr(), rope.sin.data_ptr(), positions.data_ptr(), torch.get_num_threads()):
+            raise RuntimeError("mk_qkv_rope rejected its inputs")
+        q, k, v = outs
+        return q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
 
 
 class NativeExperts(NativeMatmul):
