@@ -209,15 +209,20 @@ class FusedLinears:
             spec.qtype, spec.w, spec.row_bytes, spec.N = lin.qtype, lin._ptr, lin.row_bytes, lin.out_features
         self._fn = lib.mk_matmul_multi
 
+    def bind_outputs(self, m: int) -> tuple[torch.Tensor, ...]:
+        """Fresh outputs [m, N_j], their pointers written into the matrix specs for the next native call."""
+        outs = tuple(torch.empty(m, lin.out_features) for lin in self.linears)
+        for spec, y in zip(self._specs, outs, strict=True):
+            spec.y = y.data_ptr()
+        return outs
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dim() != 2 or x.shape[0] >= GEMM_MIN_ROWS:
             return tuple(lin(x) for lin in self.linears)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         m = x.shape[0]
-        outs = tuple(torch.empty(m, lin.out_features) for lin in self.linears)
-        for spec, y in zip(self._specs, outs, strict=True):
-            spec.y = y.data_ptr()
+        outs = self.bind_outputs(m)
         if self._fn(self._specs, len(self.linears), self.in_features, x.data_ptr(), m, torch.get_num_threads()):
             raise RuntimeError("mk_matmul_multi rejected its inputs")
         return outs
@@ -238,7 +243,8 @@ class QKVRope:
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = h.shape[0]
-        native_ok = (h.dim() == 2 and T < GEMM_MIN_ROWS and _plain(h) and positions.dtype is torch.int64
+        native_ok = (h.dim() == 2 and 0 < T < GEMM_MIN_ROWS and h.shape[1] == self.fused.in_features and _plain(h)
+                     and positions.dtype is torch.int64
                      and positions.is_contiguous() and all(w is None or _plain(w) for w in (self.q_norm, self.k_norm)))
         if not native_ok:
             q, k, v = self.fused(h)
@@ -247,15 +253,12 @@ class QKVRope:
                 v.view(T, self.nkv, self.hd)
         rope = self.norm_rope.rope
         rope.ensure(int(positions.max()))
-        outs = tuple(torch.empty(T, lin.out_features) for lin in self.fused.linears)
-        for spec, y in zip(self.fused._specs, outs, strict=True):
-            spec.y = y.data_ptr()
+        q, k, v = self.fused.bind_outputs(T)
         ptr = lambda w: w.data_ptr() if w is not None else None  # noqa: E731
         if self._fn(self.fused._specs, self.fused.in_features, h.data_ptr(), T, self.nh, self.nkv, self.hd,
                     ptr(self.q_norm), ptr(self.k_norm), self.norm_rope.eps, rope.rope_dim, int(rope.neox),
                     rope.cos.data_ptr(), rope.sin.data_ptr(), positions.data_ptr(), torch.get_num_threads()):
             raise RuntimeError("mk_qkv_rope rejected its inputs")
-        q, k, v = outs
         return q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
 
 
