@@ -89,16 +89,45 @@ def test_fused_linears_equal_separate_calls(m: int) -> None:
         assert torch.equal(got, lin(x))
 
 
+def _gemm(fn: str, w: PackedTensor, x: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    y = torch.empty(x.shape[0], n)
+    assert getattr(native.library(), fn)(int(w.qtype), w.data.data_ptr(), w.data.shape[-1], n, k, x.data_ptr(),
+                                         x.shape[0], y.data_ptr(), 2) == 0
+    return y
+
+
 @needs_native
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
 @pytest.mark.parametrize("m", [native.GEMM_MIN_ROWS, 17, 40])
-def test_native_gemm_path_is_exact(qt: QT, m: int) -> None:
-    """From GEMM_MIN_ROWS rows on, `mk_gemm` multiplies the exact float32 weights: the only error
-    left is float32 summation order. m = 17 and 40 exercise the 8-wide tail panel and a full one."""
+def test_native_float_gemm_is_exact(qt: QT, m: int) -> None:
+    """`mk_gemm_f32` multiplies the exact float32 weights: the only error left is float32 summation order.
+    m = 17 and 40 exercise the 8-wide tail panel and a full one. It is `mk_gemm` for Q4_0..Q8_0."""
     w = _weight(qt, (N, K), seed=3)
     x = torch.randn(m, K)
     ref = (x.double() @ dequantize(w.data, qt, K).double().T).float()
-    assert _rel_err(make_linear(w, "native")(x), ref) < 5e-6  # (sequential float32 sums: ~1e-6)
+    assert _rel_err(_gemm("mk_gemm_f32", w, x), ref) < 5e-6  # (sequential float32 sums: ~1e-6)
+    if qt not in native.KQUANTS:
+        assert _rel_err(make_linear(w, "native")(x), ref) < 5e-6
+
+
+@needs_native
+@pytest.mark.parametrize("qt", sorted(native.KQUANTS), ids=lambda q: q.name)
+@pytest.mark.parametrize(("n", "m"), [(256, 1), (250, 5), (256, native.GEMM_MIN_ROWS_KQUANT), (250, 17), (64, 40)])
+def test_native_integer_gemm_matches_reference(qt: QT, n: int, m: int) -> None:
+    """`mk_gemm_i16` (the K-quants' `mk_gemm`: int16 q * scale tiles, 15-bit activations) against the float64
+    product of the reference dequantizer's weights: the error is the activations' rounding (~2^-15 of each
+    256-block's maximum, summed), here with one block 100x louder than the rest. Ragged shapes cover the
+    padding of weight rows (tiles of 16, pairs) and activation rows (groups of 4, chunks of 16)."""
+    w = _weight(qt, (n, K), seed=3)
+    x = torch.randn(m, K)
+    x[0, 256:512] *= 100
+    ref = (x.double() @ dequantize(w.data, qt, K).double().T).float()
+    got = _gemm("mk_gemm_i16", w, x)
+    for i in range(m):  # per row: each row has its own scale
+        assert _rel_err(got[i], ref[i]) < 3e-4
+    if m >= native.GEMM_MIN_ROWS_KQUANT:
+        assert torch.equal(make_linear(w, "native")(x), got)
 
 
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
@@ -239,10 +268,10 @@ def test_whole_model_parity_native(tmp_path) -> None:
 
 @needs_native
 def test_native_gemm_ragged_rows() -> None:
-    """Weight rows not a multiple of the tile (24) or micro-kernel (6) height: 250 = 10 * 24 + 10."""
-    w = _weight(QT.Q6_K, (250, K), seed=9)
+    """Float32 GEMM: weight rows not a multiple of the tile (24) or micro-kernel (6) height: 250 = 10 * 24 + 10."""
+    w = _weight(QT.Q8_0, (250, K), seed=9)
     x = torch.randn(native.GEMM_MIN_ROWS + 1, K)
-    ref = x @ dequantize(w.data, QT.Q6_K, K).T
+    ref = x @ dequantize(w.data, QT.Q8_0, K).T
     assert _rel_err(make_linear(w)(x), ref) < 5e-6
 
 
@@ -322,9 +351,9 @@ def test_native_attention_propagates_nan_like_torch() -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 3, native.GEMM_MIN_ROWS])
+@pytest.mark.parametrize("m", [1, 3, native.GEMM_MIN_ROWS_KQUANT, native.GEMM_MIN_ROWS])
 def test_qkv_rope_equals_projections_then_norm_rope(m: int) -> None:
-    """`QKVRope` (one `mk_qkv_rope` call at decode; FusedLinears + NormRope from GEMM_MIN_ROWS rows) gives
+    """`QKVRope` (one `mk_qkv_rope` call at decode; FusedLinears + NormRope from the GEMM threshold on) gives
     bit-identical q, k, v to the separate native projections followed by `NormRope`."""
     from moeserve.kernels.rope import Rope
 

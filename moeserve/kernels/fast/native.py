@@ -33,14 +33,22 @@ from moeserve.gguf.reader import PackedTensor
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_ABI = 10
+_ABI = 11
 
 GEMM_MIN_ROWS = 12
-"""From this many activation rows on, `mk_gemm` (dequantize a tile of weight rows to exact float32 in
-L2, float32 FMA micro-kernel) replaces the integer kernel, whose cost grows with every row (Q4_K/Q6_K
-decode each block once for up to 4 rows, the other types once per row). Measured on the 2-core AVX2
-machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=12 0.39 vs 0.38, m=16
-0.51 vs 0.40; Q6_K lm_head 151936x2048 m=8 52 vs 64 ms, m=12 83 vs 79, m=16 117 vs 84."""
+"""From this many activation rows on, `mk_gemm` replaces the few-row integer kernel, whose cost grows with
+every row (it decodes each block once per group of up to 4 rows). For Q4_0..Q8_0 `mk_gemm` dequantizes a
+tile of weight rows to exact float32 in L2 and runs a float32 FMA micro-kernel; measured on the 2-core
+AVX2 machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=12 0.39 vs 0.38, m=16
+0.51 vs 0.40 (the K-quants have their own threshold below)."""
+
+GEMM_MIN_ROWS_KQUANT = 4
+"""The same for Q4_K/Q5_K/Q6_K, whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
+q * scale, pmaddwd against 15-bit activations). Integer dots vs integer GEMM, 2 threads: Q4_K 768x2048
+m=2 0.079 vs 0.120 ms, m=4 0.130 vs 0.123, m=8 0.27 vs 0.18, m=16 0.55 vs 0.31; Q6_K lm_head
+151936x2048 m=4 29 vs 28 ms, m=8 60 vs 37, m=16 114 vs 61 (the float32 GEMM: 72 at m=16)."""
+
+KQUANTS = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
 
 def _cpu_ok() -> bool:
@@ -110,8 +118,9 @@ def library() -> ctypes.CDLL | None:
     lib.mk_matmul.restype = ctypes.c_int
     lib.mk_matmul_multi.argtypes = [ctypes.POINTER(MatSpec), i64, i64, ptr, i64, ctypes.c_int]
     lib.mk_matmul_multi.restype = ctypes.c_int
-    lib.mk_gemm.argtypes = lib.mk_matmul.argtypes
-    lib.mk_gemm.restype = ctypes.c_int
+    for fn in (lib.mk_gemm, lib.mk_gemm_f32, lib.mk_gemm_i16):
+        fn.argtypes = lib.mk_matmul.argtypes
+        fn.restype = ctypes.c_int
     lib.mk_attn_decode.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_float, i64, ptr, i64, i64,
                                    i64, ptr, ctypes.c_int]
     lib.mk_attn_decode.restype = ctypes.c_int
@@ -159,6 +168,7 @@ class NativeMatmul:
         self.out_features, self.in_features = w.shape[-2], w.shape[-1]
         self.row_bytes = w.data.shape[-1]
         self._mm, self._gemm = lib.mk_matmul, lib.mk_gemm
+        self.gemm_min_rows = GEMM_MIN_ROWS_KQUANT if QT(w.qtype) in KQUANTS else GEMM_MIN_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -172,7 +182,7 @@ class NativeMatmul:
         m, n, k = x.shape[0], self.out_features, self.in_features
         threads = torch.get_num_threads()
         y = torch.empty(m, n)
-        fn = self._gemm if m >= GEMM_MIN_ROWS else self._mm
+        fn = self._gemm if m >= self.gemm_min_rows else self._mm
         if fn(self.qtype, ptr, self.row_bytes, n, k, x.data_ptr(), m, y.data_ptr(), threads):
             raise RuntimeError(f"native kernel rejected {self.weight.name}")
         return y
@@ -192,10 +202,10 @@ class NativeLinear(NativeMatmul):
 
 class FusedLinears:
     """`fused(x) -> (x @ W_1.T, x @ W_2.T, ...)` for native linears sharing their input (an attention
-    layer's q, k, v projections). Below `GEMM_MIN_ROWS` rows it is one `mk_matmul_multi` call: the
-    input is quantized once and one parallel region covers every row, instead of three calls each
-    paying ~15-20 us of call, quantization and fork/join at decode. Larger inputs take each linear's
-    own tiled GEMM."""
+    layer's q, k, v projections). Below `gemm_min_rows` (the smallest of the linears' GEMM thresholds) it
+    is one `mk_matmul_multi` call: the input is quantized once and one parallel region covers every row,
+    instead of three calls each paying ~15-20 us of call, quantization and fork/join at decode. Larger
+    inputs take each linear's own path, so the outputs are always those of the separate calls."""
 
     def __init__(self, linears: list[NativeLinear]) -> None:
         lib = library()
@@ -204,6 +214,7 @@ class FusedLinears:
             raise ValueError("fused linears must share their input size")
         self.linears = linears
         self.in_features = linears[0].in_features
+        self.gemm_min_rows = min(lin.gemm_min_rows for lin in linears)
         self._specs = (MatSpec * len(linears))()
         for spec, lin in zip(self._specs, linears, strict=True):
             spec.qtype, spec.w, spec.row_bytes, spec.N = lin.qtype, lin._ptr, lin.row_bytes, lin.out_features
@@ -217,7 +228,7 @@ class FusedLinears:
         return outs
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.dim() != 2 or x.shape[0] >= GEMM_MIN_ROWS:
+        if x.dim() != 2 or x.shape[0] >= self.gemm_min_rows:
             return tuple(lin(x) for lin in self.linears)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
@@ -230,7 +241,7 @@ class FusedLinears:
 
 class QKVRope:
     """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's
-    projections, per-head q/k RMSNorm and RoPE. At decode (< `GEMM_MIN_ROWS` rows) one native call
+    projections, per-head q/k RMSNorm and RoPE. At decode (< `fused.gemm_min_rows` rows) one native call
     (`mk_qkv_rope`) does all of it; larger inputs take `FusedLinears` (tiled GEMMs) and `NormRope`."""
 
     def __init__(self, fused: FusedLinears, norm_rope: NormRope, q_norm: torch.Tensor | None,
@@ -243,8 +254,8 @@ class QKVRope:
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = h.shape[0]
-        native_ok = (h.dim() == 2 and 0 < T < GEMM_MIN_ROWS and h.shape[1] == self.fused.in_features and _plain(h)
-                     and positions.dtype is torch.int64
+        native_ok = (h.dim() == 2 and 0 < T < self.fused.gemm_min_rows and h.shape[1] == self.fused.in_features
+                     and _plain(h) and positions.dtype is torch.int64
                      and positions.is_contiguous() and all(w is None or _plain(w) for w in (self.q_norm, self.k_norm)))
         if not native_ok:
             q, k, v = self.fused(h)
