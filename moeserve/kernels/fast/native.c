@@ -955,11 +955,10 @@ static unpack_fn pick_unpack(int qtype) {
 }
 
 /* One 256-value block of IG_MR activation rows x IG_NR weight rows (rows QK int16 apart): acc[i * lda + r]
- * (float32 x 8 lanes, summed at the end) += (d[r] * s[i]) * Sum(x16 * w16) - mn[r] . fs[i] (the mins, when
- * given: eight per block and row). */
-static inline __attribute__((always_inline)) void ukernel_i16(const int16_t *x, const int16_t *w, const float *xs,
-                                                              int64_t ldxs, const float *xfs, int64_t ldxf,
-                                                              const float *wd, int64_t ldwd, const float *wmn,
+ * (float32 x 8 lanes, summed at the end) += sc[i * lda + r] * Sum(x16 * w16) - mn[r] . fs[i], with sc the
+ * products of the block scales d[r] * s[i] and the mins when given (eight per block and row). */
+static inline __attribute__((always_inline)) void ukernel_i16(const int16_t *x, const int16_t *w, const float *sc,
+                                                              const float *xfs, int64_t ldxf, const float *wmn,
                                                               int64_t ldwm, __m256 *acc, int64_t lda, int mins) {
     __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
     /* The loop in assembly: gcc keeps the eight accumulators in rotating registers and adds a register move
@@ -1003,7 +1002,7 @@ static inline __attribute__((always_inline)) void ukernel_i16(const int16_t *x, 
     for (int i = 0; i < IG_MR; i++)
         for (int r = 0; r < IG_NR; r++) {
             __m256 *o = acc + i * lda + r;
-            __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][r]), _mm256_set1_ps(xs[i * ldxs] * wd[r * ldwd]), *o);
+            __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][r]), _mm256_broadcast_ss(sc + i * lda + r), *o);
             if (mins) f = _mm256_fnmadd_ps(_mm256_loadu_ps(xfs + i * ldxf), _mm256_loadu_ps(wmn + r * ldwm), f);
             *o = f;
         }
@@ -1064,8 +1063,8 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
              * decoding reads the weights once, in bursts, which the hardware prefetcher does not run ahead of
              * (measured: a third of the decode time waited on DRAM) */
             const int64_t tn = t + nth, nn0 = tn * IG_NT;
-            const char *pf = (const char *)(w + nn0 * row_bytes);
-            const int64_t pf_bytes = tn < ntile ? ((N - nn0 < IG_NT ? N - nn0 : IG_NT) * row_bytes) : 0;
+            const char *pf_next = (const char *)(w + nn0 * row_bytes);
+            const char *pf_end = pf_next + (tn < ntile ? (N - nn0 < IG_NT ? N - nn0 : IG_NT) * row_bytes : 0);
             __m256 *acc = (__m256 *)tb; /* [IG_MC][IG_NT] */
             int16_t *wt = (int16_t *)(tb + 32 * IG_MC * IG_NT); /* [nb][IG_NT][256] */
             float *wd = (float *)(wt + IG_NT * K), *wmn = wd + IG_NT * nb; /* [IG_NT][nb], [IG_NT][nb][8] */
@@ -1073,6 +1072,7 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             for (int64_t r = 0; r < rows; r++)
                 unpack(w + (n0 + r) * row_bytes, K, wt + r * QK, IG_NT * QK, wd + r * nb, wmn + r * 8 * nb);
             const int64_t rp = (rows + IG_NR - 1) / IG_NR * IG_NR;
+            const int64_t pf_step = ((pf_end - pf_next) / (nb * rp / IG_NR) + 63) / 64 * 64;
             for (int64_t r = rows; r < rp; r++) {
                 for (int64_t b = 0; b < nb; b++) memset(wt + (b * IG_NT + r) * QK, 0, 2 * QK);
                 memset(wd + r * nb, 0, 4 * nb);
@@ -1081,25 +1081,25 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             for (int64_t c0 = 0; c0 < mp; c0 += IG_MC) {
                 const int64_t cm = mp - c0 < IG_MC ? mp - c0 : IG_MC;
                 for (int64_t j = 0; j < cm * IG_NT; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t b = 0; b < nb; b++)
+                for (int64_t b = 0; b < nb; b++) {
+                    float sc[IG_MC * IG_NT]; /* d[r] * s[i] for this block: one broadcast per accumulator */
+                    for (int64_t i = 0; i < cm; i++)
+                        for (int64_t r = 0; r < IG_NT; r++) sc[i * IG_NT + r] = xs[(c0 + i) * nb + b] * wd[r * nb + b];
                     for (int64_t r = 0; r < rp; r += IG_NR) {
-                        if (c0 == 0) { /* 1 / (nb * rp / IG_NR) of the next tile per step */
-                            const int64_t step = b * (rp / IG_NR) + r / IG_NR, steps = nb * (rp / IG_NR);
-                            for (int64_t o = pf_bytes * step / steps; o < pf_bytes * (step + 1) / steps; o += 64)
-                                _mm_prefetch(pf + o, _MM_HINT_T1);
-                        }
+                        if (c0 == 0) /* pf_step bytes of the next tile per (block, row pair) */
+                            for (int64_t o = 0; o < pf_step && pf_next < pf_end; o += 64, pf_next += 64)
+                                _mm_prefetch(pf_next, _MM_HINT_T1);
                         for (int64_t i = 0; i < cm; i += IG_MR) {
                             const int64_t ii = c0 + i;
                             const int16_t *xq = x16 + (b * mp + ii) * QK, *wq = wt + (b * IG_NT + r) * QK;
                             if (mins)
-                                ukernel_i16(xq, wq, xs + ii * nb + b, nb, xfs + ii * (K / 32) + 8 * b, K / 32,
-                                            wd + r * nb + b, nb, wmn + r * 8 * nb + 8 * b, 8 * nb, acc + i * IG_NT + r,
-                                            IG_NT, 1);
+                                ukernel_i16(xq, wq, sc + i * IG_NT + r, xfs + ii * (K / 32) + 8 * b, K / 32,
+                                            wmn + r * 8 * nb + 8 * b, 8 * nb, acc + i * IG_NT + r, IG_NT, 1);
                             else
-                                ukernel_i16(xq, wq, xs + ii * nb + b, nb, 0, 0, wd + r * nb + b, nb, 0, 0,
-                                            acc + i * IG_NT + r, IG_NT, 0);
+                                ukernel_i16(xq, wq, sc + i * IG_NT + r, 0, 0, 0, 0, acc + i * IG_NT + r, IG_NT, 0);
                         }
                     }
+                }
                 for (int64_t i = 0; i < cm && c0 + i < m; i++)
                     for (int64_t r = 0; r < rows; r++) y[(c0 + i) * N + n0 + r] = hsum8(acc[i * IG_NT + r]);
             }
