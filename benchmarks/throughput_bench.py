@@ -15,7 +15,11 @@ of the N sequences, with greedy sampling of every stream on the host. The column
 
 Both engines run greedy decoding so every stream feeds back real, distinct tokens: feeding a
 constant token would route every stream to the same experts and flatter batched MoE.
-The two run one after the other (never both loaded), with the same thread count.
+By default the two run one after the other (never both loaded), with the same thread count. With
+`--rounds R` both are loaded and each stream count's timed steps alternate in R slices (moeserve,
+llama.cpp, moeserve, ...): this VM's speed drifts by 20-40 % over tens of seconds, which a
+sequential run charges to whichever engine it falls on. (llama.cpp repacks the Q4_K experts into
+its own memory, so use it where both fit: the 4-layer file, not the full-size one on 24 GB.)
 """
 
 from __future__ import annotations
@@ -38,51 +42,33 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [rng.integers(1, hi, size=length).tolist() for _ in range(n)]
 
 
-def bench_moeserve(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, kernels: str | None,
-                   profile: bool = False) -> dict[int, float]:
-    from moeserve import LLM, SamplingParams
-    from moeserve.engine.engine import EngineConfig, LLMEngine
+class MoeserveStreams:
+    """n streams in moeserve's continuous-batching engine, prefilled and warmed up; `run(k)` times k steps."""
 
-    top = max(streams)
-    max_len = prompt_len + warmup + 2 * tokens + 8
-    llm = LLM(path, kernels=kernels, max_model_len=max_len)
-    results = {}
-    for n in streams:
-        engine = LLMEngine(llm, EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
-                                             num_kv_blocks=n * (-(-max_len // 16)) + 1,
-                                             enable_prefix_caching=False))
-        steps = warmup + tokens * (2 if profile else 1) + 1
-        params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    def __init__(self, llm, n: int, top: int, prompt_len: int, max_len: int, steps: int, warmup: int) -> None:
+        from moeserve import SamplingParams
+        from moeserve.engine.engine import EngineConfig, LLMEngine
+
+        self.engine = LLMEngine(llm, EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
+                                                  num_kv_blocks=n * (-(-max_len // 16)) + 1,
+                                                  enable_prefix_caching=False))
+        params = SamplingParams(max_tokens=steps + warmup + 1, temperature=0.0, ignore_eos=True)
         for p in make_prompts(n, prompt_len, llm.config.vocab_size):
-            engine.add_request(p, params)
-        states = engine.scheduler.running
+            self.engine.add_request(p, params)
+        states = self.engine.scheduler.running
         while len(states) < n or any(s.num_computed < len(s.seq.prompt_ids) for s in states):
-            engine.step()  # prefill (possibly chunked)
-            states = engine.scheduler.running
-        for _ in range(warmup):
-            engine.step()
+            self.engine.step()  # prefill (possibly chunked)
+            states = self.engine.scheduler.running
+        self.run(warmup)
+
+    def run(self, steps: int) -> float:
         t0 = time.perf_counter()
-        for _ in range(tokens):
-            engine.step()
-        dt = time.perf_counter() - t0
-        results[n] = n * tokens / dt
-        if profile:  # the same number of steps again, timed per stage: ms per batched step
-            from moeserve.bench import _profiled
+        for _ in range(steps):
+            self.engine.step()
+        return time.perf_counter() - t0
 
-            def timed(eng: LLMEngine = engine) -> float:
-                t = time.perf_counter()
-                for _ in range(tokens):
-                    eng.step()
-                return time.perf_counter() - t
-
-            prof = _profiled(timed, tokens)
-            print(f"  one {n}-stream step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if v >= 0.05))
-        engine.abort_all()
-        print(f"moeserve   streams={n:3d}: {results[n]:8.1f} tok/s aggregate ({dt / tokens * 1e3:.1f} ms/step)",
-              flush=True)
-    del llm
-    gc.collect()
-    return results
+    def close(self) -> None:
+        self.engine.abort_all()
 
 
 def _llama_fill(batch, items: list[tuple[int, int, int, bool]]) -> None:  # batch: llama_cpp.llama_batch
@@ -93,62 +79,116 @@ def _llama_fill(batch, items: list[tuple[int, int, int, bool]]) -> None:  # batc
         batch.seq_id[i][0], batch.logits[i] = seq, logits
 
 
-def _llama_argmax(L, ctx, row: int, vocab: int) -> int:  # noqa: N803 - L is the llama_cpp module
-    return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, row), shape=(vocab,)).argmax())
+class LlamaStreams:
+    """The same n prompts in llama.cpp (llama-cpp-python's low-level API, as llama-batched-bench): one
+    prefill batch, then each step is one `llama_decode` of a batch holding one token of each sequence,
+    with greedy sampling of every stream on the host."""
 
-
-def _llama_streams(L, model, vocab: int, n: int, prompt_len: int, tokens: int, warmup: int,  # noqa: N803
-                   threads: int) -> float:
-    """Prefill n prompts in one batch, then time decode steps of one llama_decode over n tokens."""
-    cp = L.llama_context_default_params()
-    cp.n_ctx = n * (prompt_len + warmup + tokens + 8) + 256
-    cp.n_batch = cp.n_ubatch = max(n * prompt_len, 512)
-    cp.n_seq_max = n
-    cp.kv_unified = True  # one KV buffer shared by all sequences, as llama-batched-bench -kvu
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = L.llama_init_from_model(model, cp)
-    batch = L.llama_batch_init(max(n * prompt_len, n), 0, n)
-    try:
+    def __init__(self, L, model, vocab: int, n: int, prompt_len: int, steps: int, warmup: int,  # noqa: N803
+                 threads: int) -> None:
+        self.L, self.vocab, self.n, self.pos = L, vocab, n, prompt_len
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n * (prompt_len + warmup + steps + 8) + 256
+        cp.n_batch = cp.n_ubatch = max(n * prompt_len, 512)
+        cp.n_seq_max = n
+        cp.kv_unified = True  # one KV buffer shared by all sequences, as llama-batched-bench -kvu
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(model, cp)
+        self.batch = L.llama_batch_init(max(n * prompt_len, n), 0, n)
         prompts = make_prompts(n, prompt_len, vocab)
-        _llama_fill(batch, [(t, j, s, j == prompt_len - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
-        if L.llama_decode(ctx, batch) != 0:
+        _llama_fill(self.batch,
+                    [(t, j, s, j == prompt_len - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+        if L.llama_decode(self.ctx, self.batch) != 0:
             raise RuntimeError("llama_decode (prefill) failed")
-        last = [_llama_argmax(L, ctx, (s + 1) * prompt_len - 1, vocab) for s in range(n)]
+        self.last = [self._argmax((s + 1) * prompt_len - 1) for s in range(n)]
+        self.run(warmup)
+
+    def _argmax(self, row: int) -> int:
+        return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, row), shape=(self.vocab,)).argmax())
+
+    def run(self, steps: int) -> float:
         t0 = time.perf_counter()
-        for step in range(warmup + tokens):
-            if step == warmup:
-                t0 = time.perf_counter()
-            _llama_fill(batch, [(last[s], prompt_len + step, s, True) for s in range(n)])
-            if L.llama_decode(ctx, batch) != 0:
+        for _ in range(steps):
+            _llama_fill(self.batch, [(self.last[s], self.pos, s, True) for s in range(self.n)])
+            if self.L.llama_decode(self.ctx, self.batch) != 0:
                 raise RuntimeError("llama_decode failed")
-            last = [_llama_argmax(L, ctx, s, vocab) for s in range(n)]
+            self.pos += 1
+            self.last = [self._argmax(s) for s in range(self.n)]
         return time.perf_counter() - t0
-    finally:
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
 
 
-def bench_llama_cpp(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, threads: int,
-                    ) -> dict[int, float]:
-    import llama_cpp as L
-
+def load_llama(path: str):
+    """(llama_cpp module, model, vocab size), or None when llama_cpp is not importable."""
+    try:
+        import llama_cpp as L
+    except ImportError:
+        print("llama_cpp is not importable: skipping the llama.cpp column")
+        return None
     L.llama_backend_init()
-    silence = L.llama_log_callback(lambda *a: None)  # keep a reference: llama.cpp holds the pointer
-    L.llama_log_set(silence, None)
+    L._moeserve_silence = L.llama_log_callback(lambda *a: None)  # keep a reference: llama.cpp holds the pointer
+    L.llama_log_set(L._moeserve_silence, None)
     model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path}")
-    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-    results = {}
-    try:
-        for n in streams:
-            dt = _llama_streams(L, model, vocab, n, prompt_len, tokens, warmup, threads)
-            results[n] = n * tokens / dt
-            print(f"llama.cpp  streams={n:3d}: {results[n]:8.1f} tok/s aggregate ({dt / tokens * 1e3:.1f} ms/step)",
-                  flush=True)
-    finally:
-        L.llama_model_free(model)
-    return results
+    return L, model, L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+
+
+def _report(name: str, n: int, tps: float, dt_per_step: float) -> None:
+    print(f"{name:10s} streams={n:3d}: {tps:8.1f} tok/s aggregate ({dt_per_step * 1e3:.1f} ms/step)", flush=True)
+
+
+def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, threads: int,
+          kernels: str | None, with_llama: bool, rounds: int = 1, profile: bool = False,
+          ) -> tuple[dict[int, float], dict[int, float]]:
+    """Aggregate tokens/s per stream count: (moeserve, llama.cpp). With rounds == 1 the engines run one after
+    the other (moeserve for every stream count, then llama.cpp; never both loaded). With rounds > 1 both are
+    loaded (their weights share the file's page cache, but llama.cpp repacks the Q4_K experts into its own
+    memory) and each stream count's timed steps are split into `rounds` alternating slices, so that a slow
+    or fast phase of the machine falls on both columns alike."""
+    from moeserve import LLM
+
+    top, per = max(streams), -(-tokens // rounds)
+    max_len = prompt_len + warmup + 2 * rounds * per + 8
+    ours: dict[int, float] = {}
+    theirs: dict[int, float] = {}
+    llm = LLM(path, kernels=kernels, max_model_len=max_len)
+    peer = load_llama(path) if with_llama and rounds > 1 else None
+    for n in streams:
+        a = MoeserveStreams(llm, n, top, prompt_len, max_len, 2 * rounds * per, warmup)
+        b = LlamaStreams(*peer, n, prompt_len, rounds * per, warmup, threads) if peer else None
+        ta = tb = 0.0
+        for _ in range(rounds):
+            ta += a.run(per)
+            tb += b.run(per) if b else 0.0
+        ours[n] = n * rounds * per / ta
+        _report("moeserve", n, ours[n], ta / (rounds * per))
+        if b:
+            theirs[n] = n * rounds * per / tb
+            _report("llama.cpp", n, theirs[n], tb / (rounds * per))
+            b.close()
+        if profile:  # the same number of steps again, timed per stage: ms per batched step
+            from moeserve.bench import _profiled
+
+            prof = _profiled(lambda: a.run(rounds * per), rounds * per)  # noqa: B023 - called right here
+            print(f"  one {n}-stream step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if v >= 0.05))
+        a.close()
+    del llm
+    gc.collect()
+    if with_llama and rounds == 1:
+        peer = load_llama(path)
+        if peer:
+            for n in streams:
+                b = LlamaStreams(*peer, n, prompt_len, tokens, warmup, threads)
+                theirs[n] = n * tokens / (dt := b.run(tokens))
+                _report("llama.cpp", n, theirs[n], dt / tokens)
+                b.close()
+    if peer:
+        peer[0].llama_model_free(peer[1])
+    return ours, theirs
 
 
 def tiny_model() -> str:
@@ -171,19 +211,15 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp column")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     ap.add_argument("--profile", action="store_true", help="print moeserve's per-stage time of one batched step")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="split the timed steps into this many alternating moeserve / llama.cpp slices, both engines "
+                         "loaded (default 1: one engine after the other)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model or tiny_model()
 
-    ours = bench_moeserve(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.kernels, args.profile)
-    theirs: dict[int, float] = {}
-    if not args.no_llama:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            print("llama_cpp is not importable: skipping the llama.cpp column")
-        else:
-            theirs = bench_llama_cpp(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.threads)
+    ours, theirs = bench(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.threads, args.kernels,
+                         not args.no_llama, args.rounds, args.profile)
 
     print(f"\n{Path(path).name}: aggregate decode tokens/s (prompt {args.prompt_len}, {args.tokens} timed steps, "
           f"{args.threads} threads)")
