@@ -844,6 +844,7 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 #define IG_MC 16 /* activation rows per chunk: a block's slices of x and w and the chunk's accumulators stay in L1 */
 #define IG_MR 4  /* activation rows per micro-kernel */
 #define IG_NR 2  /* weight rows per micro-kernel */
+#define IG_MMAX 64 /* activation rows per call (more are done in chunks; each chunk decodes the weights again) */
 
 /* x [K] -> x16 (block b at q + b * ldq), s [K / 256] (x = s * x16), fs [K / 32]: s * Sum(x16) per 32 values */
 static void quant_row_i16(const float *x, int64_t K, int16_t *q, int64_t ldq, float *s, float *fs) {
@@ -1028,6 +1029,13 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                 float *y, int nthreads) {
     unpack_fn unpack = pick_unpack(qtype);
     if (!unpack || K % QK || m <= 0) return -1;
+    if (m > IG_MMAX) { /* chunks of IG_MMAX rows: each chunk's x16 (64 x 4 KB at K = 2048) stays in L2 across the
+                        * tiles, instead of streaming all of x from memory once per tile (prefill) */
+        for (int64_t i = 0; i < m; i += IG_MMAX)
+            if (mk_gemm_i16(qtype, w, row_bytes, N, K, x + i * K, m - i < IG_MMAX ? m - i : IG_MMAX, y + i * N, nthreads))
+                return -1;
+        return 0;
+    }
     const int mins = qtype != QT_Q6_K;
     const int64_t nb = K / QK, mp = (m + IG_MR - 1) / IG_MR * IG_MR, ntile = (N + IG_NT - 1) / IG_NT;
     /* quantized activations, block-major (x16[b][i][256]), padded with zero rows to a multiple of IG_MR */
@@ -1072,6 +1080,9 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             for (int64_t r = 0; r < rows; r++)
                 unpack(w + (n0 + r) * row_bytes, K, wt + r * QK, IG_NT * QK, wd + r * nb, wmn + r * 8 * nb);
             const int64_t rp = (rows + IG_NR - 1) / IG_NR * IG_NR;
+            float wdb[IG_NT * (K / QK)]; /* the block scales again, block-major: [nb][IG_NT] (zero past rows) */
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t r = 0; r < IG_NT; r++) wdb[b * IG_NT + r] = r < rows ? wd[r * nb + b] : 0.0f;
             const int64_t pf_step = ((pf_end - pf_next) / (nb * rp / IG_NR) + 63) / 64 * 64;
             for (int64_t r = rows; r < rp; r++) {
                 for (int64_t b = 0; b < nb; b++) memset(wt + (b * IG_NT + r) * QK, 0, 2 * QK);
@@ -1082,9 +1093,13 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                 const int64_t cm = mp - c0 < IG_MC ? mp - c0 : IG_MC;
                 for (int64_t j = 0; j < cm * IG_NT; j++) acc[j] = _mm256_setzero_ps();
                 for (int64_t b = 0; b < nb; b++) {
-                    float sc[IG_MC * IG_NT]; /* d[r] * s[i] for this block: one broadcast per accumulator */
-                    for (int64_t i = 0; i < cm; i++)
-                        for (int64_t r = 0; r < IG_NT; r++) sc[i * IG_NT + r] = xs[(c0 + i) * nb + b] * wd[r * nb + b];
+                    float sc[IG_MC * IG_NT] __attribute__((aligned(32))); /* d[r] * s[i] for this block: one
+                                                                                * broadcast per accumulator */
+                    for (int64_t i = 0; i < cm; i++) {
+                        const __m256 si = _mm256_set1_ps(xs[(c0 + i) * nb + b]);
+                        for (int64_t r = 0; r < IG_NT; r += 8)
+                            _mm256_store_ps(sc + i * IG_NT + r, _mm256_mul_ps(si, _mm256_loadu_ps(wdb + b * IG_NT + r)));
+                    }
                     for (int64_t r = 0; r < rp; r += IG_NR) {
                         if (c0 == 0) /* pf_step bytes of the next tile per (block, row pair) */
                             for (int64_t o = 0; o < pf_step && pf_next < pf_end; o += 64, pf_next += 64)
