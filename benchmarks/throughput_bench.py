@@ -141,6 +141,31 @@ def _report(name: str, n: int, tps: float, dt_per_step: float) -> None:
     print(f"{name:10s} streams={n:3d}: {tps:8.1f} tok/s aggregate ({dt_per_step * 1e3:.1f} ms/step)", flush=True)
 
 
+def _interleaved(llm, peer, n: int, top: int, prompt_len: int, max_len: int, per: int, rounds: int, warmup: int,
+                 threads: int, profile: bool) -> tuple[float, float | None]:
+    """One stream count: `rounds` alternating slices of `per` timed steps; (moeserve, llama.cpp or None) tok/s."""
+    a = MoeserveStreams(llm, n, top, prompt_len, max_len, 2 * rounds * per, warmup)
+    b = LlamaStreams(*peer, n, prompt_len, rounds * per, warmup, threads) if peer else None
+    ta = tb = 0.0
+    for _ in range(rounds):
+        ta += a.run(per)
+        tb += b.run(per) if b else 0.0
+    ours = n * rounds * per / ta
+    _report("moeserve", n, ours, ta / (rounds * per))
+    theirs = None
+    if b:
+        theirs = n * rounds * per / tb
+        _report("llama.cpp", n, theirs, tb / (rounds * per))
+        b.close()
+    if profile:  # the same number of steps again, timed per stage: ms per batched step
+        from moeserve.bench import _profiled
+
+        prof = _profiled(lambda: a.run(rounds * per), rounds * per)
+        print(f"  one {n}-stream step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if v >= 0.05))
+    a.close()
+    return ours, theirs
+
+
 def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, threads: int,
           kernels: str | None, with_llama: bool, rounds: int = 1, profile: bool = False,
           ) -> tuple[dict[int, float], dict[int, float]]:
@@ -158,24 +183,9 @@ def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: i
     llm = LLM(path, kernels=kernels, max_model_len=max_len)
     peer = load_llama(path) if with_llama and rounds > 1 else None
     for n in streams:
-        a = MoeserveStreams(llm, n, top, prompt_len, max_len, 2 * rounds * per, warmup)
-        b = LlamaStreams(*peer, n, prompt_len, rounds * per, warmup, threads) if peer else None
-        ta = tb = 0.0
-        for _ in range(rounds):
-            ta += a.run(per)
-            tb += b.run(per) if b else 0.0
-        ours[n] = n * rounds * per / ta
-        _report("moeserve", n, ours[n], ta / (rounds * per))
-        if b:
-            theirs[n] = n * rounds * per / tb
-            _report("llama.cpp", n, theirs[n], tb / (rounds * per))
-            b.close()
-        if profile:  # the same number of steps again, timed per stage: ms per batched step
-            from moeserve.bench import _profiled
-
-            prof = _profiled(lambda: a.run(rounds * per), rounds * per)  # noqa: B023 - called right here
-            print(f"  one {n}-stream step, ms: " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items() if v >= 0.05))
-        a.close()
+        ours[n], tb = _interleaved(llm, peer, n, top, prompt_len, max_len, per, rounds, warmup, threads, profile)
+        if tb:
+            theirs[n] = tb
     del llm
     gc.collect()
     if with_llama and rounds == 1:

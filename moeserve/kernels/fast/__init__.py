@@ -10,9 +10,10 @@ Backends, tried in this order for each weight:
 
 1. `native` (native.c via native.py; every quantized type; needs AVX2/FMA/F16C and a C compiler,
    K % 256 == 0): integer dot products straight on the mapped GGUF bytes with 16-bit
-   activations for m < 12 (relative error ~3e-5); from 12 rows a tiled GEMM (`mk_gemm`) that
-   dequantizes tiles of weight rows to exact float32 in each core's L2 and runs a float32 FMA
-   micro-kernel (exact up to float32 summation). No repack: zero load time, no extra memory.
+   activations for few rows (relative error ~3e-5); then `mk_gemm`: for Q4_K/Q5_K/Q6_K from 4 rows an
+   integer GEMM (tiles of weight rows decoded once to int16 code x scale, `pmaddwd` against 15-bit
+   activations, relative error ~5e-5), for the other types from 12 rows a tiled GEMM on exact float32
+   tiles in each core's L2 (exact up to float32 summation). No repack: zero load time, no extra memory.
 2. `int4` (int4pack.py; the torch `_weight_int4pack_mm_for_cpu` kernel, bf16 activations and
    output, relative error up to ~5e-3): an exact repack at load, scales rounded to bf16.
 

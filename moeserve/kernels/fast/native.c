@@ -14,8 +14,9 @@
  * Offsets (Q4_0's -8, Q6_K's -32, Q4_1/Q4_K mins) are applied with exact integer sums of x16
  * per 16 values (`bsum`).
  *
- * For larger m, `mk_dequant` writes the exact float32 weights (same arithmetic order as the
- * reference dequantizer) and the caller uses a float32 GEMM.
+ * For larger m, `mk_gemm` decodes tiles of weight rows once and multiplies them with all the rows:
+ * the integer GEMM (`mk_gemm_i16`) for the K-quants, else a float32 GEMM on tiles of exact float32
+ * weights (`mk_dequant`'s values, same arithmetic order as the reference dequantizer).
  *
  * `mk_moe` / `mk_moe_routed`: a whole MoE layer for a few tokens (decode) in one call, with the
  * same dot products (see the section at the end).
@@ -700,7 +701,8 @@ int mk_dequant(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
 }
 
 /* ---------------------------------------------------------------------------------------
- * tiled GEMM for many activation rows (prefill, batched decode)
+ * tiled float32 GEMM for many activation rows (prefill, batched decode) of Q4_0..Q8_0 (`mk_gemm`), and of
+ * every type as `mk_gemm_f32` (the K-quants take the integer GEMM of the next section)
  *
  * The integer kernel above decodes every weight again for each activation row, so its cost grows
  * with m. Here each thread dequantizes a tile of GT_ROWS weight rows to exact float32 (the same

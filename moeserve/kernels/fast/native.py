@@ -4,8 +4,9 @@ Why a C file: on AVX2-only machines torch's int4 kernel is instruction-bound at 
 (~0.35 cycles per weight) and rounds activations and outputs to bf16. `native.c` runs integer
 dot products straight on the file's GGUF blocks with 16-bit activations: no repack (zero load
 time, zero extra memory), float32 output, ~1e-5 relative error. For larger batches (`mk_gemm`)
-each thread dequantizes tiles of weight rows to exact float32 in its cache and multiplies them
-with a float32 FMA micro-kernel.
+each thread decodes tiles of weight rows once in its cache and multiplies them with all the rows:
+for the K-quants as int16 code x scale against 15-bit activations (`pmaddwd`, ~5e-5), for the
+other types as exact float32 with an FMA micro-kernel.
 
 The library is compiled on first use with the system C compiler into a per-machine cache
 (`$MOESERVE_CACHE`, default `~/.cache/moeserve`), keyed by a hash of the source and flags; if
