@@ -1,4 +1,4 @@
-"""Draw docs/benchmarks.png from the tables in docs/benchmarks.md (numbers measured 2026-11-24).
+"""Draw docs/benchmarks.png from the tables in docs/benchmarks.md (measured 2026-11-24; batched: 11-25).
 
 The numbers below are copied from the benchmark scripts' printed tables (compare_llama_cpp.py,
 throughput_bench.py); re-run those scripts and update both places together.
@@ -16,8 +16,8 @@ LAYERS = [4, 48]
 TG = {"moeserve": [51.23, 9.46], "llama.cpp": [53.01, 8.63]}  # tg128 at 4 layers (run 1), tg32 at 48 (run D)
 PP = {"moeserve": [267.41, 25.75], "llama.cpp": [304.86, 17.74]}  # pp512
 STREAMS = [1, 4, 16]
-AGG = {"moeserve": [52.5, 77.3, 99.9], "llama.cpp": [41.2, 69.0, 88.4]}  # 4-layer file, final code (first run)
-AGG48 = {"moeserve": [8.1, 8.6, 13.7], "llama.cpp": [7.9, 8.8, 14.3]}  # full-size file, final code
+AGG = {"moeserve": [38.5, 56.6, 95.3], "llama.cpp": [38.1, 51.9, 69.3]}  # 4-layer, session 4, --rounds 4 (run 1)
+AGG48 = {"moeserve": [6.6, 8.7, 12.1], "llama.cpp": [5.8, 7.2, 11.7]}  # full-size file, session 4
 
 
 def main(path: str = "docs/benchmarks.png") -> None:
@@ -38,7 +38,7 @@ def main(path: str = "docs/benchmarks.png") -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yscale("log" if ax in (axes[0], axes[1]) else "linear")
         ax.legend()
-    fig.suptitle("Qwen3-30B-A3B-shaped Q4_K_M (random valid blocks), 2 threads, same file, same run — 2026-11-24")
+    fig.suptitle("Qwen3-30B-A3B-shaped Q4_K_M (random valid blocks), 2 threads, same file, same run — 2026-11-24/25")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
