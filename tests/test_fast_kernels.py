@@ -113,12 +113,13 @@ def test_native_float_gemm_is_exact(qt: QT, m: int) -> None:
 
 @needs_native
 @pytest.mark.parametrize("qt", sorted(native.KQUANTS), ids=lambda q: q.name)
-@pytest.mark.parametrize(("n", "m"), [(256, 1), (250, 5), (256, native.GEMM_MIN_ROWS_KQUANT), (250, 17), (64, 40)])
+@pytest.mark.parametrize(("n", "m"), [(256, 1), (250, 5), (256, native.GEMM_MIN_ROWS_KQUANT), (250, 17), (64, 40),
+                                      (40, 130)])
 def test_native_integer_gemm_matches_reference(qt: QT, n: int, m: int) -> None:
     """`mk_gemm_i16` (the K-quants' `mk_gemm`: int16 q * scale tiles, 15-bit activations) against the float64
     product of the reference dequantizer's weights: the error is the activations' rounding (~2^-15 of each
     256-block's maximum, summed), here with one block 100x louder than the rest. Ragged shapes cover the
-    padding of weight rows (tiles of 16, pairs) and activation rows (groups of 4, chunks of 16)."""
+    padding of weight rows (tiles of 16, pairs) and activation rows (groups of 4, chunks of 16, calls of 64)."""
     w = _weight(qt, (n, K), seed=3)
     x = torch.randn(m, K)
     x[0, 256:512] *= 100
