@@ -43,17 +43,6 @@ def run(llm, prompts: list[list[int]], tokens: int, cache: bool) -> tuple[dict[s
             "hits": s.pool.prefix_hits, "seconds": dt}, [outs[r] for r in [first, *rest]]
 
 
-def tiny_model() -> str:
-    import tempfile
-    from pathlib import Path
-
-    from moeserve.testing import ModelSpec, write_model
-
-    path = Path(tempfile.mkdtemp()) / "prefix-tiny.gguf"
-    write_model(path, ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_experts=8, n_experts_used=2))
-    return str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF file (default: a tiny random model)")
@@ -65,8 +54,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from moeserve import LLM
+    from moeserve.testing import smoke_model
 
-    path = args.model or tiny_model()
+    path = args.model or smoke_model("prefix")
     llm = LLM(path, max_model_len=args.prefix + args.suffix + args.tokens + 16)
     rng = np.random.default_rng(0)
     hi = min(llm.config.vocab_size, 32000) - 8

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -201,14 +200,6 @@ def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: i
     return ours, theirs
 
 
-def tiny_model() -> str:
-    from moeserve.testing import ModelSpec, write_model
-
-    path = Path(tempfile.mkdtemp()) / "throughput-tiny.gguf"
-    write_model(path, ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_experts=8, n_experts_used=2))
-    return str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF file (default: a tiny random model, smoke test only)")
@@ -226,7 +217,9 @@ def main() -> None:
                          "loaded (default 1: one engine after the other)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = args.model or tiny_model()
+    from moeserve.testing import smoke_model
+
+    path = args.model or smoke_model("throughput")
 
     ours, theirs = bench(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.threads, args.kernels,
                          not args.no_llama, args.rounds, args.profile)

@@ -185,6 +185,16 @@ def write_model(path: str | Path, spec: ModelSpec | None = None, progress: bool 
     return path
 
 
+def smoke_model(name: str = "smoke") -> str:
+    """A tiny random MoE (2 layers, hidden 256, 8 experts top-2) in a fresh temporary directory: what the
+    benchmark scripts run when no model is given (a smoke test of the script, not a measurement)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / f"{name}-tiny.gguf"
+    write_model(path, ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_experts=8, n_experts_used=2))
+    return str(path)
+
+
 def hf_reference(path: str | Path):  # -> transformers.PreTrainedModel
     """The HF transformers model for a GGUF file, built from its dequantized tensors (float32).
 

@@ -747,15 +747,16 @@ static void ukernel_6x8(const float *w, int64_t ldw, const float *xp, int64_t K,
     for (int r = 0; r < GM_R; r++) _mm256_storeu_ps(c + 16 * r, a[r]);
 }
 
-static __thread float *gemm_tile = 0;
-static __thread int64_t gemm_tile_floats = 0;
-static __thread float *gemm_xp = 0;
-static __thread int64_t gemm_xp_floats = 0;
+static __thread void *gemm_tile = 0;
+static __thread int64_t gemm_tile_bytes = 0;
+static __thread void *gemm_xp = 0;
+static __thread int64_t gemm_xp_bytes = 0;
 
-static float *grow(float **buf, int64_t *have, int64_t n) {
+/* a thread-local buffer of at least n bytes, 64-byte aligned (grown on demand, never shrunk); NULL on failure */
+static void *grow_bytes(void **buf, int64_t *have, int64_t n) {
     if (n > *have) {
         free(*buf);
-        *buf = (float *)aligned_alloc(64, ((n * 4 + 63) / 64) * 64);
+        *buf = aligned_alloc(64, ((n + 63) / 64) * 64);
         *have = *buf ? n : 0;
     }
     return *buf;
@@ -780,7 +781,7 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
     deq_fn deq = pick_deq(qtype);
     if (!deq || K % QK || m <= 0) return -1;
     const int64_t npanel = (m + GM_C - 1) / GM_C, ntile = (N + GT_ROWS - 1) / GT_ROWS;
-    float *xp = grow(&gemm_xp, &gemm_xp_floats, npanel * GM_C * K);
+    float *xp = (float *)grow_bytes(&gemm_xp, &gemm_xp_bytes, 4 * npanel * GM_C * K);
     if (!xp) return -1;
     int failed = 0;
     int par = nthreads > 1 && N * K * m >= PAR_MIN;
@@ -794,7 +795,7 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             for (int64_t k = 0; k < K; k++)
                 for (int64_t i = 0; i < width; i++) dst[k * width + i] = i < rows ? x[(i0 + i) * K + k] : 0.0f;
         }
-        float *wt = grow(&gemm_tile, &gemm_tile_floats, GT_ROWS * K);
+        float *wt = (float *)grow_bytes(&gemm_tile, &gemm_tile_bytes, 4 * GT_ROWS * K);
         if (!wt) {
 #pragma omp atomic write
             failed = 1;
@@ -1011,19 +1012,10 @@ static inline __attribute__((always_inline)) void ukernel_i16(const int16_t *x, 
         }
 }
 
-static __thread int16_t *ig_tile = 0;
+static __thread void *ig_tile = 0;
 static __thread int64_t ig_tile_bytes = 0;
 static __thread void *ig_x = 0;
 static __thread int64_t ig_x_bytes = 0;
-
-static void *grow_bytes(void **buf, int64_t *have, int64_t n) {
-    if (n > *have) {
-        free(*buf);
-        *buf = aligned_alloc(64, ((n + 63) / 64) * 64);
-        *have = *buf ? n : 0;
-    }
-    return *buf;
-}
 
 /* y[m, N] = x[m, K] @ W.T for a K-quant W (see the section comment). Returns 0, or -1 for an unsupported
  * type / shape or allocation failure. */
@@ -1060,7 +1052,7 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             }
         }
         /* per thread: the chunk's accumulators and the decoded tile (block-major int16 rows, scales, mins) */
-        char *tb = (char *)grow_bytes((void **)&ig_tile, &ig_tile_bytes, 32 * IG_MC * IG_NT + IG_NT * (2 * K + 36 * nb));
+        char *tb = (char *)grow_bytes(&ig_tile, &ig_tile_bytes, 32 * IG_MC * IG_NT + IG_NT * (2 * K + 36 * nb));
         if (!tb) {
 #pragma omp atomic write
             failed = 1;
@@ -1161,8 +1153,8 @@ static inline __m256 exp_ps(__m256 x) {
 #define ATT_HD_MAX 256 /* head_dim limit of mk_attn_decode (callers fall back beyond) */
 #define ATT_TILE 8 /* value rows per P.V tile: rows are 2 KB apart at 4 KV heads, so more rows per tile
                        * fall into the same L1 set (8 ways) and evict each other (measured: 32 rows 490 us, 8 rows 410) */
-static __thread float *attn_scores = 0;
-static __thread int64_t attn_scores_n = 0;
+static __thread void *attn_scores = 0;
+static __thread int64_t attn_scores_bytes = 0;
 
 int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t Lmax, const int64_t *lens,
                    int64_t nh, int64_t nkv, int64_t hd, float scale, int64_t window, const int64_t *table,
@@ -1179,7 +1171,7 @@ int mk_attn_decode(const float *q, const float *k, const float *v, int64_t B, in
     int par = nthreads > 1 && B * nh * Lmax * hd >= (1 << 15);
 #pragma omp parallel num_threads(nthreads) if (par)
     {
-        float *scores = grow(&attn_scores, &attn_scores_n, 8 * Lmax);
+        float *scores = (float *)grow_bytes(&attn_scores, &attn_scores_bytes, 4 * 8 * Lmax);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
