@@ -83,17 +83,23 @@ static inline void store_i8x32(int8_t *dst, __m256i a, __m256i b, __m256i c, __m
     _mm256_storeu_si256((__m256i *)dst, r);
 }
 
+/* max |x| over one block of 256 values (the activation quantizers' block scale) */
+static inline float absmax256(const float *xb) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < QK; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+
 static void quant_row(const float *x, int64_t K, xq_t q) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), v255 = _mm256_set1_ps(255.0f);
+    const __m256 v255 = _mm256_set1_ps(255.0f);
     const __m256i lim = _mm256_set1_epi32(32512), nlim = _mm256_set1_epi32(-32512), i255 = _mm256_set1_epi32(255);
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
-        __m256 vmax = _mm256_setzero_ps();
-        for (int i = 0; i < QK; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float amax = _mm_cvtss_f32(m4);
+        const float amax = absmax256(xb);
         __m256 inv = _mm256_set1_ps(amax > 0.0f ? XMAX / amax : 0.0f);
         q.s[b] = amax / XMAX;
         for (int g = 0; g < QK; g += 32) {
@@ -851,15 +857,9 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 
 /* x [K] -> x16 (block b at q + b * ldq), s [K / 256] (x = s * x16), fs [K / 32]: s * Sum(x16) per 32 values */
 static void quant_row_i16(const float *x, int64_t K, int16_t *q, int64_t ldq, float *s, float *fs) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
-        __m256 vmax = _mm256_setzero_ps();
-        for (int i = 0; i < QK; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
+        const float amax = absmax256(xb);
         const __m256 inv = _mm256_set1_ps(amax > 0.0f ? X16_MAX / amax : 0.0f);
         s[b] = amax / X16_MAX;
         for (int g = 0; g < QK; g += 16) {
