@@ -768,20 +768,8 @@ static void *grow_bytes(void **buf, int64_t *have, int64_t n) {
     return *buf;
 }
 
-/* y[m, N] = x[m, K] @ W.T, W = N rows of `row_bytes` GGUF bytes, K % 256 == 0: the integer GEMM for the K-quants,
- * else (and as `mk_gemm_f32`) the exact float32 one. Returns 0, or -1 for an unsupported type / allocation failure. */
-int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
-                float *y, int nthreads);
-int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
-                float *y, int nthreads);
-
-int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
-            float *y, int nthreads) {
-    if (qtype == QT_Q4_K || qtype == QT_Q5_K || qtype == QT_Q6_K) /* the integer GEMM (next section) */
-        return mk_gemm_i16(qtype, w, row_bytes, N, K, x, m, y, nthreads);
-    return mk_gemm_f32(qtype, w, row_bytes, N, K, x, m, y, nthreads);
-}
-
+/* y[m, N] = x[m, K] @ dequant(W).T with exact float32 weights, W = N rows of `row_bytes` GGUF bytes, K % 256 == 0
+ * (`mk_gemm` for Q4_0..Q8_0). Returns 0, or -1 for an unsupported type / allocation failure. */
 int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
                 float *y, int nthreads) {
     deq_fn deq = pick_deq(qtype);
@@ -1115,6 +1103,14 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
         }
     }
     return failed ? -1 : 0;
+}
+
+/* y[m, N] = x[m, K] @ W.T, W = N rows of `row_bytes` GGUF bytes, K % 256 == 0: the integer GEMM for the types it
+ * decodes (the K-quants), else the exact float32 one. Returns 0, or -1 for an unsupported type / allocation failure. */
+int mk_gemm(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x, int64_t m,
+            float *y, int nthreads) {
+    return pick_unpack(qtype) ? mk_gemm_i16(qtype, w, row_bytes, N, K, x, m, y, nthreads)
+                              : mk_gemm_f32(qtype, w, row_bytes, N, K, x, m, y, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------
