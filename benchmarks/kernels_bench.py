@@ -6,7 +6,7 @@ for Q6_K (and Q4_K), the lm_head shape (151936x2048), prints:
 * m = 1: microseconds per call and GB/s of *file* bytes (weight bytes in the GGUF / time),
 * m = 64 and 512: GFLOP/s (2 m N K / time),
 
-for the `native` backend (native.c), the torch `int4` backend and the `reference` path
+for the `cpu` backend (the native kernels) and the `reference` path
 (dequantize to float32 + matmul). It then measures the per-call Python overhead of a decode
 expert matmul (768x2048 Q4_K, m = 1). Times are the best of several repetitions (wall clock,
 `--threads` torch/OpenMP threads), so a busy machine shows up as slower, never faster; on a
@@ -28,8 +28,7 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve.gguf.quants import random_quant_bytes
 from moeserve.gguf.reader import PackedTensor
-from moeserve.kernels.fast import make_experts, make_linear, native
-from moeserve.kernels.qlinear import reference_matmul
+from moeserve.kernels.backend import select_backend
 
 EXPERT_SHAPES = [(768, 2048), (2048, 768)]
 LM_HEAD = (151936, 2048)
@@ -56,20 +55,15 @@ def best_time(fn: Callable[[], object], budget: float = 0.15, reps: int = 5) -> 
 
 
 def bench_weight(qt: QT, shape: tuple[int, int], rows: list[int], backends: list[str]) -> list[str]:
+    """Each backend's linear on one random weight: GB/s at m = 1 (decode), GFLOP/s at larger m."""
     raw = torch.from_numpy(random_quant_bytes(qt, shape, np.random.default_rng(0)))
     w = PackedTensor("w", qt, shape, raw)
     n, k = shape
     lines = []
     for backend in backends:
-        if backend == "reference":
-            fn: Callable[[torch.Tensor], torch.Tensor] | None = lambda x: reference_matmul(x, w.data, w)  # noqa: E731
-            t_prep = 0.0
-        else:
-            t0 = time.perf_counter()
-            fn = make_linear(w, backend)
-            t_prep = time.perf_counter() - t0
-            if fn is None:
-                continue
+        t0 = time.perf_counter()
+        fn = select_backend(backend).linear(w)
+        t_prep = time.perf_counter() - t0
         cells = []
         for m in rows:
             x = torch.randn(m, k)
@@ -84,39 +78,18 @@ def bench_weight(qt: QT, shape: tuple[int, int], rows: list[int], backends: list
 
 
 def bench_overhead() -> list[str]:
-    """Per-call cost of a decode expert matmul beyond the kernel itself (768x2048 Q4_K, m = 1)."""
+    """Per-call cost of a decode expert matmul beyond the kernel itself (768x2048 Q4_K, m = 1): the
+    cpu backend's Python object vs calling its torch operator directly."""
     qt, shape = QT.Q4_K, (8, 768, 2048)
     raw = torch.from_numpy(random_quant_bytes(qt, shape, np.random.default_rng(0)))
     w = PackedTensor("w", qt, shape, raw)
     x = torch.randn(1, 2048)
-    lines = []
-    experts = make_experts(w, "native")
-    if experts is not None:
-        lib = native.library()
-        y = torch.empty(1, 768)
-        ptr, xp, yp = experts._ptrs[3], x.data_ptr(), y.data_ptr()
-        nt = torch.get_num_threads()
-        t_call = best_time(lambda: experts(3, x), budget=0.3)
-        t_c = best_time(lambda: lib.mk_matmul(12, ptr, raw.shape[-1], 768, 2048, xp, 1, yp, nt), budget=0.3)
-        tiny = PackedTensor(
-            "t", qt, (1, 32, 256), torch.from_numpy(random_quant_bytes(qt, (1, 32, 256), np.random.default_rng(1)))
-        )
-        tiny_experts = make_experts(tiny, "native")
-        x_tiny = torch.randn(1, 256)
-        t_tiny = best_time(lambda: tiny_experts(0, x_tiny), budget=0.3)
-        lines.append(
-            f"native fast(e, x): {t_call * 1e6:.1f} us/call; bare C kernel {t_c * 1e6:.1f} us -> Python+ctypes "
-            f"overhead {(t_call - t_c) * 1e6:.1f} us; whole call on a 32x256 expert {t_tiny * 1e6:.1f} us"
-        )
-    experts = make_experts(w, "int4")
-    xb = x.to(torch.bfloat16)
+    experts = select_backend("cpu").experts(w)
     t_call = best_time(lambda: experts(3, x), budget=0.3)
-    t_k = best_time(lambda: torch._weight_int4pack_mm_for_cpu(xb, experts._w[3], 32, experts._s[3]), budget=0.3)
-    lines.append(
-        f"int4   fast(e, x): {t_call * 1e6:.1f} us/call; bare torch kernel {t_k * 1e6:.1f} us -> overhead "
-        f"{(t_call - t_k) * 1e6:.1f} us"
-    )
-    return lines
+    op = torch.ops.moeserve.qmatmul
+    t_op = best_time(lambda: op(x, raw, int(qt), 2048, 4, 3), budget=0.3)
+    return [f"cpu experts(e, x): {t_call * 1e6:.1f} us/call; torch.ops.moeserve.qmatmul {t_op * 1e6:.1f} us -> "
+            f"Python overhead {(t_call - t_op) * 1e6:.1f} us"]
 
 
 def main() -> None:
@@ -137,11 +110,11 @@ def main() -> None:
         global CLOCK
         CLOCK = time.process_time
     rows = [int(r) for r in args.rows.split(",")]
-    backends = ["native", "int4"] + ([] if args.no_reference else ["reference"])
+    backends = ["cpu"] + ([] if args.no_reference else ["reference"])
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{args.threads} threads, native kernels {'on' if native.available() else 'unavailable'}, "
+        f"{args.threads} threads, "
         f"load average {load:.2f} (other processes make every number slower), "
         f"clock: {'process CPU time' if args.cpu_time else 'wall'}"
     )
@@ -153,7 +126,7 @@ def main() -> None:
                 print(line, flush=True)
     if not args.no_lm_head:
         for name in ("Q6_K", "Q4_K"):
-            for line in bench_weight(QT[name], LM_HEAD, [1, 64], ["native", "int4"]):
+            for line in bench_weight(QT[name], LM_HEAD, [1, 64], ["cpu"]):
                 print(line, flush=True)
     print()
     for line in bench_overhead():

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--kernels", default="fast", choices=["fast", "reference"])
+    ap.add_argument("--kernels", default="fast", choices=["auto", "cpu", "reference", "fast"])
     args = ap.parse_args()
     path = args.model
     if path is None:

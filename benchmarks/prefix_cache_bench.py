@@ -20,9 +20,9 @@ import torch
 
 def run(llm, prompts: list[list[int]], tokens: int, cache: bool) -> tuple[dict[str, float], list[list[int]]]:
     from moeserve import SamplingParams
-    from moeserve.engine.engine import EngineConfig, LLMEngine
+    from moeserve.engine.engine import EngineConfig
 
-    engine = LLMEngine(llm, EngineConfig(max_num_seqs=len(prompts), enable_prefix_caching=cache))
+    engine = llm.make_engine(EngineConfig(max_num_seqs=len(prompts), enable_prefix_caching=cache))
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     outs: dict[str, list[int]] = {}
 

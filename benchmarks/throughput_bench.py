@@ -46,9 +46,9 @@ class MoeserveStreams:
 
     def __init__(self, llm, n: int, top: int, prompt_len: int, max_len: int, steps: int, warmup: int) -> None:
         from moeserve import SamplingParams
-        from moeserve.engine.engine import EngineConfig, LLMEngine
+        from moeserve.engine.engine import EngineConfig
 
-        self.engine = LLMEngine(llm, EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
+        self.engine = llm.make_engine(EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
                                                   num_kv_blocks=n * (-(-max_len // 16)) + 1,
                                                   enable_prefix_caching=False))
         params = SamplingParams(max_tokens=steps + warmup + 1, temperature=0.0, ignore_eos=True)
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="timed decode steps per stream count")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kernels", default=None, choices=["fast", "reference"])
+    ap.add_argument("--kernels", default=None, choices=["auto", "cpu", "reference", "fast"])
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp column")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     ap.add_argument("--profile", action="store_true", help="print moeserve's per-stage time of one batched step")

@@ -1,7 +1,10 @@
 """`moeserve bench`: llama-bench-style prompt-processing and generation speed of one GGUF.
 
-pp: a random prompt of `n_prompt` tokens in one batched forward (fresh cache each repetition).
-tg: `n_gen` tokens decoded one at a time against the cache, starting from an empty context.
+Both run through the serving engine (scheduler, model runner, paged KV pool, sampler), so they
+measure what `moeserve serve` runs:
+pp: a random prompt of `n_prompt` tokens in one batched forward, one token sampled (prefix caching
+off: a fresh cache each repetition).
+tg: `n_gen` tokens decoded one at a time against the paged cache, greedy, from a one-token prompt.
 Both report mean ± sd over `reps` repetitions, plus load time (mmap + repack) and peak RSS.
 With `profile`, one extra pp and tg run are timed per stage (attention, router, expert
 gate/up/down, weighted sum, lm_head, other) — the seed's per-stage decode profile.
@@ -45,26 +48,23 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def _run(engine: Any, prompt: list[int], max_tokens: int) -> float:
+    """Seconds to run one greedy request to completion on `engine`."""
+    from moeserve.engine.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
+
+
 def _pp(llm: Any, prompt: list[int]) -> float:
-    sid = ("bench-pp",)
-    try:
-        t0 = time.perf_counter()
-        llm._forward([(sid, prompt)])
-        return time.perf_counter() - t0
-    finally:
-        llm.kv.release(sid)
+    return _run(llm.engine, prompt, 1)
 
 
 def _tg(llm: Any, n_gen: int, first: int) -> float:
-    sid = ("bench-tg",)
-    try:
-        tok = first
-        t0 = time.perf_counter()
-        for _ in range(n_gen):
-            tok = int(llm._forward([(sid, [tok])])[0].argmax())
-        return time.perf_counter() - t0
-    finally:
-        llm.kv.release(sid)
+    return _run(llm.engine, [first], n_gen)
 
 
 def _profiled(fn: Any, n_tokens: int) -> dict[str, float]:
@@ -88,7 +88,8 @@ def run_bench(model: str, n_prompt: int = 512, n_gen: int = 128, threads: int = 
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    llm = LLM(model, kernels=kernels, max_model_len=max(n_prompt, n_gen) + 8, warmup=True, progress=progress)
+    llm = LLM(model, kernels=kernels, max_model_len=max(n_prompt, n_gen) + 8, warmup=True, progress=progress,
+              max_num_seqs=1, max_num_batched_tokens=max(512, n_prompt), enable_prefix_caching=False)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.config.vocab_size, n_prompt).tolist()

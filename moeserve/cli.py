@@ -109,8 +109,9 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file (
                                               show_default=False)]
 MaxModelLen = Annotated[int | None, typer.Option(help="Context length to allocate (default: the model's, ≤ 4096).",
                                                  show_default=False)]
-Kernels = Annotated[str | None, typer.Option(help="Matmul kernels: fast | reference (default: fast).",
-                                             show_default=False)]
+Kernels = Annotated[str | None, typer.Option(
+    help="Kernel backend: auto | cpu | reference (default: auto = the best for the device, or $MOESERVE_KERNELS).",
+    show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]

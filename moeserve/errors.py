@@ -26,3 +26,8 @@ class KVCacheOverflowError(MoeServeError, RuntimeError):
 
 class RequestError(MoeServeError, ValueError):
     """A request parameter is invalid (negative max_tokens, prompt longer than the context, ...)."""
+
+
+class NativeBuildError(MoeServeError, RuntimeError):
+    """The native CPU kernels cannot be built or loaded: a compiler error (the message holds the compiler's
+    command and output), no compiler, or a CPU without the instructions they need."""

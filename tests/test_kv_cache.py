@@ -1,77 +1,47 @@
-"""The seed's equivalence test and the contiguous KV cache's contract (capacity, overflow, release)."""
+"""The seed's equivalence test (cached decode == full recompute) on every backend, and the context limits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.errors import KVCacheOverflowError, RequestError
+from moeserve.errors import RequestError
 
 STEPS = 64
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_moe):
-    return LLM(str(tiny_moe), kernels="reference")
-
-
-def test_cached_greedy_equals_full_recompute(llm):
-    """Greedy with the KV cache == greedy by full recompute, token for token, logits within 1e-4."""
+@pytest.mark.parametrize("kernels", ["reference", "cpu"])
+def test_cached_greedy_equals_full_recompute(tiny_moe, kernels):
+    """Greedy through the engine (paged KV cache, one runner step per token) == greedy by full recompute,
+    token for token, logits within 1e-4."""
+    llm = LLM(str(tiny_moe), kernels=kernels)
     prompt = [5, 17, 99, 3, 250, 42, 7]
-    seq = ("equivalence",)
-    try:
-        cached_logits = [llm._forward([(seq, prompt)])[0].numpy()]
-        tokens = [int(cached_logits[-1].argmax())]
-        for _ in range(STEPS - 1):
-            cached_logits.append(llm._forward([(seq, tokens[-1:])])[0].numpy())
-            tokens.append(int(cached_logits[-1].argmax()))
-    finally:
-        llm.kv.release(seq)
+    engine = llm.engine
+    real, seen = engine.runner.execute, []
 
+    def recording(chunks):
+        logits = real(chunks)
+        seen.append(logits[0].numpy().copy())
+        return logits
+
+    engine.runner.execute = recording
+    out = llm.generate([prompt], SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
+    tokens = out[0].outputs[0].token_ids
+    assert len(tokens) == len(seen) == STEPS
     ids = list(prompt)
     for step in range(STEPS):
         full = llm.logits(ids)[-1]
-        rel = np.abs(full - cached_logits[step]).max() / np.abs(full).max()
+        rel = np.abs(full - seen[step]).max() / np.abs(full).max()
         assert rel <= 1e-4, f"step {step}: relative logit error {rel:.2e}"
         assert int(full.argmax()) == tokens[step], f"step {step}"
         ids.append(tokens[step])
 
-    out = llm.generate([prompt], SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == tokens
-
 
 def test_default_capacity(tiny_moe):
     llm = LLM(str(tiny_moe), kernels="reference", warmup=False)
-    assert llm.kv.capacity == min(llm.config.context_length, 4096) == 4096
-    assert LLM(str(tiny_moe), kernels="reference", warmup=False, max_model_len=100).kv.capacity == 100
-
-
-def test_overflow_names_sequence_and_leaves_cache_untouched(tiny_moe):
-    llm = LLM(str(tiny_moe), kernels="reference", max_model_len=32)
-    seq = "req-7"
-    prompt = list(range(10, 30))
-    llm._forward([(seq, prompt)])
-    kv = llm.kv.get(seq)
-    k_before, v_before = kv.k.clone(), kv.v.clone()
-    with pytest.raises(KVCacheOverflowError) as info:
-        llm._forward([(seq, list(range(13)))])
-    msg = str(info.value)
-    assert "'req-7'" in msg and "20" in msg and "32" in msg
-    assert kv.length == 20
-    # bit patterns, not values: the unwritten tail of torch.empty may hold NaNs (NaN != NaN)
-    assert torch.equal(kv.k.view(torch.int32), k_before.view(torch.int32))
-    assert torch.equal(kv.v.view(torch.int32), v_before.view(torch.int32))
-    # the sequence goes on exactly as if the failed call never happened
-    nxt = llm._forward([(seq, [77])])[0].numpy()
-    ref = llm.logits(prompt + [77])[-1]
-    assert np.abs(nxt - ref).max() <= 1e-4 * np.abs(ref).max()
-    # a batch where only one sequence overflows writes nothing for either
-    other = "req-8"
-    with pytest.raises(KVCacheOverflowError, match="req-7"):
-        llm._forward([(other, [1, 2, 3]), (seq, list(range(12)))])
-    assert llm.kv.get(other).length == 0 and kv.length == 21
+    assert llm.max_model_len == llm.engine.max_model_len == min(llm.config.context_length, 4096) == 4096
+    assert LLM(str(tiny_moe), kernels="reference", warmup=False, max_model_len=100).engine.max_model_len == 100
 
 
 def test_generation_stops_at_capacity(tiny_moe):
@@ -80,17 +50,13 @@ def test_generation_stops_at_capacity(tiny_moe):
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
     with pytest.raises(RequestError, match="maximum context length of 24"):
         llm.generate([list(range(30))], SamplingParams(max_tokens=1))
+    with pytest.raises(RequestError, match="maximum context length of 24"):
+        llm.logits(list(range(25)))
 
 
-def test_release_reset_and_warmup(tiny_moe):
+def test_warmup_and_generate_return_every_block(tiny_moe):
     llm = LLM(str(tiny_moe), kernels="reference", max_model_len=64)
-    assert not llm.kv.seqs  # warm-up released its sequence
+    st = llm.engine.stats()
+    assert st.pool.used_blocks == 0 and st.steps == 0 and st.generation_tokens == 0  # warm-up leaves no trace
     llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4, temperature=0.0))
-    assert not llm.kv.seqs  # generate releases what it used
-    llm._forward([("a", [1, 2, 3])])
-    llm._forward([("b", [1, 2])])
-    llm.kv.release("a")
-    assert set(llm.kv.seqs) == {"b"}
-    llm.kv.reset()
-    assert not llm.kv.seqs
-    assert llm.kv.get("c").length == 0  # recycled buffers start empty
+    assert llm.engine.stats().pool.used_blocks == 0 and not llm.engine.has_unfinished()

@@ -34,7 +34,7 @@ def compare(path: str, tokens: list[int], kernels: str) -> tuple[float, float]:
     return rel, top1
 
 
-@pytest.mark.parametrize("kernels", ["reference", "fast"])
+@pytest.mark.parametrize("kernels", ["reference", "cpu"])
 def test_random_qwen3moe_vs_llama_cpp(make_model, kernels):
     path = make_model("llamacpp-q4km", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
                       n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.Q4_K,

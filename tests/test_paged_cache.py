@@ -1,4 +1,5 @@
-"""Paged KV cache: allocator bookkeeping, prefix-cache rules, and KVStore reads/writes vs a plain tensor."""
+"""Paged KV cache: allocator bookkeeping, prefix-cache rules, and the attention kernels writing and
+reading the pool through the step's metadata, against plain tensors."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from moeserve.engine.paged_cache import (
     BLOCK_SIZE,
     BlockAllocator,
     KVPool,
-    PagedDecodeBatch,
     PagedSequenceKV,
     blocks_for,
     chain_hash,
     parse_memory,
 )
 from moeserve.gguf.config import ModelConfig
+from moeserve.kernels.attention import PagedAttention, gqa_attention
+from moeserve.kernels.metadata import AttentionMetadata
 
 CFG = ModelConfig(arch="qwen3moe", vocab_size=64, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   rms_eps=1e-6, rope_theta=1e4, rope_dim=8, context_length=256)
@@ -100,17 +102,43 @@ def test_register_first_writer_wins_and_disabled() -> None:
     assert off.lookup(h, toks) is None
 
 
+def _meta(pool: KVPool, seqs: list[PagedSequenceKV], contexts: list[int], news: list[int]) -> AttentionMetadata:
+    """What the model runner builds for one step (see engine/runner.py)."""
+    positions, slots, starts, tables = [], [], [0], []
+    for kv, c, n in zip(seqs, contexts, news, strict=True):
+        positions += list(range(c, c + n))
+        slots += kv.slots(c, c + n)
+        starts.append(starts[-1] + n)
+        tables.append(kv.blocks[:blocks_for(c + n)])
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        positions=torch.tensor(positions), query_start=starts, context_lens=list(contexts),
+        seq_lens=torch.tensor([c + n for c, n in zip(contexts, news, strict=True)]),
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [t[0]] * (width - len(t)) for t in tables]),
+        block_lists=tables, kv=pool.tensors)
+
+
+def _kernels(window: int | None = None) -> dict[str, PagedAttention]:
+    from moeserve.kernels.cpu.backend import NativeAttention
+
+    nh, nkv, hd = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+    return {"reference": PagedAttention(1, nh, nkv, hd, window), "cpu": NativeAttention(1, nh, nkv, hd, window)}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_sequence_kv_matches_a_plain_tensor(contiguous: bool) -> None:
-    """Chunks written at arbitrary offsets read back exactly, whether the table is a run or scattered."""
+def test_chunks_land_in_their_slots_and_attend_like_a_plain_tensor(contiguous: bool, backend: str) -> None:
+    """Chunks written at arbitrary offsets (through the attention kernel's slot mapping) read back exactly,
+    whether the table is a run or scattered, and attention over them equals SDPA on a plain tensor."""
     torch.manual_seed(0)
+    attn = _kernels()[backend]
     pool = KVPool(CFG, 12)
     alloc = BlockAllocator(12)
     kv = PagedSequenceKV(pool)
     if not contiguous:
         alloc.allocate(1)  # make the sequence's blocks non-adjacent
-    total = 70
-    ref_k = torch.randn(CFG.n_layers, total, CFG.n_kv_heads, CFG.head_dim)
+    total, nh, hd = 70, CFG.n_heads, CFG.head_dim
+    ref_k = torch.randn(total, CFG.n_kv_heads, hd)
     ref_v = torch.randn_like(ref_k)
     pos = 0
     for n in (5, 11, 1, 1, 40, 12):  # crosses block boundaries in every way
@@ -119,14 +147,17 @@ def test_sequence_kv_matches_a_plain_tensor(contiguous: bool) -> None:
             if not contiguous:
                 alloc.allocate(1)  # a neighbour steals the next block
             kv.append_blocks(blocks)
-        for layer in range(CFG.n_layers):
-            kv.write(layer, pos, ref_k[layer, pos:pos + n], ref_v[layer, pos:pos + n])
-            k, v = kv.read(layer, pos + n)
-            assert torch.equal(k, ref_k[layer, :pos + n]) and torch.equal(v, ref_v[layer, :pos + n])
+        meta = _meta(pool, [kv], [pos], [n])
+        q = torch.randn(n, nh, hd)
+        o = attn(q, ref_k[pos:pos + n], ref_v[pos:pos + n], meta)
+        slots = meta.key_slots(0)
+        assert isinstance(slots, slice) == (contiguous or blocks_for(pos + n) == 1)  # a view when it can be
+        assert torch.equal(pool.tensors.k[1][slots], ref_k[:pos + n])
+        assert torch.equal(pool.tensors.v[1][slots], ref_v[:pos + n])
+        torch.testing.assert_close(o, gqa_attention(q, ref_k[:pos + n], ref_v[:pos + n], pos), rtol=1e-5, atol=1e-5)
         pos += n
-    assert (kv._contiguous == len(kv.blocks)) == contiguous
     with pytest.raises(RuntimeError):
-        kv.write(0, kv.capacity, ref_k[0, :1], ref_v[0, :1])
+        kv.slots(kv.capacity, kv.capacity + 1)
 
 
 def test_other_sequences_are_untouched() -> None:
@@ -136,74 +167,64 @@ def test_other_sequences_are_untouched() -> None:
     a.append_blocks(alloc.allocate(2))
     b.append_blocks(alloc.allocate(2))
     ka = torch.randn(20, CFG.n_kv_heads, CFG.head_dim)
-    a.write(0, 0, ka, ka)
-    b.write(0, 0, torch.zeros(32, CFG.n_kv_heads, CFG.head_dim), torch.zeros(32, CFG.n_kv_heads, CFG.head_dim))
-    assert torch.equal(a.read(0, 20)[0], ka)
+    attn = _kernels()["reference"]
+    attn(torch.randn(20, CFG.n_heads, CFG.head_dim), ka, ka, _meta(pool, [a], [0], [20]))
+    zeros = torch.zeros(32, CFG.n_kv_heads, CFG.head_dim)
+    attn(torch.randn(32, CFG.n_heads, CFG.head_dim), zeros, zeros, _meta(pool, [b], [0], [32]))
+    meta = _meta(pool, [a], [0], [20])
+    assert torch.equal(pool.tensors.k[1][meta.key_slots(0)], ka)
     alloc.free(a.clear())
     assert a.capacity == 0 and alloc.num_free == 2
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_batched_decode_attention_equals_per_sequence(window: int | None) -> None:
-    """`PagedDecodeBatch` + `decode_attention` (one gather and one SDPA for the whole step), and the
-    native kernel reading the pool in place through the block table, give the same cache contents
-    and outputs as writing, reading and attending one sequence at a time."""
-    from moeserve.kernels.attention import decode_attention, gqa_attention
-    from moeserve.kernels.fast import native
-
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_batched_step_attention_equals_per_sequence(window: int | None, decode_only: bool) -> None:
+    """A step of several sequences (a pure decode step: one gather + one SDPA, or the native kernel reading
+    the pool in place through the block table; or decode rows mixed with prefill chunks) gives the same
+    cache contents and outputs as writing, reading and attending one sequence at a time on plain tensors."""
     torch.manual_seed(0)
-    lengths = [3, 17, 40]  # cached tokens before this step; block tables deliberately scattered
-    tables = [[7], [2, 9], [4, 0, 11]]
+    contexts = [3, 17, 40] + ([] if decode_only else [0, 21])  # cached tokens before this step
+    news = [1, 1, 1] + ([] if decode_only else [9, 6])
+    tables = [[7], [2, 9], [4, 0, 11]] + ([] if decode_only else [[5], [1, 3]])  # deliberately scattered
     nh, nkv, hd = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
-    out = {}
-    modes = ["per_sequence", "gather"] + (["paged"] if native.available() else [])
-    for mode in modes:
+    cached = [(torch.randn(c, nkv, hd), torch.randn(c, nkv, hd)) for c in contexts]
+    T = sum(news)
+    q, k, v = torch.randn(T, nh, hd), torch.randn(T, nkv, hd), torch.randn(T, nkv, hd)
+    expected, row = [], 0
+    for (ck, cv), c, n in zip(cached, contexts, news, strict=True):
+        keys, values = torch.cat([ck, k[row:row + n]]), torch.cat([cv, v[row:row + n]])
+        expected.append(gqa_attention(q[row:row + n], keys, values, c, window))
+        row += n
+    for name, attn in _kernels(window).items():
         pool = KVPool(CFG, 12)
         pool.k.fill_(float("nan"))  # never-written slots may hold anything: padding must not read them
         pool.v.fill_(float("nan"))
         seqs = []
-        for n, blocks in zip(lengths, tables, strict=True):
+        for (ck, cv), blocks, c in zip(cached, tables, contexts, strict=True):
             kv = PagedSequenceKV(pool)
             kv.append_blocks(blocks)
-            g = torch.Generator().manual_seed(n)
-            for layer in range(CFG.n_layers):
-                kv.write(layer, 0, torch.randn(n, nkv, hd, generator=g), torch.randn(n, nkv, hd, generator=g))
+            if c:
+                slots = torch.tensor(kv.slots(0, c))
+                pool.tensors.k[1].index_copy_(0, slots, ck)
+                pool.tensors.v[1].index_copy_(0, slots, cv)
             seqs.append(kv)
-        g = torch.Generator().manual_seed(99)
-        q = torch.randn(3, nh, hd, generator=g)
-        k, v = torch.randn(3, nkv, hd, generator=g), torch.randn(3, nkv, hd, generator=g)
-        if mode != "per_sequence":
-            batch = PagedDecodeBatch(seqs, lengths)
-            batch.write(1, k, v)
-            if mode == "gather":
-                keys, values = batch.read(1)
-                o = decode_attention(q, keys, values, batch.positions, window)
-            else:
-                o = native.attn_decode(q, *batch.pool(1), batch.lens, window, table=batch.table,
-                                       block_size=batch.block_size)
-            out[mode] = (o, pool.k.clone())
-        else:
-            rows = []
-            for i, (kv, n) in enumerate(zip(seqs, lengths, strict=True)):
-                kv.write(1, n, k[i:i + 1], v[i:i + 1])
-                keys, values = kv.read(1, n + 1)
-                rows.append(gqa_attention(q[i:i + 1], keys, values, n, window))
-            out[mode] = (torch.cat(rows), pool.k.clone())
-    for mode in modes[1:]:
-        assert torch.equal(out[mode][1].nan_to_num(), out["per_sequence"][1].nan_to_num())
-        torch.testing.assert_close(out[mode][0], out["per_sequence"][0], rtol=1e-5, atol=1e-5)
+        meta = _meta(pool, seqs, contexts, news)
+        assert meta.decode_only == decode_only
+        o = attn(q, k, v, meta)
+        torch.testing.assert_close(o, torch.cat(expected), rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(pool.tensors.k[1][meta.slot_mapping], k)
+        assert torch.equal(pool.tensors.v[1][meta.slot_mapping], v)
 
 
 def test_native_paged_attention_rejects_blocks_outside_the_pool() -> None:
     """A block id past the pool (or negative) makes the kernel decline (None) instead of reading
     outside the pool's memory."""
-    from moeserve.kernels.fast import native
+    from moeserve.kernels.cpu import native
 
-    if not native.available():
-        pytest.skip("native kernels not built on this machine")
     pool = KVPool(CFG, 4)
     q = torch.randn(1, CFG.n_heads, CFG.head_dim)
-    k, v = pool.k_slots[0], pool.v_slots[0]
+    k, v = pool.tensors.k[0], pool.tensors.v[0]
     k.zero_()
     v.zero_()
     lens = torch.tensor([20])

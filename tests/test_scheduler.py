@@ -1,7 +1,7 @@
 """Continuous batching: scheduler rules on fake sequences, then the engine on a tiny random model.
 
-The engine tests hold batched, chunked, preempted and prefix-cached runs to the tokens that the
-plain contiguous-cache path (`LLM._forward`, one sequence at a time) produces.
+The engine tests hold batched, chunked, preempted and prefix-cached runs to the tokens that one
+sequence alone produces (its own engine: no batch-mates, no chunks, no prefix cache).
 """
 
 from __future__ import annotations
@@ -120,16 +120,9 @@ def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
 
 
 def reference(llm: LLM, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from the contiguous cache, one sequence alone, no batching, no chunks."""
-    sid, out = ("ref", len(prompt), prompt[0]), []
-    try:
-        logits = llm._forward([(sid, list(prompt))])
-        for _ in range(n):
-            out.append(int(logits[0].argmax()))
-            logits = llm._forward([(sid, out[-1:])])
-    finally:
-        llm.kv.release(sid)
-    return out
+    """Greedy tokens of one sequence alone: no batching, no chunks, no prefix cache."""
+    engine = llm.make_engine(EngineConfig(max_num_seqs=1, max_num_batched_tokens=1024, enable_prefix_caching=False))
+    return run(engine, [prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
 
 
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -151,16 +144,15 @@ def run(engine: LLMEngine, ps: list[list[int]], params: SamplingParams = GREEDY)
 
 def test_batched_chunked_generate_matches_one_at_a_time(llm: LLM) -> None:
     ps = prompts(3, 17, 40, 1, 33)
-    llm._engine = LLMEngine(llm, EngineConfig(max_num_batched_tokens=24))  # prompts arrive in chunks
-    outs = llm.generate(ps, GREEDY)
-    assert [o.outputs[0].token_ids for o in outs] == [reference(llm, p, 12) for p in ps]
-    assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    assert llm.engine.stats().pool.used_blocks == 0
+    engine = llm.make_engine(EngineConfig(max_num_batched_tokens=24))  # prompts arrive in chunks
+    got = run(engine, ps)
+    assert got == [reference(llm, p, 12) for p in ps]
+    assert engine.stats().pool.used_blocks == 0
 
 
 def test_preemption_under_a_tiny_pool_keeps_exact_tokens(llm: LLM) -> None:
     ps = prompts(20, 25, 18, 30, seed=1)
-    engine = LLMEngine(llm, EngineConfig(num_kv_blocks=7, enable_prefix_caching=False))
+    engine = llm.make_engine(EngineConfig(num_kv_blocks=7, enable_prefix_caching=False))
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     got = run(engine, ps, params)
     assert engine.stats().preemptions > 0
@@ -171,7 +163,7 @@ def test_preemption_under_a_tiny_pool_keeps_exact_tokens(llm: LLM) -> None:
 def test_prefix_cache_hits_give_identical_tokens(llm: LLM) -> None:
     system = prompts(45, seed=2)[0]
     ps = [system + q for q in prompts(5, 9, seed=4)]
-    engine = LLMEngine(llm, EngineConfig())
+    engine = llm.make_engine(EngineConfig())
     first = run(engine, ps[:1])
     second = run(engine, ps[1:])  # shares system's first 32 tokens (two full blocks) with the first
     s = engine.stats()
@@ -183,14 +175,14 @@ def test_prefix_cache_hits_give_identical_tokens(llm: LLM) -> None:
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(llm: LLM) -> None:
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=123)
-    engine = LLMEngine(llm, EngineConfig())
+    engine = llm.make_engine(EngineConfig())
     alone = run(engine, prompts(10), params)
     together = run(engine, prompts(10) + prompts(7, 30, seed=9), params)
     assert together[0] == alone[0]
 
 
 def test_abort_frees_blocks_and_deltas_add_up(llm: LLM) -> None:
-    engine = LLMEngine(llm, EngineConfig())
+    engine = llm.make_engine(EngineConfig())
     rid = engine.add_request(prompts(40)[0], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     assert engine.allocator.num_used == 3
@@ -213,7 +205,7 @@ def test_abort_frees_blocks_and_deltas_add_up(llm: LLM) -> None:
 
 
 def test_requests_that_can_never_fit_are_rejected(llm: LLM) -> None:
-    engine = LLMEngine(llm, EngineConfig(num_kv_blocks=2))
+    engine = llm.make_engine(EngineConfig(num_kv_blocks=2))
     with pytest.raises(RequestError, match="KV cache holds only 32 tokens"):
         engine.add_request(prompts(40)[0])
     with pytest.raises(RequestError, match="maximum context length"):

@@ -1,6 +1,6 @@
 """`AsyncLLMEngine`: the engine stepping in a background thread, streams for asyncio callers.
 
-    engine = AsyncLLMEngine(LLMEngine(llm))
+    engine = AsyncLLMEngine(llm.engine)
     stream = engine.generate("Hello", SamplingParams(max_tokens=8))  # validates now: RequestError
     async for delta in stream:        # RequestOutput deltas: new text, token ids, logprobs
         ...
@@ -25,15 +25,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 from moeserve.engine.engine import EngineStats, LLMEngine, OutputKind
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import SamplingParams
 from moeserve.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from moeserve.engine.llm import LLM
 
 log = logging.getLogger("moeserve.engine")
 _ids = itertools.count()
@@ -112,8 +109,12 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     @property
-    def llm(self) -> LLM:
-        return self.engine.llm
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        return self.engine.render_chat(messages, add_generation_prompt, tools)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

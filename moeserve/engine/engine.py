@@ -1,14 +1,16 @@
 """`LLMEngine`: requests in, one batched forward per step, outputs out (synchronous core).
 
-    engine = LLMEngine(llm)
+    engine = llm.engine                     # or LLMEngine(model, tokenizer, config)
     rid = engine.add_request("Hello", SamplingParams(max_tokens=8))
     while engine.has_unfinished():
         for out in engine.step():
             ...
 
-The engine owns the paged KV pool and the scheduler; the model, tokenizer and sampler come from
-the `LLM`. `LLM.generate` drives it to completion; `AsyncLLMEngine` drives it from a background
-thread for the server. It is not thread-safe by itself: one thread calls every method.
+LLMEngine -> Scheduler/BlockAllocator -> ModelRunner (nano-vllm's split): the engine validates and
+tokenizes requests, the scheduler decides each step's tokens over the paged KV pool, the model
+runner turns them into one forward, and the engine samples. `LLM.generate` drives it to
+completion; `AsyncLLMEngine` drives it from a background thread for the server. Stepping is not
+thread-safe: one thread calls `step`/`add_*`/`abort_*` (`make_sequences` is safe from any thread).
 
 Outputs follow vLLM's `RequestOutputKind`: FINAL_ONLY requests report once, cumulatively, when
 all their completions are done; DELTA requests report at every step in which they produced
@@ -19,22 +21,26 @@ stop string.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
+import numpy as np
 import torch
 
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
-from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PagedDecodeBatch, PoolStats, parse_memory
-from moeserve.engine.sampling import SamplingParams
+from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
+from moeserve.engine.runner import ModelRunner
+from moeserve.engine.sampling import Sampler, SamplingParams
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput, SeqState, SeqStatus
 from moeserve.engine.sequence import Sequence, request_output
 from moeserve.errors import RequestError
-from moeserve.model.layers import SeqSlice
+from moeserve.model.decoder import Decoder
 
-if TYPE_CHECKING:
-    from moeserve.engine.llm import LLM, Prompt
+Prompt = str | Seq[int]
 
 DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_seqs full sequences need
 
@@ -86,11 +92,18 @@ class _Request:
 
 
 class LLMEngine:
-    """The continuous-batching engine over one `LLM`'s model, tokenizer and sampler."""
+    """The continuous-batching engine over one model: validation, scheduling, the runner, sampling."""
 
-    def __init__(self, llm: LLM, config: EngineConfig | None = None) -> None:
-        self.llm, self.config = llm, config or EngineConfig()
-        c, cfg = self.config, llm.config
+    def __init__(self, model: Decoder, tokenizer: Any = None, config: EngineConfig | None = None, *,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None, source: str = "the model",
+                 chat_template: str | None = None) -> None:
+        """`model` fixes the context (`max_model_len` = its RoPE positions); `tokenizer` may be None (then
+        prompts are token ids); `argmax` is the backend's greedy kernel; `source` names the model in errors;
+        `chat_template` is the GGUF's Jinja template (ChatML when None)."""
+        self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or EngineConfig(), source
+        self.chat_template = chat_template
+        c, cfg = self.config, model.config
+        self.max_model_len = model.max_positions
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(c.kv_cache_dtype)
         if dtype is None:
             raise RequestError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {c.kv_cache_dtype!r}")
@@ -98,38 +111,83 @@ class LLMEngine:
             num_blocks = c.num_kv_blocks
         else:
             budget = parse_memory(c.kv_cache_memory) if c.kv_cache_memory is not None else DEFAULT_KV_MEMORY
-            wanted = c.max_num_seqs * (-(-llm.max_model_len // BLOCK_SIZE))
+            wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))
             num_blocks = min(budget // KVPool.bytes_per_block(cfg, dtype), wanted)
         if num_blocks < 1:
             raise RequestError(f"the KV cache budget {c.kv_cache_memory!r} holds no block of "
                                f"{KVPool.bytes_per_block(cfg, dtype)} bytes")
-        self.pool = KVPool(cfg, num_blocks, dtype, llm.device)
+        self.pool = KVPool(cfg, num_blocks, dtype, model.device)
         self.allocator = BlockAllocator(num_blocks, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
-        self.max_model_len = llm.max_model_len
+        self.runner = ModelRunner(model, self.pool)
+        self.sampler = Sampler(argmax)
         self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters (after warm-up, so /metrics counts only real requests)."""
         self._prompt_tokens = self._computed_prompt_tokens = self._generation_tokens = self._steps = 0
         self._finished: dict[str, int] = {}
-        # native decode attention on a float32 pool reads the paged KV cache in place (see `_run`)
-        blocks = getattr(llm.model, "blocks", [])
-        self._attention_reads_pool = dtype is torch.float32 and bool(blocks) and all(
-            getattr(b.attn, "fast_decode", None) is not None for b in blocks)
+        self.scheduler.num_preemptions = 0
+        self.allocator.prefix_queries = self.allocator.prefix_hits = 0
 
     # -- requests ---------------------------------------------------------------------------
+    def check_ids(self, ids: list[int], what: str) -> list[int]:
+        """Validate token ids against the vocabulary and the context (raises `RequestError`)."""
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise RequestError(f"{what} is empty")
+        bad = [i for i in ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < vocab]
+        if bad:
+            raise RequestError(f"{what} contains ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(ids) > self.max_model_len:
+            raise RequestError(
+                f"{what} has {len(ids)} tokens, more than the maximum context length of {self.max_model_len}")
+        return [int(i) for i in ids]
+
+    def encode_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"{self.source} has no tokenizer; pass prompts as lists of token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The conversation as prompt text, through the model's chat template (sandboxed Jinja)."""
+        from moeserve.chat_template import ChatTemplate
+
+        if self.tokenizer is None:
+            raise RequestError(f"{self.source} has no tokenizer; chat needs one")
+        tpl = ChatTemplate(self.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+        return tpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
     def make_sequences(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> list[Sequence]:
         """Tokenize and validate a request (raises `RequestError`); safe to call from any thread."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        seqs = self.llm.make_sequences(prompt, params)
-        n = len(seqs[0].prompt_ids)
+        text, ids = self.encode_prompt(prompt)
+        ids = self.check_ids(ids, "prompt")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise RequestError(f"prompt has {n} tokens; the maximum context length is {self.max_model_len} "
+                               "and at least one token must be generated")
         if n + 1 > self.pool.capacity_tokens:
             raise RequestError(f"prompt has {n} tokens but the KV cache holds only {self.pool.capacity_tokens} "
                                "tokens in total; raise kv_cache_memory or num_kv_blocks")
-        if request_id is not None:
-            if request_id in self.requests:
-                raise RequestError(f"request id {request_id!r} is already in use")
-            for s in seqs:
-                s.request_id = request_id
+        if request_id is not None and request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        rid = request_id if request_id is not None else str(next(self._ids))  # itertools.count: atomic
+        eos = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
+        seqs = []
+        for i in range(params.n):
+            s = Sequence(request_id=rid, prompt_ids=ids, params=params, prompt=text, index=i, eos_ids=eos)
+            if self.tokenizer is not None:
+                from moeserve.tokenizer import StreamDecoder
+
+                s.detok = StreamDecoder(self.tokenizer)
+            seqs.append(s)
         return seqs
 
     def add_sequences(self, seqs: list[Sequence], kind: OutputKind = OutputKind.FINAL_ONLY) -> str:
@@ -198,31 +256,18 @@ class LLMEngine:
         return outputs
 
     def _run(self, sched: SchedulerOutput) -> None:
-        """One `Decoder.forward` over every chunk of the step, then sample the chunks that end a sequence."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slices, rows, sampled = [], [], []
+        """One forward over every chunk of the step (the runner), then sample the chunks that end a sequence."""
         for c in sched.chunks:
-            st = c.state
-            slices.append(SeqSlice(start=len(ids), length=c.length, pos=c.start, kv=st.kv))
-            ids.extend(st.tokens(c.start, c.start + c.length))
-            positions.extend(range(c.start, c.start + c.length))
-            if c.samples:
-                rows.append(len(ids) - 1)
-                sampled.append(st.seq)
-            n_prompt = len(st.seq.prompt_ids)
+            n_prompt = len(c.state.seq.prompt_ids)
             self._computed_prompt_tokens += max(0, min(c.start + c.length, n_prompt) - c.start)
-        dev = self.llm.device
-        batch = None
-        # A pure decode step: one attention call per layer for all sequences. A single sequence takes it
-        # only when attention reads the pool in place (native); otherwise its contiguous-view read is cheaper.
-        if len(ids) == len(slices) and (len(slices) > 1 or self._attention_reads_pool):
-            batch = PagedDecodeBatch([c.state.kv for c in sched.chunks], positions)
-        logits = self.llm.model.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), slices,
-                                        torch.tensor(rows, device=dev, dtype=torch.long), batch)
+        logits = self.runner.execute(sched.chunks)
         self.scheduler.commit(sched)
+        sampled = [c.state.seq for c in sched.chunks if c.samples]
         if sampled:
-            self.llm._sample(sampled, logits)
+            out = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
+                                      [s.all_ids for s in sampled], [s.output_ids for s in sampled])
+            for s, tok, lp in zip(sampled, out.token_ids.tolist(), out.logprobs, strict=True):
+                s.append(int(tok), lp, self.max_model_len)
             self._generation_tokens += len(sampled)
 
     def _output(self, req: _Request) -> RequestOutput | None:

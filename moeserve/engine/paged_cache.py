@@ -14,8 +14,9 @@ Pieces, in the order they are used:
   eviction order: blocks that hold nothing reusable are handed out first, blocks that carry a
   prefix hash keep their contents (and stay findable) until they reach the front of the list,
   so recently finished prompts can be revived for free (LRU).
-* `PagedSequenceKV` — one sequence's view of the pool, implementing the model's `KVStore`
-  protocol (`write` / `read`), so `Decoder.forward` runs unchanged on contiguous or paged caches.
+* `PagedSequenceKV` — one sequence's block table; the model runner turns a step's tables into
+  `AttentionMetadata` (slot mapping, block tables), through which the attention kernels read and
+  write the pool in place.
 
 Prefix hashes form a chain, `hash((parent_hash, block_token_ids))`, so a block matches only if
 every token before it matches too; the block's own tokens are also compared on lookup, which
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.gguf.config import ModelConfig
+from moeserve.kernels.metadata import KVCacheTensors
 
 BLOCK_SIZE = 16
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -71,9 +73,9 @@ class KVPool:
         # torch.empty: pages are only touched (and counted in RSS) when a block is first written.
         self.k = torch.empty(shape, dtype=dtype, device=self.device)
         self.v = torch.empty(shape, dtype=dtype, device=self.device)
-        # [layers, n_blocks * 16, kv_heads, head_dim] views, for token-slot scatter and block gather.
-        self.k_slots = self.k.view(config.n_layers, num_blocks * BLOCK_SIZE, config.n_kv_heads, config.head_dim)
-        self.v_slots = self.v.view(config.n_layers, num_blocks * BLOCK_SIZE, config.n_kv_heads, config.head_dim)
+        # [layers, n_blocks * 16, kv_heads, head_dim] views: what the attention kernels address by slot.
+        slots = (config.n_layers, num_blocks * BLOCK_SIZE, config.n_kv_heads, config.head_dim)
+        self.tensors = KVCacheTensors(self.k.view(slots), self.v.view(slots), BLOCK_SIZE)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -209,133 +211,31 @@ class BlockAllocator:
 
 
 class PagedSequenceKV:
-    """One sequence's keys and values in the pool; implements the model's `KVStore` protocol.
+    """One sequence's block table: `blocks[i]` holds its positions `16*i .. 16*i+15` in every layer.
 
-    `blocks[i]` holds positions `16*i .. 16*i+15`. Attention calls `write` then `read` once per
-    layer with the same positions, so the slot indices and the block-id tensor are computed once
-    per step and reused by every layer. When the table is a run of consecutive block ids (the
-    allocator tries to keep it so) `read` returns a view of the pool and copies nothing;
-    otherwise it gathers the needed blocks with one `index_select` per tensor.
+    The model runner turns the tables of a step's sequences into `AttentionMetadata` (slot mapping,
+    padded block tables); the attention kernels read and write the pool through them.
     """
 
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.blocks: list[int] = []
-        self._contiguous = 0  # length of the leading run of consecutive block ids
-        self._table: torch.Tensor | None = None
-        self._slots: tuple[int, int, torch.Tensor | list[tuple[int, int, int, int]]] | None = None
 
     @property
     def capacity(self) -> int:
         return len(self.blocks) * BLOCK_SIZE
 
     def append_blocks(self, blocks: Sequence[int]) -> None:
-        for b in blocks:
-            if self._contiguous == len(self.blocks) and (not self.blocks or b == self.blocks[-1] + 1):
-                self._contiguous += 1
-            self.blocks.append(b)
-        self._table = None
+        self.blocks.extend(blocks)
 
     def clear(self) -> list[int]:
         """Forget the table and return the blocks (the caller frees them)."""
-        blocks, self.blocks, self._contiguous, self._table, self._slots = self.blocks, [], 0, None, None
+        blocks, self.blocks = self.blocks, []
         return blocks
 
-    def _slot_plan(self, pos: int, n: int) -> torch.Tensor | list[tuple[int, int, int, int]]:
-        """Where tokens pos..pos+n go: (block, offset, src, count) runs, or a slot tensor for many runs."""
-        if self._slots is not None and self._slots[:2] == (pos, n):
-            return self._slots[2]
-        if pos + n > self.capacity:
-            raise RuntimeError(f"write of positions {pos}..{pos + n} past the {self.capacity} reserved slots")
-        runs, p = [], pos
-        while p < pos + n:
-            off = p % BLOCK_SIZE
-            cnt = min(BLOCK_SIZE - off, pos + n - p)
-            runs.append((self.blocks[p // BLOCK_SIZE], off, p - pos, cnt))
-            p += cnt
-        plan: torch.Tensor | list[tuple[int, int, int, int]] = runs
-        if len(runs) > 2:
-            plan = torch.tensor([b * BLOCK_SIZE + o + i for b, o, _, c in runs for i in range(c)],
-                                device=self.pool.device)
-        self._slots = (pos, n, plan)
-        return plan
-
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        plan = self._slot_plan(pos, k.shape[0])
-        pk, pv = self.pool.k[layer], self.pool.v[layer]
-        if isinstance(plan, torch.Tensor):
-            self.pool.k_slots[layer].index_copy_(0, plan, k.to(self.pool.dtype))
-            self.pool.v_slots[layer].index_copy_(0, plan, v.to(self.pool.dtype))
-            return
-        for b, off, src, cnt in plan:
-            pk[b, off:off + cnt] = k[src:src + cnt]
-            pv[b, off:off + cnt] = v[src:src + cnt]
-
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = blocks_for(end)
-        shape = (nb * BLOCK_SIZE, *self.pool.k.shape[3:])
-        if nb <= self._contiguous:
-            b0 = self.blocks[0]
-            return (self.pool.k[layer, b0:b0 + nb].reshape(shape)[:end],
-                    self.pool.v[layer, b0:b0 + nb].reshape(shape)[:end])
-        if self._table is None:
-            self._table = torch.tensor(self.blocks, device=self.pool.device)
-        idx = self._table[:nb]
-        k = torch.index_select(self.pool.k[layer], 0, idx).view(shape)[:end]
-        v = torch.index_select(self.pool.v[layer], 0, idx).view(shape)[:end]
-        return k, v
-
-
-class PagedDecodeBatch:
-    """A decode step's sequences (one new token each) as one `BatchKV` for the model.
-
-    The block table and the slot of every new token are computed once per step; each layer then
-    does one `index_copy_` per tensor (write) for the whole batch, and the native attention reads
-    the pool in place through the table (`pool`, `table`). Without it, `read` gathers every
-    sequence's keys into a padded batch (one `index_select` per tensor, computed on first use):
-    padding reads a valid slot of the same sequence and is masked out by the kernel.
-    """
-
-    block_size = BLOCK_SIZE
-
-    def __init__(self, seqs: Sequence[PagedSequenceKV], positions: Sequence[int]) -> None:
-        pool = seqs[0].pool
-        self.kv_pool = pool
-        L = max(positions) + 1
-        nb = blocks_for(L)
-        for s, p in zip(seqs, positions, strict=True):
-            if p >= s.capacity:
-                raise RuntimeError(f"write of position {p} past the {s.capacity} reserved slots")
-        dev = pool.device
-        # [B, nb] block ids; a shorter sequence's tail repeats its first block (never read: rows >= lens)
-        self.table = torch.tensor([s.blocks[:nb] + [s.blocks[0]] * (nb - min(nb, len(s.blocks))) for s in seqs],
-                                  dtype=torch.long, device=dev)
-        self.positions = torch.tensor(list(positions), dtype=torch.long, device=dev)
-        self.lens = self.positions + 1
-        self.write_slots = torch.tensor([s.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                                         for s, p in zip(seqs, positions, strict=True)], dtype=torch.long, device=dev)
-        self.B, self.L = len(seqs), L
-        self._read_slots: torch.Tensor | None = None
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' k/v [B, nkv, hd] in their slots."""
-        ks, vs = self.kv_pool.k_slots[layer], self.kv_pool.v_slots[layer]
-        ks.index_copy_(0, self.write_slots, k.to(ks.dtype))
-        vs.index_copy_(0, self.write_slots, v.to(vs.dtype))
-
-    def pool(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's slot pools [n_blocks * block_size, nkv, hd], addressed through `table`."""
-        return self.kv_pool.k_slots[layer], self.kv_pool.v_slots[layer]
-
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's keys/values gathered and padded: [B, L, nkv, hd]."""
-        if self._read_slots is None:
-            j = torch.arange(self.L, device=self.table.device)
-            slots = self.table[:, j // BLOCK_SIZE] * BLOCK_SIZE + j % BLOCK_SIZE  # [B, L]
-            # Padding reads the sequence's own first slot: never-written slots may hold NaN, and a
-            # masked-out NaN value still poisons the attention output (0 * NaN).
-            valid = j.unsqueeze(0) <= self.positions.unsqueeze(1)
-            self._read_slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)  # [B * L]
-        ks, vs = self.pool(layer)
-        shape = (self.B, self.L, *ks.shape[1:])
-        return ks.index_select(0, self._read_slots).view(shape), vs.index_select(0, self._read_slots).view(shape)
+    def slots(self, start: int, end: int) -> list[int]:
+        """Pool slots of positions start .. end (all inside the reserved blocks)."""
+        if end > self.capacity:
+            raise RuntimeError(f"positions {start}..{end} past the {self.capacity} reserved slots")
+        b = self.blocks
+        return [b[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]

@@ -17,13 +17,13 @@ the filters can be tested on hand-written logits and a caller may keep the raw l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from moeserve.errors import RequestError
-from moeserve.kernels.fast import native
 
 # Temperatures below this are treated as greedy, like vLLM: dividing by a tiny temperature only
 # produces inf/NaN where argmax gives the intended answer.
@@ -43,13 +43,6 @@ def _is_int(value: object) -> bool:
 def _is_number(value: object) -> bool:
     """True for int/float (not bool), so JSON numbers of either kind are accepted."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax: the native kernel on CPU (~10x torch's single-threaded reduction over a
-    150k vocabulary), torch elsewhere; both pick the first maximum (or the first NaN)."""
-    out = native.argmax(x) if x.device.type == "cpu" else None
-    return out if out is not None else torch.argmax(x, dim=-1)
 
 
 @dataclass
@@ -332,7 +325,13 @@ class Sampler:
 
     Rows may carry different parameters: every transform takes per-row values, and a transform
     is skipped entirely when no row uses it, so the common all-default batch costs one softmax.
+
+    `argmax` is the backend's row-wise argmax (the cpu backend's native one is ~10x torch's
+    single-threaded reduction over a 150k vocabulary); both pick the first maximum (or the first NaN).
     """
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.argmax = argmax or (lambda x: torch.argmax(x, dim=-1))
 
     def sample(
         self,
@@ -373,7 +372,7 @@ class Sampler:
         )
 
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        token_ids = _argmax(x)
+        token_ids = self.argmax(x)
         if not bool(greedy.all()):
             x = apply_temperature(x, [p.temperature for p in params])
             x = apply_top_k(x, [p.top_k for p in params])

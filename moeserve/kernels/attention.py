@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeserve.kernels.metadata import AttentionMetadata
+
 
 def causal_mask(q_pos: int, t: int, total: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Boolean [t, total] mask (True = attend), or None when plain causal `is_causal` suffices."""
@@ -57,3 +59,51 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=nh != k.shape[2],
     )
     return out.reshape(B, nh * hd)
+
+
+class PagedAttention:
+    """The reference attention of one layer over the paged KV pool (any device, any pool dtype).
+
+    `(q [T, nh, hd], k/v [T, nkv, hd], meta) -> [T, nh * hd]`: the step's k/v are stored at their slots
+    (`meta.slot_mapping`), then a pure decode step gathers every sequence's keys into one padded batch
+    (one SDPA call for all), and any other step attends sequence by sequence: a chunk that starts a
+    sequence uses its own rows, a later chunk reads its earlier keys back from the pool.
+    """
+
+    def __init__(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> None:
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim, self.window = (
+            layer, n_heads, n_kv_heads, head_dim, window)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        kv = meta.kv
+        if kv is not None and meta.slot_mapping is not None:
+            kc, vc = kv.k[self.layer], kv.v[self.layer]
+            kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+            vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+        if meta.decode_only:
+            return self.decode(q, meta)
+        out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        for b, ctx in enumerate(meta.context_lens):
+            rows = slice(meta.query_start[b], meta.query_start[b + 1])
+            if ctx == 0:
+                keys, values = k[rows], v[rows]
+            else:
+                assert kv is not None, "a sequence with cached context needs the KV pool"
+                slots = meta.key_slots(b)
+                keys, values = kv.k[self.layer][slots], kv.v[self.layer][slots]
+            out[rows] = self.attend(q[rows], keys, values, ctx)
+        return out
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: int) -> torch.Tensor:
+        """One sequence: queries at positions q_pos.. against all of its keys."""
+        return gqa_attention(q, keys, values, q_pos, self.window)
+
+    def decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One new query per sequence, every sequence's keys gathered from the pool and padded."""
+        assert meta.kv is not None
+        slots = meta.decode_slots  # [B, L]
+        B, L = slots.shape
+        kc, vc = meta.kv.k[self.layer], meta.kv.v[self.layer]
+        keys = kc.index_select(0, slots.reshape(-1)).view(B, L, *kc.shape[1:])
+        values = vc.index_select(0, slots.reshape(-1)).view(B, L, *vc.shape[1:])
+        return decode_attention(q, keys, values, meta.positions, self.window)

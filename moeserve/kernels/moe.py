@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from moeserve.profiler import stage
 
@@ -55,3 +56,29 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, n
         with stage("weighted_sum"):
             out.index_add_(0, rows, y.float() * w_sorted[s:t, None])
     return out
+
+
+class GroupedMoE:
+    """The reference MoE block: router -> softmax/top-k -> grouped experts (SwiGLU) -> weighted sum.
+
+    `router` is any backend's linear; `gate`/`up`/`down` are expert kernels `(e, x) -> x @ W[e].T`.
+    Backends with a fused path subclass this and fall back to `__call__` where it does not apply.
+    """
+
+    def __init__(self, router, gate, up, down, top_k: int, renormalize: bool = True) -> None:  # noqa: ANN001
+        self.router, self.gate, self.up, self.down = router, gate, up, down
+        self.n_experts, self.top_k, self.renormalize = gate.n_experts, top_k, renormalize
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)) for expert e."""
+        with stage("expert_gate"):
+            g = self.gate(e, x)
+        with stage("expert_up"):
+            u = self.up(e, x)
+        with stage("expert_down"):
+            return self.down(e, F.silu(g) * u)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        with stage("router"):
+            weights, experts = route(self.router(h), self.top_k, self.renormalize)
+        return grouped_moe(h, weights, experts, self.n_experts, self.expert)

@@ -4,6 +4,10 @@
 * normal (interleaved, llama): dimension 2i pairs with 2i + 1. llama GGUF converters permute the
   q/k rows so that this matches HF's rotate-half on the original weights.
 Only the first `rope_dim` dimensions of each head rotate (partial RoPE); the rest pass through.
+
+The cos/sin tables cover positions `0 .. max_pos - 1` and are built once, at load, and never change:
+kernels read them while other threads may run (the engine never schedules a position past
+`max_model_len`, and `LLM.logits` checks its length first).
 """
 
 from __future__ import annotations
@@ -19,21 +23,16 @@ class Rope:
         if freq_factors is not None:  # llama-3 style per-frequency scaling (`rope_freqs.weight`)
             inv_freq = inv_freq / freq_factors.float()
         self.inv_freq = inv_freq.to(device)
-        self._build(max_pos)
-
-    def _build(self, max_pos: int) -> None:
         pos = torch.arange(max_pos, dtype=torch.float32, device=self.inv_freq.device)
         angles = torch.outer(pos, self.inv_freq)  # [P, rope_dim/2]
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def ensure(self, pos: int) -> None:
-        """Grow the cos/sin tables (doubling) so that they cover position `pos`."""
-        if pos >= self.cos.shape[0]:
-            self._build(max(pos + 1, 2 * self.cos.shape[0]))
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate `x` [T, heads, head_dim] for absolute `positions` [T]."""
-        self.ensure(int(positions.max()))
         cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, d/2]
         sin = self.sin[positions].unsqueeze(1).to(x.dtype)
         d = self.rope_dim

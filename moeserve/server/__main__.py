@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--kernels", default=None, choices=["fast", "reference"])
+    ap.add_argument("--kernels", default=None, choices=["auto", "cpu", "reference", "fast"])
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", default=None, help="pool budget, e.g. 2GiB")
     ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "bfloat16"])

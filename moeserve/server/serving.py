@@ -126,7 +126,7 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.llm.tokenizer
+        self.tokenizer = engine.tokenizer
 
     # -- helpers ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> JSONResponse | None:
@@ -254,8 +254,7 @@ class OpenAIServing:
         return {"content": content}
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        llm = self.engine.llm
-        text = llm.render_chat([m.to_template() for m in req.messages], req.add_generation_prompt, req.tools)
+        text = self.engine.render_chat([m.to_template() for m in req.messages], req.add_generation_prompt, req.tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:

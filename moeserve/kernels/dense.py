@@ -5,8 +5,8 @@ and float models are test fixtures, so exactness beats bytes here:
 
 * F32 is used in place (a zero-copy view of the mapped file) with float32 `F.linear` (MKL).
 * F16 has no fast CPU matmul; it is widened to float32 once at load (exact, 2x its bytes).
-* BF16 is kept as is and multiplied with bf16 activations (weights exact, activations rounded
-  like the int4 path) when large; small BF16 weights are widened to float32 like F16, since
+* BF16 is kept as is and multiplied with bf16 activations (weights exact, activations rounded)
+  when large; small BF16 weights are widened to float32 like F16, since
   bf16 GEMM has no speed advantage on small shapes and the fp32 product is exact.
 """
 
@@ -34,11 +34,12 @@ def dense_weight(raw: torch.Tensor, qtype: QT, n_cols: int) -> torch.Tensor:
 
 
 class DenseLinear:
-    """`fast(x) -> x @ W.T` in float32 (bf16 product if W is bf16)."""
+    """`x @ W.T` in float32 (bf16 product if W is bf16)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self.dtype = weight.dtype
+        self.out_features, self.in_features = weight.shape[-2], weight.shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -49,11 +50,12 @@ class DenseLinear:
 
 
 class DenseExperts:
-    """`fast(e, x) -> x @ W[e].T` for a float `[E, N, K]` stack (per-expert views pre-split)."""
+    """`(e, x) -> x @ W[e].T` for a float `[E, N, K]` stack (per-expert views pre-split)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self.dtype = weight.dtype
+        self.n_experts, self.out_features, self.in_features = weight.shape
         self._w = list(weight.unbind(0))
 
     @property

@@ -1,0 +1,82 @@
+"""`ModelRunner`: the model, the paged KV pool, and one forward per scheduled step.
+
+The scheduler decides which tokens run (`SchedulerOutput.chunks`: a slice of one sequence each —
+a decode token or a prefill chunk); the runner flattens them into one batch of T rows, builds the
+step's `AttentionMetadata` once (positions, slot mapping, block tables, sequence lengths, query start
+offsets), runs `Decoder.forward`, and returns the logits of the rows that end a sequence. The engine
+samples from them. `bench`, warm-up, `generate` and the server all run through `execute`, so what is
+benchmarked is what is served; `LLM.logits` runs `forward_full` (one sequence, no cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.engine.paged_cache import BLOCK_SIZE, KVPool, blocks_for
+from moeserve.engine.scheduler import Chunk
+from moeserve.kernels.metadata import AttentionMetadata, no_cache_metadata
+from moeserve.model.decoder import Decoder
+
+
+@dataclass
+class StepInput:
+    """One step, flattened: token ids [T], attention metadata, and the rows whose logits are sampled."""
+
+    ids: torch.Tensor
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, pool: KVPool) -> None:
+        self.model, self.pool = model, pool
+        self.device = pool.device
+
+    def prepare(self, chunks: Sequence[Chunk]) -> StepInput:
+        """Flatten the step's chunks and describe them for attention (host loops here, none in the forward)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts, contexts, lens, tables, rows = [0], [], [], [], []
+        for c in chunks:
+            st, end = c.state, c.start + c.length
+            if end > self.model.max_positions:
+                raise RuntimeError(f"position {end - 1} is past the model's {self.model.max_positions} positions")
+            ids.extend(st.tokens(c.start, end))
+            positions.extend(range(c.start, end))
+            slots.extend(st.kv.slots(c.start, end))
+            starts.append(len(ids))
+            contexts.append(c.start)
+            lens.append(end)
+            tables.append(st.kv.blocks[:blocks_for(end)])
+            if c.samples:
+                rows.append(len(ids) - 1)
+        width = max(len(t) for t in tables)
+        padded = [t + [t[0]] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev), query_start=starts,
+            context_lens=contexts, seq_lens=torch.tensor(lens, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=dev), block_lists=tables,
+            kv=self.pool.tensors)
+        return StepInput(torch.tensor(ids, dtype=torch.long, device=dev), meta,
+                         torch.tensor(rows, dtype=torch.long, device=dev))
+
+    def execute(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """Run one scheduled step (its k/v land in the pool); float32 logits of the sampling rows."""
+        step = self.prepare(chunks)
+        return self.model.forward(step.ids, step.meta, step.logit_rows)
+
+    def forward_full(self, ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] of one sequence from position 0, touching no cache (reentrant)."""
+        if len(ids) > self.model.max_positions:
+            raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
+        meta = no_cache_metadata([len(ids)], self.device)
+        return self.model.forward(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
+
+
+__all__ = ["BLOCK_SIZE", "ModelRunner", "StepInput"]

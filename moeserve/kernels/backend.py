@@ -1,0 +1,157 @@
+"""The kernel backend interface: the model asks a backend for each operation once, at load.
+
+A backend is a factory of kernel objects. While loading, every layer asks it for the kernels it
+needs — a linear on a packed weight, the q/k/v projection with QK-norm and RoPE, attention over the
+paged KV pool, the whole MoE block, RMSNorm, embedding rows — and keeps exactly one object per
+operation. A layer's forward then calls its objects and never asks which backend made them (the
+pattern of vLLM's `CustomOp`: one op, a native implementation and per-platform ones).
+
+Backends (`select_backend`):
+
+* `reference` (`kernels/reference.py`) — plain torch on any device: dequantize the one matrix or
+  expert a call needs, multiply in float32, SDPA attention. The oracle every other backend is
+  tested against (tests/test_parity_hf.py runs the same suite on each backend).
+* `cpu` (`kernels/cpu/`) — the native AVX2 kernels (`torch.ops.moeserve.*`) on the GGUF blocks in
+  place; the default on a CPU. Shapes it has no kernel for fall back to the reference objects.
+* `triton` — the GPU backend (planned; until then a CUDA device gets `reference`).
+
+Every kernel object is reentrant: it holds only what load gave it, so two threads may call the
+same model at once (`LLM.logits` beside a running server).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+
+from moeserve.errors import RequestError
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.metadata import AttentionMetadata
+from moeserve.kernels.rope import Rope
+
+
+class Linear(Protocol):
+    """`y = x @ W.T (+ b)`: x [..., in] any float dtype -> y [..., out] float32."""
+
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class QKVProjection(Protocol):
+    """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention
+    layer's q/k/v projections, per-head QK RMSNorm (Qwen3) and RoPE."""
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+class Attention(Protocol):
+    """`(q, k, v, meta) -> o [T, nh * hd]`: writes the step's k/v into the paged pool (slot mapping)
+    and attends every row to its sequence's keys (causal, optional sliding window)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+
+
+class MoEBlock(Protocol):
+    """`h [T, H] -> out [T, H]` float32: router, top-k, experts (SwiGLU) and their weighted sum."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class Norm(Protocol):
+    """RMSNorm over the last dim, in float32."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Embedding(Protocol):
+    """`ids [T] -> rows [T, H]` float32, dequantizing only the rows asked for."""
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class Backend(ABC):
+    """A factory of kernel objects for one device (see the module docstring)."""
+
+    name: str
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def place(self, w: PackedTensor) -> PackedTensor:
+        """The packed weight on this backend's device (the file's bytes, moved once at load)."""
+        if w.data.device == self.device:
+            return w
+        return PackedTensor(w.name, w.qtype, w.shape, w.data.to(self.device))
+
+    def vector(self, w: PackedTensor) -> torch.Tensor:
+        """A small 1-D tensor (norm weight, bias) as float32 on the device."""
+        return w.dequantize().to(self.device)
+
+    @abstractmethod
+    def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear: ...
+
+    @abstractmethod
+    def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
+             freq_factors: torch.Tensor | None = None) -> Rope: ...
+
+    @abstractmethod
+    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVProjection:
+        """The q/k/v projection of one layer, built from the linears this backend made."""
+
+    @abstractmethod
+    def attention(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                  window: int | None) -> Attention: ...
+
+    @abstractmethod
+    def moe(self, router: PackedTensor, gate: PackedTensor, up: PackedTensor, down: PackedTensor, top_k: int,
+            renormalize: bool) -> MoEBlock:
+        """The MoE block: router `[E, H]`, expert stacks gate/up `[E, I, H]` and down `[E, H, I]`."""
+
+    @abstractmethod
+    def norm(self, weight: torch.Tensor, eps: float) -> Norm: ...
+
+    @abstractmethod
+    def embedding(self, w: PackedTensor) -> Embedding: ...
+
+    @abstractmethod
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-wise argmax of float32 logits [R, V] (greedy sampling): the first maximum, NaN wins."""
+
+
+BACKENDS = ("auto", "reference", "cpu")
+ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kernels of this device"
+
+
+def backend_name(name: str | None, device: torch.device | str) -> str:
+    """Resolve `name` (None: `$MOESERVE_KERNELS`, else auto) to a concrete backend for `device`."""
+    raw = name if name is not None else os.environ.get("MOESERVE_KERNELS") or "auto"
+    resolved = ALIASES.get(raw, raw)
+    if resolved not in BACKENDS:
+        raise RequestError(f"kernels must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
+    if resolved == "auto":
+        return "cpu" if torch.device(device).type == "cpu" else "reference"
+    if resolved == "cpu" and torch.device(device).type != "cpu":
+        raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use kernels='reference'")
+    return resolved
+
+
+def select_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
+    """The backend `name` names for `device` (see `backend_name`).
+
+    The cpu backend builds its native kernels here: a compiler error is raised (`NativeBuildError`
+    with the compiler's message), never swallowed — `kernels='reference'` is the way to run without.
+    """
+    resolved = backend_name(name, device)
+    if resolved == "cpu":
+        from moeserve.kernels.cpu.backend import CpuBackend
+
+        return CpuBackend(device)
+    from moeserve.kernels.reference import ReferenceBackend
+
+    return ReferenceBackend(device)

@@ -1,0 +1,260 @@
+"""The native GGUF kernels (`csrc/`, AVX2 + FMA + F16C CPUs) as kernel objects over `torch.ops.moeserve.*`.
+
+Why native kernels: on AVX2-only machines torch's int4 kernel is instruction-bound at decode (~0.35
+cycles per weight) and rounds activations and outputs to bf16. The kernels run integer dot products
+straight on the file's GGUF blocks with 16-bit activations: no repack (zero load time, zero extra
+memory), float32 output, ~1e-5 relative error. For larger batches (`mk_gemm`) each thread decodes
+tiles of weight rows once in its cache and multiplies them with all the rows: for the K-quants as
+int16 code x scale against 15-bit activations (`pmaddwd`, ~5e-5), for the other types as exact
+float32 with an FMA micro-kernel.
+
+The library is built and loaded by `build.load()` on first use (see build.py). `available()` is
+False only on a CPU without AVX2/FMA/F16C; on a capable CPU a failed build raises
+`NativeBuildError` instead of silently falling back.
+
+Every object here holds only immutable references (the weight bytes, type ids, sizes) and every
+call allocates its own outputs: two threads may call the same object at once. RoPE tables are
+fixed: `rope.cos` / `rope.sin` float32 `[max_pos, rope_dim / 2]`; a position outside them raises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.cpu import build
+
+NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+
+GEMM_MIN_ROWS = 12
+"""From this many activation rows on, `mk_gemm` replaces the few-row integer kernel, whose cost grows with
+every row (it decodes each block once per group of up to 4 rows). For Q4_0..Q8_0 `mk_gemm` dequantizes a
+tile of weight rows to exact float32 in L2 and runs a float32 FMA micro-kernel; measured on the 2-core
+AVX2 machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=12 0.39 vs 0.38, m=16
+0.51 vs 0.40 (the K-quants have their own threshold below)."""
+
+GEMM_MIN_ROWS_KQUANT = 4
+"""The same for Q4_K/Q5_K/Q6_K, whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
+q * scale, pmaddwd against 15-bit activations). Integer dots vs integer GEMM, 2 threads: Q4_K 768x2048
+m=2 0.079 vs 0.120 ms, m=4 0.130 vs 0.123, m=8 0.27 vs 0.18, m=16 0.55 vs 0.31; Q6_K lm_head
+151936x2048 m=4 29 vs 28 ms, m=8 60 vs 37, m=16 114 vs 61 (the float32 GEMM: 72 at m=16)."""
+
+KQUANTS = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
+
+
+def available() -> bool:
+    """True if this CPU runs the native kernels (AVX2, FMA, F16C); then the library is built and loaded
+    here, and a failed build raises `NativeBuildError`."""
+    if not build.cpu_ok():
+        return False
+    build.load()
+    return True
+
+
+def load() -> Path:
+    """Build (if needed) and load the kernel library (`build.load`); NativeBuildError with the compiler's command
+    and output when it does not build."""
+    return build.load()
+
+
+def ops() -> Any:
+    """`torch.ops.moeserve`, the library loaded (NativeBuildError when it cannot be)."""
+    if build._loaded is None:
+        build.load()
+    return torch.ops.moeserve
+
+
+def supports(w: PackedTensor) -> bool:
+    """True if `w` can use the native kernels (type, layout, CPU, K a multiple of 256)."""
+    return (
+        QT(w.qtype) in NATIVE_TYPES
+        and w.data.device.type == "cpu"
+        and w.shape[-1] % 256 == 0
+        and w.data.is_contiguous()
+        and available()
+    )
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+
+
+class NativeMatmul:
+    """Shared state of the matmul objects: small m -> integer kernel on the GGUF bytes; larger m -> `mk_gemm`
+    (`torch.ops.moeserve.qmatmul` picks by `gemm_min_rows`)."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        self._op = ops().qmatmul.default
+        self.weight = w
+        self.qtype = int(w.qtype)
+        self.out_features, self.in_features = w.shape[-2], w.shape[-1]
+        self.row_bytes = w.data.shape[-1]
+        self._data = w.data
+        self.gemm_min_rows = GEMM_MIN_ROWS_KQUANT if QT(w.qtype) in KQUANTS else GEMM_MIN_ROWS
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # runs on the mapped file bytes: nothing extra is allocated
+
+
+class NativeLinear(NativeMatmul):
+    """`fast(x) -> x @ W.T` (float32) on a 2-D GGUF weight; x of any float dtype and shape [..., K]."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
+        y = self._op(_f32(x), self._data, self.qtype, self.in_features, self.gemm_min_rows)
+        return y.view(*lead, self.out_features)
+
+
+class NativeExperts(NativeMatmul):
+    """`fast(e, x) -> x @ W[e].T` (float32) on a 3-D expert stack; x [m, K]."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        super().__init__(w)
+        self.n_experts = w.shape[0]
+
+    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
+        return self._op(_f32(x), self._data, self.qtype, self.in_features, self.gemm_min_rows, int(e))
+
+
+class FusedLinears:
+    """`fused(x) -> (x @ W_1.T, x @ W_2.T, ...)` for native linears sharing their input (an attention
+    layer's q, k, v projections). Below `gemm_min_rows` (the smallest of the linears' GEMM thresholds) it
+    is one `qmatmul_multi` call: the input is quantized once and one parallel region covers every row,
+    instead of three calls each paying ~15-20 us of call, quantization and fork/join at decode. Larger
+    inputs take each linear's own path, so the outputs are always those of the separate calls."""
+
+    def __init__(self, linears: list[NativeLinear]) -> None:
+        if not linears or len(linears) > 8:
+            raise ValueError(f"FusedLinears takes 1 to 8 linears, got {len(linears)}")
+        if len({lin.in_features for lin in linears}) != 1:
+            raise ValueError("fused linears must share their input size")
+        self._op = ops().qmatmul_multi.default
+        self.linears = list(linears)
+        self.in_features = linears[0].in_features
+        self.gemm_min_rows = min(lin.gemm_min_rows for lin in linears)
+        self._datas = [lin._data for lin in linears]
+        self._qtypes = [lin.qtype for lin in linears]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dim() != 2 or x.shape[0] >= self.gemm_min_rows:
+            return tuple(lin(x) for lin in self.linears)
+        return tuple(self._op(_f32(x), self._datas, self._qtypes, self.in_features))
+
+
+class NormRope:
+    """`(x [T, nh, hd], norm_weight | None, positions [T]) -> x`, in place: per-head RMSNorm then RoPE
+    in one native call (`norm_rope_`); the same math as `rms_norm` + `Rope.__call__`. `rope` has fixed
+    tables: `rope_dim`, `neox`, `cos`, `sin` (float32 [max_pos, rope_dim / 2]); a position outside them
+    raises."""
+
+    def __init__(self, rope: Any, eps: float) -> None:
+        self._op = ops().norm_rope_.default
+        self.rope, self.eps = rope, eps
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        rope = self.rope
+        if not _plain(x) or (weight is not None and not _plain(weight)) or x.dim() != 3:
+            if weight is not None:  # the reference formula (model.layers.rms_norm)
+                xf = x.float()
+                x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+            return rope(x, positions)
+        if positions.dtype is not torch.int64 or not positions.is_contiguous():
+            positions = positions.long().contiguous()
+        return self._op(x, weight, positions, rope.cos, rope.sin, self.eps, rope.rope_dim, bool(rope.neox))
+
+
+class QKVRope:
+    """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's
+    projections, per-head q/k RMSNorm and RoPE. At decode (< `fused.gemm_min_rows` rows) one native call
+    (`qkv_rope`) does all of it; larger inputs take `FusedLinears` (tiled GEMMs) and `NormRope`."""
+
+    def __init__(self, fused: FusedLinears, norm_rope: NormRope, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        if len(fused.linears) != 3:
+            raise ValueError(f"QKVRope needs the q, k and v linears, got {len(fused.linears)}")
+        self._op = ops().qkv_rope.default
+        self.fused, self.norm_rope, self.q_norm, self.k_norm = fused, norm_rope, q_norm, k_norm
+        self.nh, self.nkv, self.hd = n_heads, n_kv_heads, head_dim
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = h.shape[0]
+        native_ok = (h.dim() == 2 and 0 < T < self.fused.gemm_min_rows and h.shape[1] == self.fused.in_features
+                     and _plain(h) and positions.dtype is torch.int64
+                     and positions.is_contiguous() and all(w is None or _plain(w) for w in (self.q_norm, self.k_norm)))
+        if not native_ok:
+            q, k, v = self.fused(h)
+            q, k = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd)
+            return self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions), \
+                v.view(T, self.nkv, self.hd)
+        rope = self.norm_rope.rope
+        return self._op(h, self.fused._datas, self.fused._qtypes, self.q_norm, self.k_norm, positions, rope.cos,
+                        rope.sin, self.nh, self.nkv, self.hd, self.norm_rope.eps, rope.rope_dim, bool(rope.neox))
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, window: int | None = None,
+                scale: float | None = None, table: torch.Tensor | None = None,
+                block_size: int = 0) -> torch.Tensor | None:
+    """One query per sequence (`attn_decode`): q [B, nh, hd], lens [B] int64 -> [B, nh*hd]; the same
+    result as `decode_attention` / `gqa_attention` for one query. k/v are either padded per sequence,
+    [B, L, nkv, hd] (rows past `lens[b]` are ignored), or, with `table` [B, nb] int64 block ids and
+    `block_size`, the paged pool's slots [n_blocks * block_size, nkv, hd], read in place (row j of
+    sequence b is slot table[b, j // block_size] * block_size + j % block_size).
+    None when the inputs do not fit the kernel (the caller falls back): wrong dtypes or shapes here, or
+    a length outside 1..L or a block id outside the pool (the kernel checks every block it would read)."""
+    B, nh, hd = q.shape
+    paged = table is not None
+    if (q.device.type != "cpu" or k.dtype is not torch.float32 or v.dtype is not torch.float32
+            or q.dtype is not torch.float32 or hd % 8 or hd > 256 or k.dim() != (3 if paged else 4)
+            or (k.shape[0] != B and not paged) or k.shape != v.shape or k.shape[-1] != hd or k.shape[-2] < 1
+            or nh % k.shape[-2] or lens.numel() != B or B < 1):
+        return None
+    if paged and (block_size < 1 or table.dim() != 2 or table.shape[0] != B):
+        return None
+    lens = lens.to(torch.int64).reshape(-1).contiguous()
+    if paged:
+        table = table.to(torch.int64).contiguous()
+    out = ops().attn_decode.default(q.contiguous(), k.contiguous(), v.contiguous(), lens, table,
+                                    block_size if paged else 0, window or 0, scale if scale is not None else hd ** -0.5)
+    return out if out.numel() else None
+
+
+class EmbeddingRows:
+    """`rows(ids) -> [*ids.shape, K]` float32: an embedding lookup dequantizing only the rows asked for
+    (`dequant_rows`, bit-exact with the reference dequantizer, ~1 us per row instead of ~0.3 ms per call
+    through the numpy reference)."""
+
+    def __init__(self, w: PackedTensor) -> None:
+        self._op = ops().dequant_rows.default
+        self.weight, self.qtype, self.K = w, int(w.qtype), w.shape[-1]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        raw = self.weight.data[ids.reshape(-1)].contiguous()  # the rows' GGUF bytes (bad ids: an index error)
+        return self._op(raw, self.qtype, self.K).view(*ids.shape, self.K)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """`torch.argmax(x, dim=-1)` for a float32 CPU matrix [R, V] (same ties and NaN rule), or None
+    when it does not apply."""
+    if x.dim() != 2 or not _plain(x) or x.shape[1] < 1:
+        return None
+    return ops().argmax.default(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`model.layers.rms_norm` over the last dim in one native call (new tensor), or None if it does not apply."""
+    if not (_plain(x) and _plain(weight)) or x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        return None
+    return ops().rms_norm.default(x, weight, eps)
