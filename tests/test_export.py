@@ -17,6 +17,8 @@ from moeserve.export import ExportError, Vocab, export_qwen3moe
 from moeserve.gguf.config import load_config
 from moeserve.gguf.reader import GGUFFile
 
+from .conftest import llama_cpp_logits
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 384
@@ -161,11 +163,8 @@ def test_errors_are_one_clear_exception(tmp_path, untied):
 def test_llama_cpp_reads_export_as_hf_model(tmp_path, untied, qtype, tol):
     """llama.cpp interprets the file as the HF model (F32: up to its f16 KV cache; Q8_0: it also
     rounds activations to 8 bits, so its error is about twice moeserve's)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     path = _export(tmp_path, untied, qtype, name=f"llama-{qtype.name}.gguf")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(IDS)
-    theirs = np.asarray(llm.scores[: len(IDS)], dtype=np.float32)
+    theirs = llama_cpp_logits(path, list(IDS))
     ref = hf_logits(untied)
     assert np.abs(theirs - ref).max() < tol * np.abs(ref).max()
     top2 = np.sort(ref, axis=-1)[:, -2:]

@@ -12,17 +12,9 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve import LLM
 
-from .conftest import smollm2_path
+from .conftest import llama_cpp_logits, smollm2_path
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
-
-def llama_cpp_logits(path: str, tokens: list[int]) -> np.ndarray:
-    ll = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, n_batch=256)
-    ll.eval(tokens)
-    out = np.array(ll.scores[: len(tokens)], dtype=np.float32)
-    ll.close()
-    return out
+pytest.importorskip("llama_cpp")
 
 
 def compare(path: str, tokens: list[int], kernels: str) -> tuple[float, float]:
