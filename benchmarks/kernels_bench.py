@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve.gguf.quants import random_quant_bytes
 from moeserve.gguf.reader import PackedTensor
-from moeserve.kernels.backend import select_backend
+from moeserve.kernels.select import select_backend
 
 EXPERT_SHAPES = [(768, 2048), (2048, 768)]
 LM_HEAD = (151936, 2048)

@@ -27,7 +27,7 @@ from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
-from moeserve.kernels.backend import select_backend
+from moeserve.kernels.select import select_backend
 from moeserve.model.decoder import load_decoder
 
 __all__ = ["LLM", "Prompt", "default_model_path"]

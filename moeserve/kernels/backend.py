@@ -6,7 +6,7 @@ paged KV pool, the whole MoE block, RMSNorm, embedding rows — and keeps exactl
 operation. A layer's forward then calls its objects and never asks which backend made them (the
 pattern of vLLM's `CustomOp`: one op, a native implementation and per-platform ones).
 
-Backends (`select_backend`):
+Backends (chosen by `kernels/select.py` `select_backend`):
 
 * `reference` (`kernels/reference.py`) — plain torch on any device: dequantize the one matrix or
   expert a call needs, multiply in float32, SDPA attention. The oracle every other backend is
@@ -21,13 +21,11 @@ same model at once (`LLM.logits` beside a running server).
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
 
-from moeserve.errors import RequestError
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.rope import Rope
@@ -122,36 +120,3 @@ class Backend(ABC):
     @abstractmethod
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Row-wise argmax of float32 logits [R, V] (greedy sampling): the first maximum, NaN wins."""
-
-
-BACKENDS = ("auto", "reference", "cpu")
-ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kernels of this device"
-
-
-def backend_name(name: str | None, device: torch.device | str) -> str:
-    """Resolve `name` (None: `$MOESERVE_KERNELS`, else auto) to a concrete backend for `device`."""
-    raw = name if name is not None else os.environ.get("MOESERVE_KERNELS") or "auto"
-    resolved = ALIASES.get(raw, raw)
-    if resolved not in BACKENDS:
-        raise RequestError(f"kernels must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
-    if resolved == "auto":
-        return "cpu" if torch.device(device).type == "cpu" else "reference"
-    if resolved == "cpu" and torch.device(device).type != "cpu":
-        raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use kernels='reference'")
-    return resolved
-
-
-def select_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
-    """The backend `name` names for `device` (see `backend_name`).
-
-    The cpu backend builds its native kernels here: a compiler error is raised (`NativeBuildError`
-    with the compiler's message), never swallowed — `kernels='reference'` is the way to run without.
-    """
-    resolved = backend_name(name, device)
-    if resolved == "cpu":
-        from moeserve.kernels.cpu.backend import CpuBackend
-
-        return CpuBackend(device)
-    from moeserve.kernels.reference import ReferenceBackend
-
-    return ReferenceBackend(device)

@@ -1,0 +1,43 @@
+"""Choosing a kernel backend: `LLM(kernels=...)`, `--kernels`, `$MOESERVE_KERNELS`; the default picks the
+best backend for the device (see `kernels/backend.py` for what a backend is)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moeserve.errors import RequestError
+from moeserve.kernels.backend import Backend
+
+BACKENDS = ("auto", "reference", "cpu")
+ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kernels of this device"
+
+
+def backend_name(name: str | None, device: torch.device | str) -> str:
+    """Resolve `name` (None: `$MOESERVE_KERNELS`, else auto) to a concrete backend for `device`."""
+    raw = name if name is not None else os.environ.get("MOESERVE_KERNELS") or "auto"
+    resolved = ALIASES.get(raw, raw)
+    if resolved not in BACKENDS:
+        raise RequestError(f"kernels must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
+    if resolved == "auto":
+        return "cpu" if torch.device(device).type == "cpu" else "reference"
+    if resolved == "cpu" and torch.device(device).type != "cpu":
+        raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use kernels='reference'")
+    return resolved
+
+
+def select_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
+    """The backend `name` names for `device` (see `backend_name`).
+
+    The cpu backend builds its native kernels here: a compiler error is raised (`NativeBuildError`
+    with the compiler's message), never swallowed — `kernels='reference'` is the way to run without.
+    """
+    resolved = backend_name(name, device)
+    if resolved == "cpu":
+        from moeserve.kernels.cpu.backend import CpuBackend
+
+        return CpuBackend(device)
+    from moeserve.kernels.reference import ReferenceBackend
+
+    return ReferenceBackend(device)
