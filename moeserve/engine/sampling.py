@@ -362,18 +362,20 @@ class Sampler:
             return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device), [])
 
         raw = logits.float()
-        x = apply_penalties(
-            raw,
-            prev_tokens,
-            output_tokens,
-            repetition_penalty=[p.repetition_penalty for p in params],
-            frequency_penalty=[p.frequency_penalty for p in params],
-            presence_penalty=[p.presence_penalty for p in params],
-        )
+        x = raw  # every transform below returns a new tensor: raw stays intact for the logprobs
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+               for p in params):
+            x = apply_penalties(
+                raw,
+                prev_tokens,
+                output_tokens,
+                repetition_penalty=[p.repetition_penalty for p in params],
+                frequency_penalty=[p.frequency_penalty for p in params],
+                presence_penalty=[p.presence_penalty for p in params],
+            )
 
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         token_ids = self.argmax(x)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
             x = apply_temperature(x, [p.temperature for p in params])
             x = apply_top_k(x, [p.top_k for p in params])
             x = apply_top_p(x, [p.top_p for p in params])
