@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cold", action="store_true", help="evict the file from the page cache before each engine")
+    ap.add_argument("--base-first", action="store_true", help="run the base checkout first in each round")
     args = ap.parse_args()
     base = Path(args.base).resolve()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {args.model}  threads={args.t}  pp{args.p} tg{args.n}  reps={args.r}")
@@ -57,9 +58,9 @@ def main() -> None:
     ratios: dict[str, list[float]] = {k: [] for k in ("pp new/base", "tg new/base", "pp new/llama", "tg new/llama",
                                                        "pp base/llama", "tg base/llama")}
     for i in range(1, args.rounds + 1):
-        res = {"new": run(MOESERVE_SNIPPET, ROOT, args.model, args),
-               "llama.cpp": run(LLAMA_SNIPPET, ROOT, args.model, args),
-               "base": run(MOESERVE_SNIPPET, base, args.model, args)}
+        order = ["base", "llama.cpp", "new"] if args.base_first else ["new", "llama.cpp", "base"]
+        where = {"new": (MOESERVE_SNIPPET, ROOT), "llama.cpp": (LLAMA_SNIPPET, ROOT), "base": (MOESERVE_SNIPPET, base)}
+        res = {name: run(*where[name], args.model, args) for name in order}
         for name, r in res.items():
             print(f"| {i} | {name} | {r['pp_tps']:.2f} ± {r['pp_tps_sd']:.2f} | {r['tg_tps']:.2f} ± "
                   f"{r['tg_tps_sd']:.2f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} |", flush=True)

@@ -4,7 +4,7 @@ Generates N tokens twice from the same prompt: once with the KV cache (prefill, 
 per step against the cache) and once by full recompute (the whole sequence through the model for
 every new token), checks both produce the same tokens, and prints the speed-up.
 
-    python benchmarks/kv_speedup.py [MODEL.gguf] --tokens 256 --kernels fast
+    python benchmarks/kv_speedup.py [MODEL.gguf] --tokens 256 --kernels cpu
 Without MODEL a 4-layer random Qwen3-MoE (hidden 512, 16 experts top-4) is written to a temp dir.
 """
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--kernels", default="fast", choices=["auto", "cpu", "reference", "fast"])
+    ap.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "fast"])
     args = ap.parse_args()
     path = args.model
     if path is None:

@@ -20,10 +20,6 @@ class UnsupportedQuantError(GGUFError):
     """A tensor uses a quantization type moeserve has no kernel for."""
 
 
-class KVCacheOverflowError(MoeServeError, RuntimeError):
-    """A sequence would grow past its KV-cache capacity; the cache is left untouched."""
-
-
 class RequestError(MoeServeError, ValueError):
     """A request parameter is invalid (negative max_tokens, prompt longer than the context, ...)."""
 

@@ -54,10 +54,18 @@ CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC"]
 """ops.cpp (argument checks and dispatch glue). C++20: torch >= 2.10's headers use C++20 features
 (torch.utils.cpp_extension builds with -std=c++20 too)."""
 
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+"""Added to C_FLAGS for the "avx512vnni" variant (only ever on a CPU with all of AVX512VNNI)."""
+
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx2": (("kernels.c",), tuple(C_FLAGS)),
+    "avx512vnni": (("kernels.c",), (*C_FLAGS, *AVX512_FLAGS)),
 }
-"""ISA variant -> (C sources, C flags). An "avx512vnni" entry would go here (see `_variant`)."""
+"""ISA variant -> (C sources, C flags)."""
+
+AUTO_VARIANTS: frozenset[str] = frozenset()
+"""The variants above the floor that `_variant` selects on its own for a CPU that has them: only those that
+measured faster than the AVX2 one (see `_variant`)."""
 
 CXX_SOURCES = ("ops.cpp",)
 
@@ -104,11 +112,20 @@ def isa() -> str | None:
 
 
 def _variant(level: str | None) -> str:
-    """The kernel variant built for an ISA level. The dispatch point for AVX-512 kernels: none are written
-    yet, so an "avx512vnni" CPU runs the AVX2 variant."""
+    """The kernel variant built for an ISA level: `$MOESERVE_NATIVE_ISA` when set ("avx2" forces the floor on any
+    CPU; "avx512vnni" forces that variant, NativeBuildError on a CPU without AVX512VNNI), else `level` where it is
+    in `AUTO_VARIANTS` (measured faster), else "avx2". An AVX2-only CPU always gets "avx2"."""
     if level is None:
         raise NativeBuildError(_floor_message())
-    return "avx2"
+    forced = os.environ.get("MOESERVE_NATIVE_ISA", "").strip().lower()
+    if forced:
+        if forced not in VARIANTS:
+            raise NativeBuildError(f"MOESERVE_NATIVE_ISA={forced!r}: expected one of {', '.join(VARIANTS)}")
+        if forced == "avx512vnni" and level != "avx512vnni":
+            missing = ", ".join(sorted(AVX512VNNI - _cpuinfo_flags()))
+            raise NativeBuildError(f"MOESERVE_NATIVE_ISA=avx512vnni: this CPU lacks {missing}")
+        return forced
+    return level if level in AUTO_VARIANTS else "avx2"
 
 
 def _floor_message() -> str:
@@ -203,13 +220,17 @@ def _run_all(jobs: list[list[str]], cwd: Path) -> None:
 
 
 def build(src_dir: Path | str = CSRC, cache: Path | str | None = None, *, cc: str | None = None,
-          cxx: str | None = None) -> Path:
+          cxx: str | None = None, variant: str | None = None) -> Path:
     """Compile and link the kernel library from `src_dir` into `cache` (default `cache_dir()`), unless a library
-    with the same key is already there; returns its path. Does not load it. Raises NativeBuildError."""
+    with the same key is already there; returns its path. Does not load it. `variant` (a key of VARIANTS)
+    overrides `_variant(isa())`; the library is only loadable on a CPU that has its ISA. Raises NativeBuildError."""
     global last_build_seconds
     src_dir = Path(src_dir)
     out_dir = Path(cache) if cache is not None else cache_dir()
-    variant = _variant(isa())
+    if variant is None:
+        variant = _variant(isa())
+    elif variant not in VARIANTS:
+        raise NativeBuildError(f"unknown native kernel variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     env_cc, env_cxx = compilers()
     cc, cxx = _which(cc or env_cc, "C compiler"), _which(cxx or env_cxx, "C++ compiler")
     cxx_flags, link = _torch_flags()
