@@ -18,9 +18,19 @@ output; a CPU without the floor features (AVX2, FMA, F16C) raises `NativeBuildEr
 missing ones (`MOESERVE_KERNELS=reference` runs without native kernels).
 
 ISA: `cpu_features()` reads the CPU's flags from /proc/cpuinfo and `isa()` names the best level
-the kernels know of: "avx2" (the floor) or "avx512vnni" (AVX-512 F/BW/VL + VNNI). There are no
-AVX-512 kernels yet: `_variant()` is the dispatch point where an AVX-512 variant (its own sources
-and flags in `VARIANTS`) would be selected; today every level builds the AVX2 variant.
+the kernels know of: "avx2" (the floor) or "avx512vnni" (AVX-512 F/BW/VL + VNNI). `_variant()` picks the
+variant built for it (`VARIANTS`: C sources and flags): "avx2" on an AVX2-only CPU, always (no AVX-512 flag
+reaches its compile), and "avx512vnni" on an AVX512VNNI CPU, because it measured faster (`AUTO_VARIANTS`).
+The "avx512vnni" variant is the same sources with `AVX512_FLAGS` added: they enable the `MOESERVE_VNNI` paths
+(common.h `madd_add`, the integer GEMM micro-kernel `ukernel_i16`), vpdpwssd instead of pmaddwd + paddd,
+with exactly the same int32 sums, and let gcc use EVEX encodings and 32 vector registers; -ffp-contract=off
+stays, so its results equal the AVX2 variant's (tests/test_native_variants.py). Measured on a 2-thread
+Xeon (AVX-512 VNNI) against the AVX2 variant, interleaved: Q4_K/Q6_K matmuls at the expert shapes
++10-19 % at m = 1, +11-17 % at m = 4, +20-27 % at m = 16-64; Qwen3-30B-A3B (4 layers, Q4_K_M)
+pp512 +15-25 %, tg64 +2-13 %.
+
+`$MOESERVE_NATIVE_ISA` overrides the choice: "avx2" forces the floor variant on any CPU (to compare, or to
+rule the AVX-512 build out); "avx512vnni" forces that one (NativeBuildError on a CPU without it).
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 """ISA variant -> (C sources, C flags)."""
 
-AUTO_VARIANTS: frozenset[str] = frozenset()
+AUTO_VARIANTS: frozenset[str] = frozenset({"avx512vnni"})
 """The variants above the floor that `_variant` selects on its own for a CPU that has them: only those that
 measured faster than the AVX2 one (see `_variant`)."""
 

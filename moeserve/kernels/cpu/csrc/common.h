@@ -56,6 +56,16 @@ static inline float h2f(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
+/* acc + madd(a, b): the int16 pair products summed into int32 lanes. The AVX-512 VNNI variant (built with
+ * -mavx512vnni -mavx512vl, see build.py) does it in one vpdpwssd instead of pmaddwd + paddd: the same sums, wrapping
+ * alike (mod 2^32), so every integer result is bit-identical to the AVX2 build's. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MOESERVE_VNNI 1
+static inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+#else
+static inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
