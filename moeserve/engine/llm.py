@@ -24,7 +24,7 @@ import torch
 from moeserve.engine.engine import EngineConfig, EngineStats, LLMEngine, Prompt
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import SamplingParams
-from moeserve.errors import RequestError
+from moeserve.errors import GGUFError, MoeServeError, RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
 from moeserve.kernels.select import select_backend
@@ -75,15 +75,20 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend = select_backend(kernels, self.device)
         self.kernels = self.backend.name
-        self.file = GGUFFile(self.path)
-        self.config = load_config(self.file)
-        if in_memory is None:  # default: only when the copy fits comfortably (else the lazy map, no OOM)
-            in_memory = (self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
-                         and os.path.getsize(self.path) < 0.8 * _available_memory())
-        if in_memory:
-            self.file.read_into_memory(progress=progress)
-        self.max_model_len = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
-        self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len)
+        try:
+            self.file = GGUFFile(self.path)
+            self.config = load_config(self.file)
+            if in_memory is None:  # default: only when the copy fits comfortably (else the lazy map, no OOM)
+                in_memory = (self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
+                             and os.path.getsize(self.path) < 0.8 * _available_memory())
+            if in_memory:
+                self.file.read_into_memory(progress=progress)
+            self.max_model_len = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
+            self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len)
+        except (MoeServeError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a check we do not have yet: still one line naming the file
+            raise GGUFError(f"{self.path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
         self.tokenizer = self._load_tokenizer()
         self.engine = self.make_engine(self.engine_config)
         if warmup:

@@ -7,6 +7,7 @@ which is why one `ModelConfig` — not a class per architecture — is enough.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moeserve.errors import GGUFError
@@ -127,6 +128,20 @@ def load_config(f: GGUFFile) -> ModelConfig:
     )
     if cfg.n_layers <= 0:
         raise GGUFError(f"{f.path}: {arch}.block_count must be positive, found {cfg.n_layers}")
+    for name, val in (("context_length", cfg.context_length), ("attention.layer_norm_rms_epsilon", cfg.rms_eps),
+                      ("rope.freq_base", cfg.rope_theta), ("rope.dimension_count", cfg.rope_dim)):
+        if not (val > 0 and math.isfinite(val)):  # NaN fails too
+            raise GGUFError(f"{f.path}: {arch}.{name} must be a positive finite number, found {val}")
+    for name, val in (("feed_forward_length", cfg.intermediate_size), ("attention.sliding_window", window),
+                      ("expert_feed_forward_length", cfg.expert_intermediate_size)):
+        if val < 0:
+            raise GGUFError(f"{f.path}: {arch}.{name} must not be negative, found {val}")
+    if n_experts and cfg.expert_intermediate_size <= 0:
+        raise GGUFError(f"{f.path}: {arch}.expert_feed_forward_length must be positive for an MoE model")
+    # The head geometry sizes RoPE tables and the KV pool: check it against the first layer's tensors (whose
+    # bytes the file must hold) before anything is allocated from it.
+    for name, rows in (("attn_q", n_heads * head_dim), ("attn_k", n_kv * head_dim), ("attn_v", n_kv * head_dim)):
+        f.tensor(f"blk.0.{name}.weight", (rows, hidden))
     if cfg.rope_dim > head_dim or cfg.rope_dim % 2:
         raise GGUFError(f"{f.path}: {arch}.rope.dimension_count={cfg.rope_dim} invalid for head_dim {head_dim}")
     return cfg

@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from moeserve.errors import GGUFError, UnsupportedQuantError
+from moeserve.gguf.guard import check_structure
 from moeserve.gguf.quants import SUPPORTED_QTYPES, dequantize, row_bytes
 
 _REQUIRED = object()
@@ -56,6 +57,7 @@ class GGUFFile:
         self._memory: np.ndarray | None = None  # set by read_into_memory
         if not os.path.isfile(self.path):
             raise GGUFError(f"{self.path}: no such file")
+        check_structure(self.path)  # every count and offset bounded by the file's size, before gguf-py reads it
         try:
             self._reader = GGUFReader(self.path, "r")
         except Exception as exc:  # the gguf package raises bare ValueError/IndexError/KeyError
@@ -106,7 +108,7 @@ class GGUFFile:
         value = self.metadata[key]
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if kind is not None and not isinstance(value, kind):
+        if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise GGUFError(
                 f"{self.path}: metadata key '{key}' should be {kind.__name__}, found "
                 f"{type(value).__name__} {value!r}"
