@@ -57,9 +57,9 @@ def main() -> None:
     if not same and args.kernels == "reference":
         raise SystemExit("cached and uncached generations differ on the reference path")
     if not same:
-        print("note: the fast kernels run 1-row decode and many-row recompute through different (bf16/int16 vs "
-              "dequant+fp32) code paths, so near-tied greedy picks may differ; exact equality is checked on the "
-              "reference path (tests/test_kv_cache.py, --kernels reference).")
+        print("note: the cpu kernels run 1-row decode and many-row recompute through different code paths (integer "
+              "dots vs the integer GEMM, activations quantized per call), so near-tied greedy picks may differ; "
+              "exact equality is checked on the reference path (--kernels reference).")
 
 
 if __name__ == "__main__":

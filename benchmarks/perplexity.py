@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out text file")
     ap.add_argument("--ctx", type=int, default=256, help="window length in tokens")
     ap.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    ap.add_argument("--kernels", default=None, help="moeserve kernels: fast | reference")
+    ap.add_argument("--kernels", default=None, help="moeserve kernels: auto | cpu | reference")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp column")
     ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

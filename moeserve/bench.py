@@ -5,7 +5,7 @@ measure what `moeserve serve` runs:
 pp: a random prompt of `n_prompt` tokens in one batched forward, one token sampled (prefix caching
 off: a fresh cache each repetition).
 tg: `n_gen` tokens decoded one at a time against the paged cache, greedy, from a one-token prompt.
-Both report mean ± sd over `reps` repetitions, plus load time (mmap + repack) and peak RSS.
+Both report mean ± sd over `reps` repetitions, plus load time (file read, kernel setup, warm-up) and peak RSS.
 With `profile`, one extra pp and tg run are timed per stage (attention, router, expert
 gate/up/down, weighted sum, lm_head, other) — the seed's per-stage decode profile.
 """

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from gguf import GGMLQuantizationType as QT
 
 from moeserve import LLM, SamplingParams
 from moeserve.server.app import create_app
@@ -20,9 +21,18 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [1, 2, 3], list(range(40, 80)), [300, 301
 REQUESTS = [[11, 12, 13, 14], [200, 100, 50], list(range(20, 45))]
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "reference"])
-def test_two_threads_call_logits_while_the_server_runs(tiny_moe, kernels):
-    llm = LLM(str(tiny_moe), kernels=kernels, max_model_len=256)
+@pytest.fixture(scope="module")
+def native_moe(make_model):
+    """Shapes every native kernel takes (K % 256 == 0): q/k/v + RoPE, integer dots/GEMM, fused MoE, dequant rows."""
+    return make_model("reentrant-q4km", n_layers=2, hidden_size=256, head_dim=64, n_heads=4, n_kv_heads=2,
+                      n_experts=8, n_experts_used=2, expert_ffn=256, vocab_size=512, qtype=QT.Q4_K,
+                      qtypes={"*attn_v*": QT.Q6_K, "*down_exps*": QT.Q6_K, "*ffn_gate_inp*": QT.F32,
+                              "token_embd.weight": QT.Q8_0})
+
+
+@pytest.mark.parametrize("kernels, model", [("cpu", "native_moe"), ("cpu", "tiny_moe"), ("reference", "tiny_moe")])
+def test_two_threads_call_logits_while_the_server_runs(request, kernels, model):
+    llm = LLM(str(request.getfixturevalue(model)), kernels=kernels, max_model_len=256)
     expected = [llm.logits(p) for p in PROMPTS]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = [llm.generate([r], greedy)[0].outputs[0] for r in REQUESTS]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,10 +94,9 @@ class LLMEngine:
     """The continuous-batching engine over one model: validation, scheduling, the runner, sampling."""
 
     def __init__(self, model: Decoder, tokenizer: Any = None, config: EngineConfig | None = None, *,
-                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None, source: str = "the model",
-                 chat_template: str | None = None) -> None:
-        """`model` fixes the context (`max_model_len` = its RoPE positions); `tokenizer` may be None (then
-        prompts are token ids); `argmax` is the backend's greedy kernel; `source` names the model in errors;
+                 source: str = "the model", chat_template: str | None = None) -> None:
+        """`model` fixes the context (`max_model_len` = its RoPE positions) and brings its backend's greedy
+        kernel; `tokenizer` may be None (then prompts are token ids); `source` names the model in errors;
         `chat_template` is the GGUF's Jinja template (ChatML when None)."""
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or EngineConfig(), source
         self.chat_template = chat_template
@@ -120,7 +118,7 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool)
-        self.sampler = Sampler(argmax)
+        self.sampler = Sampler(model.argmax)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.reset_stats()

@@ -72,7 +72,10 @@ class LLM:
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
                                           max_num_batched_tokens, enable_prefix_caching)
         self.path = model or default_model_path()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
+            asked = kernels if kernels is not None else os.environ.get("MOESERVE_KERNELS")
+            device = "cuda" if torch.cuda.is_available() and asked != "cpu" else "cpu"
+        self.device = torch.device(device)
         self.backend = select_backend(kernels, self.device)
         self.kernels = self.backend.name
         try:
@@ -103,8 +106,8 @@ class LLM:
 
     def make_engine(self, config: EngineConfig | None = None) -> LLMEngine:
         """A new engine (its own KV pool and scheduler) over this model, e.g. with other pool or batch limits."""
-        return LLMEngine(self.model, self.tokenizer, config or self.engine_config, argmax=self.backend.argmax,
-                         source=self.path, chat_template=self.file.metadata.get("tokenizer.chat_template"))
+        return LLMEngine(self.model, self.tokenizer, config or self.engine_config, source=self.path,
+                         chat_template=self.file.metadata.get("tokenizer.chat_template"))
 
     def warmup(self) -> None:
         """Run a tiny prefill and decode through the engine so the first real request pays no one-time costs."""

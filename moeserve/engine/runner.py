@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.engine.paged_cache import BLOCK_SIZE, KVPool, blocks_for
+from moeserve.engine.paged_cache import KVPool, blocks_for
 from moeserve.engine.scheduler import Chunk
 from moeserve.kernels.metadata import AttentionMetadata, no_cache_metadata
 from moeserve.model.decoder import Decoder
@@ -78,5 +78,3 @@ class ModelRunner:
         meta = no_cache_metadata([len(ids)], self.device)
         return self.model.forward(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
 
-
-__all__ = ["BLOCK_SIZE", "ModelRunner", "StepInput"]

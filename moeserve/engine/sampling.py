@@ -389,7 +389,7 @@ class Sampler:
             for i in random_rows:
                 gen = generators[i]
                 if gen is not None:
-                    token_ids[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+                    token_ids[i] = torch.multinomial(probs[i].cpu(), 1, generator=gen)[0]  # the generator is a CPU one
 
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
 

@@ -15,10 +15,11 @@ token budget. Each step:
    pool allow. On joining, their leading full blocks are looked up in the prefix cache and
    shared instead of recomputed.
 
-Everything scheduled in a step becomes one `Decoder.forward` (see engine.py): the dense
-projections and the grouped MoE run once over all of the step's tokens, attention runs per
-sequence over its own blocks. Sequences never share a writable block, so one sequence cannot
-corrupt another: shared blocks are full, immutable, and reference counted.
+Everything scheduled in a step becomes one `Decoder.forward` (engine/runner.py builds it and its
+attention metadata): the dense projections and the MoE run once over all of the step's tokens, the
+decode rows' attention in one batched call, each prefill chunk's over its own blocks. Sequences
+never share a writable block, so one sequence cannot corrupt another: shared blocks are full,
+immutable, and reference counted.
 """
 
 from __future__ import annotations

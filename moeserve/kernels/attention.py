@@ -65,9 +65,10 @@ class PagedAttention:
     """The reference attention of one layer over the paged KV pool (any device, any pool dtype).
 
     `(q [T, nh, hd], k/v [T, nkv, hd], meta) -> [T, nh * hd]`: the step's k/v are stored at their slots
-    (`meta.slot_mapping`), then a pure decode step gathers every sequence's keys into one padded batch
-    (one SDPA call for all), and any other step attends sequence by sequence: a chunk that starts a
-    sequence uses its own rows, a later chunk reads its earlier keys back from the pool.
+    (`meta.slot_mapping`); then every decode row (a sequence adding one token to its cache) is answered by
+    one batched call that gathers those sequences' keys through their block tables, and each prefill chunk
+    by SDPA over its keys: a chunk that starts a sequence uses its own rows, a later chunk reads its earlier
+    keys back from the pool.
     """
 
     def __init__(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> None:
@@ -81,10 +82,16 @@ class PagedAttention:
             kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
             vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
         if meta.decode_only:
-            return self.decode(q, meta)
+            return self.decode(q, meta.block_tables, meta.seq_lens, max(meta.seq_lens_host), meta)
         out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
-        for b, ctx in enumerate(meta.context_lens):
+        split = meta.decode_split
+        if split.seqs:
+            rows = split.rows
+            out[rows] = self.decode(q[rows], meta.block_tables[split.seq_index], meta.seq_lens[split.seq_index],
+                                    split.max_len, meta)
+        for b in split.prefills:
             rows = slice(meta.query_start[b], meta.query_start[b + 1])
+            ctx = meta.context_lens[b]
             if ctx == 0:
                 keys, values = k[rows], v[rows]
             else:
@@ -98,12 +105,18 @@ class PagedAttention:
         """One sequence: queries at positions q_pos.. against all of its keys."""
         return gqa_attention(q, keys, values, q_pos, self.window)
 
-    def decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One new query per sequence, every sequence's keys gathered from the pool and padded."""
+    def decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """One new query per sequence (q [B, nh, hd]; its keys are 0 .. lens[b] in the pool through tables [B, nb]),
+        all sequences' keys gathered into one padded batch and one SDPA call."""
         assert meta.kv is not None
-        slots = meta.decode_slots  # [B, L]
+        bs = meta.kv.block_size
+        j = torch.arange(max_len, device=tables.device)
+        slots = tables[:, j // bs] * bs + j % bs
+        # padding repeats the sequence's first slot: never-written slots may hold NaN, and 0 * NaN poisons SDPA
+        slots = torch.where(j.unsqueeze(0) < lens.unsqueeze(1), slots, slots[:, :1])
         B, L = slots.shape
         kc, vc = meta.kv.k[self.layer], meta.kv.v[self.layer]
         keys = kc.index_select(0, slots.reshape(-1)).view(B, L, *kc.shape[1:])
         values = vc.index_select(0, slots.reshape(-1)).view(B, L, *vc.shape[1:])
-        return decode_attention(q, keys, values, meta.positions, self.window)
+        return decode_attention(q, keys, values, lens - 1, self.window)

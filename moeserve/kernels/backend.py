@@ -79,12 +79,15 @@ class Backend(ABC):
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        self._placed: dict[str, PackedTensor] = {}  # tied embeddings serve two kernels from one copy
 
     def place(self, w: PackedTensor) -> PackedTensor:
         """The packed weight on this backend's device (the file's bytes, moved once at load)."""
         if w.data.device == self.device:
             return w
-        return PackedTensor(w.name, w.qtype, w.shape, w.data.to(self.device))
+        if w.name not in self._placed:
+            self._placed[w.name] = PackedTensor(w.name, w.qtype, w.shape, w.data.to(self.device))
+        return self._placed[w.name]
 
     def vector(self, w: PackedTensor) -> torch.Tensor:
         """A small 1-D tensor (norm weight, bias) as float32 on the device."""

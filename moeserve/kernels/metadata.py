@@ -28,6 +28,15 @@ class KVCacheTensors:
     block_size: int
 
 
+@dataclass(frozen=True)
+class DecodeSplit:
+    seqs: list[int]  # sequences that add one token to a cached context
+    rows: torch.Tensor  # their rows in the step
+    seq_index: torch.Tensor  # the same sequence indices, as a tensor (to select block tables and lengths)
+    max_len: int  # their longest key count
+    prefills: list[int]  # every other sequence
+
+
 @dataclass(eq=False)
 class AttentionMetadata:
     positions: torch.Tensor  # [T] int64: the absolute position of each row
@@ -53,16 +62,19 @@ class AttentionMetadata:
         return self.kv is not None and len(self.query_start) - 1 == int(self.positions.shape[0])
 
     @cached_property
-    def decode_slots(self) -> torch.Tensor:
-        """[B, L] pool slots of every sequence's keys, L = the longest; padding repeats the sequence's
-        first slot (never-written slots may hold NaN, and a masked-out NaN still poisons 0 * NaN)."""
-        assert self.kv is not None and self.block_tables is not None
-        bs = self.kv.block_size
-        L = max(self.seq_lens_host)
-        j = torch.arange(L, device=self.block_tables.device)
-        slots = self.block_tables[:, j // bs] * bs + j % bs
-        valid = j.unsqueeze(0) < self.seq_lens.unsqueeze(1)
-        return torch.where(valid, slots, slots[:, :1])
+    def decode_split(self) -> DecodeSplit:
+        """Which sequences are decode rows (one new token after a cached context) and which are prefill chunks."""
+        seqs, rows, prefills = [], [], []
+        for b, ctx in enumerate(self.context_lens):
+            if self.kv is not None and ctx > 0 and self.query_start[b + 1] - self.query_start[b] == 1:
+                seqs.append(b)
+                rows.append(self.query_start[b])
+            else:
+                prefills.append(b)
+        dev = self.positions.device
+        return DecodeSplit(seqs, torch.tensor(rows, dtype=torch.long, device=dev),
+                           torch.tensor(seqs, dtype=torch.long, device=dev),
+                           max((self.seq_lens_host[b] for b in seqs), default=0), prefills)
 
     def key_slots(self, b: int) -> slice | torch.Tensor:
         """The pool slots of sequence b's keys 0 .. seq_len: a slice when its blocks are consecutive."""

@@ -16,14 +16,16 @@ ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kerne
 
 def backend_name(name: str | None, device: torch.device | str) -> str:
     """Resolve `name` (None: `$MOESERVE_KERNELS`, else auto) to a concrete backend for `device`."""
-    raw = name if name is not None else os.environ.get("MOESERVE_KERNELS") or "auto"
+    env = os.environ.get("MOESERVE_KERNELS")
+    raw = name if name is not None else env or "auto"
     resolved = ALIASES.get(raw, raw)
     if resolved not in BACKENDS:
-        raise RequestError(f"kernels must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
+        source = "kernels" if name is not None else "$MOESERVE_KERNELS"
+        raise RequestError(f"{source} must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
     if resolved == "auto":
         return "cpu" if torch.device(device).type == "cpu" else "reference"
     if resolved == "cpu" and torch.device(device).type != "cpu":
-        raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use kernels='reference'")
+        raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use device='cpu' or kernels='reference'")
     return resolved
 
 

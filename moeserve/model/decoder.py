@@ -8,6 +8,8 @@ backend here, once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeserve.gguf.config import ModelConfig, load_config
@@ -20,10 +22,12 @@ from moeserve.profiler import stage
 
 class Decoder:
     def __init__(self, config: ModelConfig, embed: Embedding, blocks: list[Block], norm: Norm, lm_head: Linear,
-                 max_positions: int, device: torch.device) -> None:
+                 max_positions: int, device: torch.device,
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
         self.max_positions = max_positions  # the RoPE tables' length: no position may reach it
         self.device = device  # where activations and the KV pool live
+        self.argmax = argmax or (lambda x: torch.argmax(x, dim=-1))  # the backend's greedy kernel, for the sampler
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata,
@@ -81,4 +85,4 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     embed = f.tensor("token_embd.weight", (cfg.vocab_size, H))
     head = backend.linear(embed) if cfg.tied_embeddings else linear("output.weight", cfg.vocab_size, H)
     return Decoder(cfg, backend.embedding(embed), blocks, backend.norm(vector("output_norm.weight", H), eps), head,
-                   max_positions, backend.device)
+                   max_positions, backend.device, backend.argmax)

@@ -55,13 +55,13 @@ class NativeQKV(QKVRope):
 class NativeAttention(PagedAttention):
     """Reference paged attention with the native one-query kernel (`native.attn_decode`) for decode rows."""
 
-    def decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
+               meta: AttentionMetadata) -> torch.Tensor:
         kv = meta.kv
         assert kv is not None
-        kc, vc = kv.k[self.layer], kv.v[self.layer]
-        out = native.attn_decode(q, kc, vc, meta.seq_lens, self.window, table=meta.block_tables,
+        out = native.attn_decode(q, kv.k[self.layer], kv.v[self.layer], lens, self.window, table=tables,
                                  block_size=kv.block_size)
-        return out if out is not None else super().decode(q, meta)
+        return out if out is not None else super().decode(q, tables, lens, max_len, meta)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: int) -> torch.Tensor:
         if q.shape[0] == 1:

@@ -57,8 +57,8 @@ FLOOR = frozenset({"avx2", "fma", "f16c"})
 AVX512VNNI = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 
 C_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-fvisibility=hidden"]
-"""The flags native.c was always built with, plus -fvisibility=hidden: the kernels' helper symbols
-(quant_row, pick_dot, ...) stay inside the library instead of interposing with other libraries'."""
+"""The flags the single native.c of earlier versions was built with, plus -fvisibility=hidden: the kernels'
+helper symbols (quant_row, pick_dot, ...) stay inside the library instead of interposing with other libraries'."""
 
 CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC"]
 """ops.cpp (argument checks and dispatch glue). C++20: torch >= 2.10's headers use C++20 features

@@ -19,7 +19,7 @@ switches an expert with >= 8 tokens to dequant + float32 GEMM. On Qwen3-30B-A3B 
 2.8 ms, T=8 12.6 vs 18.3, T=64 81 vs 113, T=128 212 vs 315. Real routers are skewed (hot experts
 get many tokens, where the GEMM wins), so the default threshold is 32 tokens: every decode step of
 up to 32 running sequences (the engine's default `max_num_seqs`); long prefill chunks stay grouped.
-`MoE` takes the fused path for `T <= fused.max_tokens`.
+`NativeMoE` (kernels/cpu/backend.py) takes the fused path for `T <= fused.max_tokens`.
 
 `MOESERVE_FUSED_MOE=0` disables it, `MOESERVE_FUSED_MOE_MAX_TOKENS` overrides the threshold.
 
@@ -45,7 +45,7 @@ class QExperts(Protocol):
     weight: PackedTensor  # [E, out, in]
 
 
-class QLinear(Protocol):
+class RouterLike(Protocol):
     """What `attach_router` reads from a router linear: `weight` (a `PackedTensor` [E, H]) and, if it has one,
     `bias`."""
 
@@ -77,7 +77,7 @@ class FusedMoE:
         self._qtypes = [int(gate.weight.qtype), int(up.weight.qtype), int(down.weight.qtype)]
         self._router: torch.Tensor | None = None
 
-    def attach_router(self, router: QLinear, top_k: int, renormalize: bool) -> bool:
+    def attach_router(self, router: RouterLike, top_k: int, renormalize: bool) -> bool:
         """Route natively with `router` if it is a plain float32 `[E, H]` matrix without bias."""
         w = getattr(router, "weight", None)
         if (not isinstance(w, PackedTensor) or QT(w.qtype) != QT.F32 or getattr(router, "bias", None) is not None

@@ -106,7 +106,7 @@ class NativeMatmul:
 
 
 class NativeLinear(NativeMatmul):
-    """`fast(x) -> x @ W.T` (float32) on a 2-D GGUF weight; x of any float dtype and shape [..., K]."""
+    """`linear(x) -> x @ W.T` (float32) on a 2-D GGUF weight; x of any float dtype and shape [..., K]."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -117,7 +117,7 @@ class NativeLinear(NativeMatmul):
 
 
 class NativeExperts(NativeMatmul):
-    """`fast(e, x) -> x @ W[e].T` (float32) on a 3-D expert stack; x [m, K]."""
+    """`experts(e, x) -> x @ W[e].T` (float32) on a 3-D expert stack; x [m, K]."""
 
     def __init__(self, w: PackedTensor) -> None:
         super().__init__(w)
@@ -167,7 +167,7 @@ class NormRope:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         rope = self.rope
         if not _plain(x) or (weight is not None and not _plain(weight)) or x.dim() != 3:
-            if weight is not None:  # the reference formula (model.layers.rms_norm)
+            if weight is not None:  # the reference formula (kernels.reference.rms_norm)
                 xf = x.float()
                 x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * weight
             return rope(x, positions)
@@ -254,7 +254,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """`model.layers.rms_norm` over the last dim in one native call (new tensor), or None if it does not apply."""
+    """`kernels.reference.rms_norm` over the last dim in one native call (new tensor), or None if it does not apply."""
     if not (_plain(x) and _plain(weight)) or x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         return None
     return ops().rms_norm.default(x, weight, eps)
