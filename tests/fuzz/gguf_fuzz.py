@@ -239,6 +239,8 @@ def run_case(path: str, kernels: str, mem_cap: int, time_cap: float) -> tuple[st
 def fuzz(cases: int, seed: int = 0, kernels: str = "cpu", time_cap: float = 20.0, mem_extra: int = 1 << 30,
          workdir: str | None = None, log=None) -> dict:  # noqa: ANN001
     """Run `cases` mutations; returns counts per outcome and per (kind, outcome), and examples of bad outcomes."""
+    import moeserve.engine.llm  # noqa: F401 - loaded once here, so every forked child runs the same code
+
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         seed_path = seed_model(Path(tmp) / "seed.gguf")
