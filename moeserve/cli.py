@@ -569,6 +569,17 @@ def serve(
     if model_arg is not None and model is not None:
         raise CLIError("MODEL given twice (as --model and as an argument)")
     path = _model_path(model_arg or model)
+    levels = ("critical", "error", "warning", "info", "debug", "trace")
+    if log_level.lower() not in levels:
+        raise CLIError(f"--log-level {log_level!r}: expected one of {', '.join(levels)}")
+    log_level = log_level.lower()
+    if kv_cache_memory is not None:
+        from moeserve.engine.paged_cache import parse_memory
+
+        try:
+            parse_memory(kv_cache_memory)
+        except ValueError as exc:
+            raise CLIError(f"--kv-cache-memory: {exc}") from None
     from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
 
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,

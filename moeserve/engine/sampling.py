@@ -93,6 +93,8 @@ class SamplingParams:
                 raise _bad(name, value, "must be in [-2, 2]")
         if self.seed is not None and not _is_int(self.seed):
             raise _bad("seed", self.seed, "must be an integer or None")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise _bad("seed", self.seed, "must fit in a signed 64-bit integer")
         # vLLM rejects max_tokens=0 as well: a request that may generate nothing is a client bug.
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise _bad("max_tokens", self.max_tokens, "must be an integer >= 1 or None")

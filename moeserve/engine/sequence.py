@@ -91,7 +91,7 @@ class Sequence:
 
 def _offset_seed(params: SamplingParams, index: int) -> SamplingParams:
     """Completion i of an n>1 request uses seed+i, so the n samples differ but stay reproducible."""
-    return replace(params, seed=params.seed + index)
+    return replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)  # wraps within 64 bits
 
 
 def request_output(seqs: list[Sequence]) -> RequestOutput:

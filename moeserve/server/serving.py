@@ -49,9 +49,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return None if task.cancelled() else task.result()
+    if task.done() and not task.cancelled():
+        return task.result()  # (re-raises the work's own exception)
+    task.cancel()  # the client left first: a cancel only takes effect later, so never ask the task for a result
+    return None
 
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -1,0 +1,59 @@
+"""Hostile clients, first fixes: no 500 for an out-of-range seed, a non-streaming client that leaves early, or
+a bad `serve` flag (issue: hostile files and hostile clients, item 7)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from moeserve import LLM, SamplingParams
+from moeserve.cli import app as cli_app
+from moeserve.errors import RequestError
+from moeserve.server.app import create_app
+from moeserve.server.serving import until_disconnected
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1, 10**30])
+def test_seed_outside_64_bits_is_a_clear_error(seed):
+    with pytest.raises(RequestError, match="seed"):
+        SamplingParams(seed=seed)
+
+
+def test_seed_range_edges_work(tiny_moe):
+    llm = LLM(str(tiny_moe), kernels="reference", max_model_len=64)
+    for seed in (2**63 - 1, -(2**63)):
+        out = llm.generate([[1, 2, 3]], SamplingParams(n=2, max_tokens=3, seed=seed, temperature=1.0))
+        assert len(out[0].outputs) == 2
+    with TestClient(create_app(llm, "tiny")) as client:
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            for stream in (False, True):
+                r = client.post(path, json={"model": "tiny", "max_tokens": 2, "seed": 2**70, "stream": stream, **body})
+                assert r.status_code == 400 and "seed" in r.text, r.text
+
+
+def test_a_client_that_leaves_early_gets_no_internal_error():
+    class Gone:  # a request whose client has already disconnected
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    async def slow():
+        await asyncio.sleep(10)
+        return "never"
+
+    async def main():
+        return await until_disconnected(Gone(), slow())
+
+    assert asyncio.run(main()) is None
+
+
+@pytest.mark.parametrize("args, needle", [(["--log-level", "verbose"], "--log-level"),
+                                          (["--kv-cache-memory", "abc"], "--kv-cache-memory")])
+def test_bad_serve_flags_are_one_line_errors(args, needle):
+    res = CliRunner().invoke(cli_app, ["serve", *args])
+    assert res.exit_code != 0
+    out = res.output + (res.stderr if res.stderr_bytes is not None else "")
+    assert needle in out and "internal error" not in out, out
