@@ -57,3 +57,22 @@ def test_bad_serve_flags_are_one_line_errors(args, needle):
     assert res.exit_code != 0
     out = res.output + (res.stderr if res.stderr_bytes is not None else "")
     assert needle in out and "internal error" not in out, out
+
+
+def test_openai_error_objects_docs_behind_the_key_and_strict_numbers(tiny_moe):
+    llm = LLM(str(tiny_moe), kernels="reference", max_model_len=64)
+    with TestClient(create_app(llm, "tiny", api_key="k")) as client:
+        for method, path, code in (("get", "/nope", 404), ("get", "/v1/completions", 405)):
+            r = getattr(client, method)(path, headers={"Authorization": "Bearer k"})
+            assert r.status_code == code and r.json()["error"]["message"], r.text
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404  # no open door beside the key
+        r = client.post("/v1/completions", headers={"Authorization": "Bearer k"},
+                        json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": True})
+        assert r.status_code == 400 and "temperature" in r.json()["error"]["message"], r.text
+        r = client.post("/v1/completions", headers={"Authorization": "Bearer k"},
+                        json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/completions", headers={"Authorization": "Bearer k", "content-type": "application/json"},
+                        content=b"{not json")
+        assert r.status_code == 400 and "error" in r.json(), r.text

@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moeserve.engine.async_engine import AsyncLLMEngine
@@ -109,7 +110,9 @@ def create_app(llm_or_engine: LLM | LLMEngine | AsyncLLMEngine, served_model_nam
         if not hmac.compare_digest(token.encode(), api_key.encode()):
             raise _Unauthorized()
 
-    app = FastAPI(title="moeserve", lifespan=lifespan)
+    # With an API key the interactive docs and the schema would be an open door: they are off then.
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="moeserve", lifespan=lifespan, **docs)
     app.add_middleware(_CountRequests, metrics=metrics)
     app.state.engine, app.state.metrics, app.state.served_model_name = engine, metrics, served_model_name
     v1 = [Depends(check_key)]
@@ -118,6 +121,12 @@ def create_app(llm_or_engine: LLM | LLMEngine | AsyncLLMEngine, served_model_nam
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         msg, field = _validation_message(exc)
         return JSONResponse(error_body(msg, param=field), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, 413, ...
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import RequestError
 
 MAX_N = 128  # completions per request: each one is a sequence holding KV blocks
 MAX_LOGPROBS = 20  # as vLLM; OpenAI allows 5 (completions) / 20 (chat top_logprobs)
+
+
+Number = StrictFloat | StrictInt  # JSON numbers; `true` is not 1.0
 
 
 class StreamOptions(BaseModel):
@@ -32,13 +35,13 @@ class _SamplingFields(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
     top_k: StrictInt | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    min_p: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
