@@ -76,3 +76,32 @@ def test_openai_error_objects_docs_behind_the_key_and_strict_numbers(tiny_moe):
         r = client.post("/v1/completions", headers={"Authorization": "Bearer k", "content-type": "application/json"},
                         content=b"{not json")
         assert r.status_code == 400 and "error" in r.json(), r.text
+
+
+def test_one_failing_request_does_not_abort_the_others(tiny_moe):
+    """A request whose admission fails in the engine thread (here: a duplicate request id) gets the error;
+    the request already running finishes normally."""
+    from moeserve.engine.async_engine import AsyncLLMEngine
+
+    llm = LLM(str(tiny_moe), kernels="reference", max_model_len=64)
+    engine = AsyncLLMEngine(llm.engine)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        good = engine.generate([1, 2, 3], params, request_id="same")
+        seqs = llm.engine.make_sequences([4, 5], params)
+        for s in seqs:
+            s.request_id = "same"  # collides with the running request when the engine thread adds it
+        bad = engine.add_sequences(seqs)
+        tokens = []
+        async for out in good:
+            tokens += out.outputs[0].token_ids
+        with pytest.raises(RequestError, match="already in use"):
+            async for _ in bad:
+                pass
+        return tokens
+
+    try:
+        assert len(asyncio.run(main())) == 6
+    finally:
+        engine.shutdown()

@@ -163,8 +163,12 @@ class AsyncLLMEngine:
     def _add(self, stream: RequestStream, seqs: list[Sequence]) -> None:
         if stream.finished:  # aborted before it was even queued
             return
+        try:
+            self.engine.add_sequences(seqs, OutputKind.DELTA)
+        except Exception as exc:  # only this request fails (e.g. a duplicate id): nothing else is touched
+            stream._put(exc)
+            return
         self._streams[stream.request_id] = stream
-        self.engine.add_sequences(seqs, OutputKind.DELTA)
 
     def _abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -180,9 +184,12 @@ class AsyncLLMEngine:
                 commands = list(self._commands)
                 self._commands.clear()
             outputs: list[RequestOutput] = []
-            try:
-                for cmd in commands:
+            for cmd in commands:
+                try:
                     cmd()
+                except Exception:  # a command failing must not take the other requests down with it
+                    log.exception("engine command failed")
+            try:
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
             except Exception as exc:  # never let one bad step kill the server
