@@ -105,3 +105,18 @@ def test_one_failing_request_does_not_abort_the_others(tiny_moe):
         assert len(asyncio.run(main())) == 6
     finally:
         engine.shutdown()
+
+
+def test_request_size_and_fan_out_limits(tiny_moe):
+    llm = LLM(str(tiny_moe), kernels="reference", max_model_len=64)
+    with TestClient(create_app(llm, "tiny")) as client:
+        big = {"model": "tiny", "prompt": "x" * (9 * 1024 * 1024), "max_tokens": 1}
+        r = client.post("/v1/completions", json=big)
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 200
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 1000, "max_tokens": 1})
+        assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 64, "n": 8, "max_tokens": 1})
+        assert r.status_code == 400 and "sequences" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 4, "n": 2, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import json
 import logging
 import os
 import time
@@ -38,6 +39,50 @@ from moeserve.server.serving import OpenAIServing, error_body
 
 log = logging.getLogger("moeserve.server")
 _ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""Largest request body accepted (413 beyond): a prompt of this many bytes is already ~2M tokens."""
+
+
+class _LimitBody:
+    """Pure ASGI middleware: a body larger than `limit` bytes is refused with 413 before it is read whole
+    (Content-Length is checked up front; a chunked body is counted as it arrives)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(error_body(f"request body is larger than {self.limit} bytes", 413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class _CountRequests:
@@ -113,6 +158,7 @@ def create_app(llm_or_engine: LLM | LLMEngine | AsyncLLMEngine, served_model_nam
     # With an API key the interactive docs and the schema would be an open door: they are off then.
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="moeserve", lifespan=lifespan, **docs)
+    app.add_middleware(_LimitBody)
     app.add_middleware(_CountRequests, metrics=metrics)
     app.state.engine, app.state.metrics, app.state.served_model_name = engine, metrics, served_model_name
     v1 = [Depends(check_key)]

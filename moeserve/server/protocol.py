@@ -16,6 +16,8 @@ from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import RequestError
 
 MAX_N = 128  # completions per request: each one is a sequence holding KV blocks
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_SEQUENCES = 256  # prompts x n: one request must not queue enough work to starve everyone else
 MAX_LOGPROBS = 20  # as vLLM; OpenAI allows 5 (completions) / 20 (chat top_logprobs)
 
 
@@ -80,6 +82,11 @@ class CompletionRequest(_SamplingFields):
             out = list(p)  # type: ignore[arg-type]
         if any(len(x) == 0 for x in out):
             raise RequestError("prompt is empty")
+        if len(out) > MAX_PROMPTS:
+            raise RequestError(f"prompt holds {len(out)} prompts; at most {MAX_PROMPTS} per request")
+        if len(out) * self.n > MAX_SEQUENCES:
+            raise RequestError(f"{len(out)} prompts x n={self.n} = {len(out) * self.n} sequences; at most "
+                               f"{MAX_SEQUENCES} per request")
         return out
 
     def to_sampling_params(self) -> SamplingParams:
