@@ -19,6 +19,8 @@ violation) is a :class:`~moeserve.errors.RequestError`, because it fails that on
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -118,8 +120,49 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
     sandbox), so failing loudly costs no compatibility.
     """
 
+    intercepted_binops = frozenset({"*", "**"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        """`'x' * 10**9` would allocate a gigabyte per request: repetition and powers are bounded."""
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT_CHARS:
+                    raise SecurityError(f"repeating a sequence of {len(seq)} items {n} times exceeds the limit")
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise SecurityError(f"power with exponent {right} exceeds the limit")
+        return super().call_binop(context, operator, left, right)
+
+
+MAX_OUTPUT_CHARS = 1 << 24
+"""The largest prompt a template may render (16 Mi characters, twice the largest request body)."""
+MAX_STEPS = 2_000_000
+"""Lines of compiled template code one render may execute (nested `range(100000)` loops would run for hours)."""
+MAX_SECONDS = 2.0
+"""Wall time one render may take."""
+
+
+class _Budget:
+    """What one render may still spend. Jinja compiles a template to Python code (file name "<template>"):
+    a trace function on the rendering thread counts its executed lines and checks the clock every 1024,
+    so any loop — over `range`, a string, a list — is bounded, not only `range`."""
+
+    def __init__(self) -> None:
+        self.steps, self.deadline = MAX_STEPS, time.monotonic() + MAX_SECONDS
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:  # the global trace function: new frames
+        return self._line if frame.f_code.co_filename == "<template>" else None
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        self.steps -= 1
+        if not self.steps & 1023:
+            if self.steps < 0:
+                raise SecurityError(f"the chat template ran more than {MAX_STEPS} steps")
+            if time.monotonic() > self.deadline:
+                raise SecurityError(f"the chat template ran longer than {MAX_SECONDS} s")
+        return self._line
 
 
 def _make_environment() -> _StrictSandbox:
@@ -215,17 +258,28 @@ class ChatTemplate:
             "tools": None if tools is None else _plain(list(tools)),
             "add_generation_prompt": bool(add_generation_prompt),
         }
+        budget, previous = _Budget(), sys.gettrace()
+        sys.settrace(budget)
         try:
-            return self._template.render(**variables)
+            parts, size = [], 0
+            for piece in self._template.generate(**variables):
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise SecurityError(f"the rendered prompt exceeds {MAX_OUTPUT_CHARS} characters")
+                parts.append(piece)
+            return "".join(parts)
         except _TemplateRaised as exc:
             raise RequestError(f"the chat template rejected the conversation: {exc.message}") from exc
         except SecurityError as exc:
             raise RequestError(f"{self.source}: chat template attempted an unsafe operation: {exc}") from exc
         except TemplateError as exc:
             raise RequestError(f"{self.source}: chat template failed to render: {type(exc).__name__}: {exc}") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                RecursionError, MemoryError) as exc:
             # e.g. "'+' on str and list" when a message's content is a list of parts
             raise RequestError(f"{self.source}: chat template failed to render: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.settrace(previous)
 
     def __repr__(self) -> str:
         kind = "ChatML fallback" if self.is_fallback else f"{len(self.template_source)} chars"

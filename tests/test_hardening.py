@@ -4,6 +4,7 @@ a bad `serve` flag (issue: hostile files and hostile clients, item 7)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -120,3 +121,21 @@ def test_request_size_and_fan_out_limits(tiny_moe):
         assert r.status_code == 400 and "sequences" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 4, "n": 2, "max_tokens": 1})
         assert r.status_code == 200 and len(r.json()["choices"]) == 8
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x", "steps"),
+    ("{% set s = 'x' * 10000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "steps"),
+    ("{{ ('x' * 1000000000)|length }}", "exceeds the limit"),
+    ("{{ range(10**9)|length }}", "Range too big"),
+    ("{{ 2 ** 100000 }}", "exponent"),
+    ("{% for i in range(20) %}{{ 'y' * 1000000 }}{% endfor %}", "characters"),
+])
+def test_hostile_chat_templates_are_bounded(template, needle):
+    from moeserve.chat_template import ChatTemplate
+
+    t0 = time.perf_counter()
+    with pytest.raises(RequestError, match=needle):
+        ChatTemplate(template, source="m.gguf").render([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - t0 < 3.0
+    assert ChatTemplate(None).render([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")

@@ -25,6 +25,7 @@ import itertools
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -154,12 +155,16 @@ class LLMEngine:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as prompt text, through the model's chat template (sandboxed Jinja)."""
-        from moeserve.chat_template import ChatTemplate
-
         if self.tokenizer is None:
             raise RequestError(f"{self.source} has no tokenizer; chat needs one")
-        tpl = ChatTemplate(self.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
-        return tpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    @cached_property
+    def _chat_template(self) -> Any:
+        """The template, compiled once (a render holds no state: threads may share it)."""
+        from moeserve.chat_template import ChatTemplate
+
+        return ChatTemplate(self.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token, source=self.source)
 
     def make_sequences(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> list[Sequence]:
         """Tokenize and validate a request (raises `RequestError`); safe to call from any thread."""

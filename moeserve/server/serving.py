@@ -148,12 +148,15 @@ class OpenAIServing:
         """The k best entries of a logprob dict (the sampler inserts the top ones first)."""
         return list(lp.items())[:k]
 
-    def start(self, prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
-        """Validate and queue every prompt; if one is invalid none stays queued."""
+    async def start(self, prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
+        """Validate and queue every prompt; if one is invalid none stays queued. Tokenization runs in a worker
+        thread, so a long prompt never holds up the event loop (other clients, /health)."""
+        make = self.engine.engine.make_sequences
+        groups = await asyncio.to_thread(lambda: [make(p, params, uuid.uuid4().hex) for p in prompts])
         streams: list[RequestStream] = []
         try:
-            for p in prompts:
-                streams.append(self.engine.generate(p, params, f"{uuid.uuid4().hex}"))
+            for seqs in groups:
+                streams.append(self.engine.add_sequences(seqs))
         except BaseException:
             for s in streams:
                 s.abort()
@@ -176,7 +179,7 @@ class OpenAIServing:
         if (err := self.check_model(req.model)) is not None:
             return err
         params = req.to_sampling_params()
-        streams = self.start(req.prompts(), params)
+        streams = await self.start(req.prompts(), params)
         rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
         k = req.logprobs
 
@@ -264,7 +267,8 @@ class OpenAIServing:
         params = req.to_sampling_params()
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer; chat completions need one")
-        streams = self.start([self.chat_prompt(req)], params)
+        prompt = await asyncio.to_thread(self.chat_prompt, req)  # template + tokenizer off the event loop
+        streams = await self.start([prompt], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         k = params.logprobs
 
