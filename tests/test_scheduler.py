@@ -211,6 +211,8 @@ def test_requests_that_can_never_fit_are_rejected(llm: LLM) -> None:
     with pytest.raises(RequestError, match="maximum context length"):
         engine.add_request(prompts(300)[0])
     assert not engine.has_unfinished()
-    # A lone request that outgrows the whole pool stops with "length" instead of livelocking.
-    [out] = run(engine, prompts(20), SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    with pytest.raises(RequestError, match="needs 120 KV slots"):  # could only be cut short: refused up front
+        engine.add_request(prompts(20)[0], SamplingParams(max_tokens=100))
+    # A lone request without a limit that outgrows the whole pool stops with "length" instead of livelocking.
+    [out] = run(engine, prompts(20), SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))
     assert len(out) == 2 * BLOCK_SIZE - 20 + 1 and engine.allocator.num_used == 0  # the last token needs no slot

@@ -179,6 +179,11 @@ class LLMEngine:
         if n + 1 > self.pool.capacity_tokens:
             raise RequestError(f"prompt has {n} tokens but the KV cache holds only {self.pool.capacity_tokens} "
                                "tokens in total; raise kv_cache_memory or num_kv_blocks")
+        wanted = n + min(params.max_tokens or 0, self.max_model_len - n)
+        if wanted > self.pool.capacity_tokens:  # it could only ever be cut short: say so now
+            raise RequestError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {wanted} KV slots but "
+                               f"the KV cache holds only {self.pool.capacity_tokens} tokens in total; lower "
+                               "max_tokens or raise kv_cache_memory / num_kv_blocks")
         if request_id is not None and request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         rid = request_id if request_id is not None else str(next(self._ids))  # itertools.count: atomic
