@@ -13,8 +13,10 @@ tensors: the independent reference the parity tests compare against.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -183,6 +185,41 @@ def write_model(path: str | Path, spec: ModelSpec | None = None, progress: bool 
         w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
     w.close()
     return path
+
+
+def rewrite_gguf(src: str | Path, dst: str | Path, *, keys: Mapping[str, Any] | None = None,
+                 tensors: Mapping[str, tuple[np.ndarray, QT] | None] | None = None) -> Path:
+    """Copy a GGUF with some metadata keys or tensors changed, added or dropped: what tests of bad files need.
+
+    `keys` maps a key to `(value, value_type, sub_type)` (set or added) or None (dropped); `tensors` maps a
+    name to `(data, qtype)` (replaced in place or added at the end) or None (dropped).
+    """
+    from gguf import GGUFReader
+
+    keys, tensors = dict(keys or {}), dict(tensors or {})
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = keys.pop(key) if key in keys else (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+        if value is not None:
+            w.add_key_value(key, value[0], value[1], sub_type=value[2])
+    for key, value in keys.items():
+        if value is not None:
+            w.add_key_value(key, value[0], value[1], sub_type=value[2])
+    for t in r.tensors:
+        data = tensors.pop(t.name) if t.name in tensors else (np.asarray(t.data), t.tensor_type)
+        if data is not None:
+            w.add_tensor(t.name, data[0], raw_dtype=data[1])
+    for name, data in tensors.items():
+        if data is not None:
+            w.add_tensor(name, data[0], raw_dtype=data[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
 
 
 def smoke_model(name: str = "smoke") -> str:

@@ -9,40 +9,21 @@ from gguf import GGUFValueType, GGUFWriter
 
 from moeserve import LLM
 from moeserve.errors import GGUFError, UnsupportedQuantError
-from moeserve.testing import ModelSpec, write_model
+from moeserve.testing import ModelSpec, rewrite_gguf, write_model
 
 SMALL = dict(n_layers=1, hidden_size=64, head_dim=16, n_heads=4, n_kv_heads=2, n_experts=4, n_experts_used=2,
              expert_ffn=32, vocab_size=320)
 
 
 def rewrite(src, dst, *, drop_key=None, set_kv=None, drop_tensor=None, replace_tensor=None):
-    """Copy a GGUF, dropping or altering one key or tensor."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(src))
-    arch = r.fields["general.architecture"].contents()
-    w = GGUFWriter(str(dst), arch)
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key == drop_key:
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        sub = field.types[-1] if len(field.types) > 1 else None
-        if set_kv and key in set_kv:
-            value, vtype, sub = set_kv[key], GGUFValueType.STRING, None
-        w.add_key_value(key, value, vtype, sub_type=sub)
-    for t in r.tensors:
-        if t.name == drop_tensor:
-            continue
-        data, qt = np.asarray(t.data), t.tensor_type
-        if replace_tensor and t.name == replace_tensor[0]:
-            data, qt = replace_tensor[1], replace_tensor[2]
-        w.add_tensor(t.name, data, raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    """Copy a GGUF, dropping or altering one key (set as a string) or tensor."""
+    keys = {k: (v, GGUFValueType.STRING, None) for k, v in (set_kv or {}).items()}
+    if drop_key:
+        keys[drop_key] = None
+    tensors = {drop_tensor: None} if drop_tensor else {}
+    if replace_tensor:
+        tensors[replace_tensor[0]] = (replace_tensor[1], replace_tensor[2])
+    return rewrite_gguf(src, dst, keys=keys, tensors=tensors)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType
 
 from moeserve import LLM
 from moeserve.errors import GGUFError, MoeServeError
 from moeserve.gguf.reader import GGUFFile
-from moeserve.testing import ModelSpec, write_model
+from moeserve.testing import ModelSpec, rewrite_gguf, write_model
 
 SMALL = dict(n_layers=1, hidden_size=64, head_dim=16, n_heads=4, n_kv_heads=2, n_experts=4, n_experts_used=2,
              expert_ffn=32, vocab_size=320)
@@ -25,29 +26,9 @@ def good(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("hostile") / "good.gguf", ModelSpec(**SMALL))
 
 
-def rewrite(src, dst, key: str, value: object, vtype: GGUFValueType, sub: GGUFValueType | None = None):
+def rewrite(src, dst, key: str, value: object, vtype: GGUFValueType):
     """Copy a GGUF with one metadata key set to a value of any type (added when absent)."""
-    r = GGUFReader(str(src))
-    arch = r.fields["general.architecture"].contents()
-    w = GGUFWriter(str(dst), arch)
-    done = False
-    for k, field in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        if k == key:
-            w.add_key_value(k, value, vtype, sub_type=sub)
-            done = True
-            continue
-        w.add_key_value(k, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    if not done:
-        w.add_key_value(key, value, vtype, sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return rewrite_gguf(src, dst, keys={key: (value, vtype, None)})
 
 
 def expect(path, *needles, seconds: float = 10.0):
@@ -145,19 +126,7 @@ def test_lying_hyperparameters(good, tmp_path, key, value, vtype, needle):
 def test_wrongly_shaped_rope_freqs(tmp_path):
     path = write_model(tmp_path / "llama.gguf", ModelSpec(**{**SMALL, "arch": "llama", "n_experts": 0,
                                                              "n_experts_used": 0, "ffn": 64}))
-    r = GGUFReader(str(path))
-    w = GGUFWriter(str(tmp_path / "freqs.gguf"), "llama")
-    for k, field in r.fields.items():
-        if not k.startswith("GGUF.") and k != "general.architecture":
-            w.add_key_value(k, field.contents(), field.types[0],
-                            sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.add_tensor("rope_freqs.weight", np.ones(3, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_gguf(path, tmp_path / "freqs.gguf", tensors={"rope_freqs.weight": (np.ones(3, dtype=np.float32), QT.F32)})
     expect(tmp_path / "freqs.gguf", "rope_freqs.weight", "shape")
 
 

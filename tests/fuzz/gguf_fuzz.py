@@ -151,30 +151,21 @@ def mutate(seed: bytes, lay: Layout, kind: str, rng: np.random.Generator) -> byt
 
 
 def _tensor_set(seed: bytes, rng: np.random.Generator) -> bytes:
-    """Drop one tensor, or add a stray extra one, through gguf-py's writer."""
-    from gguf import GGUFReader, GGUFWriter
+    """Drop one tensor, or add a stray extra one (gguf-py refuses to write a duplicate name)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from moeserve.testing import rewrite_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "s.gguf", Path(tmp) / "d.gguf"
         src.write_bytes(seed)
-        r = GGUFReader(str(src))
-        w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
-        for k, f in r.fields.items():
-            if not k.startswith("GGUF.") and k != "general.architecture":
-                w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
-        tensors = list(r.tensors)
-        drop = int(rng.integers(len(tensors))) if rng.random() < 0.6 else -1
-        for i, t in enumerate(tensors):
-            if i != drop:
-                w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        if drop < 0:
-            name = tensors[int(rng.integers(len(tensors)))].name + ".x" if rng.random() < 0.5 else "blk.7.attn_q.weight"
-            w.add_tensor(name, np.zeros(64, dtype=np.float32))  # (gguf-py refuses to write a duplicate name)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return dst.read_bytes()
+        names = [t.name for t in GGUFReader(str(src)).tensors]
+        if rng.random() < 0.6:
+            change: dict = {names[int(rng.integers(len(names)))]: None}
+        else:
+            name = names[int(rng.integers(len(names)))] + ".x" if rng.random() < 0.5 else "blk.7.attn_q.weight"
+            change = {name: (np.zeros(64, dtype=np.float32), GGMLQuantizationType.F32)}
+        return rewrite_gguf(src, dst, tensors=change).read_bytes()
 
 
 def _child(path: str, kernels: str, mem_cap: int, time_cap: float, wfd: int) -> None:
