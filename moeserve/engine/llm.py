@@ -27,7 +27,7 @@ from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import GGUFError, MoeServeError, RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
-from moeserve.kernels.select import select_backend
+from moeserve.kernels.select import requested, select_backend
 from moeserve.model.decoder import load_decoder
 
 __all__ = ["LLM", "Prompt", "default_model_path"]
@@ -73,8 +73,7 @@ class LLM:
                                           max_num_batched_tokens, enable_prefix_caching)
         self.path = model or default_model_path()
         if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
-            asked = kernels if kernels is not None else os.environ.get("MOESERVE_KERNELS")
-            device = "cuda" if torch.cuda.is_available() and asked != "cpu" else "cpu"
+            device = "cuda" if torch.cuda.is_available() and requested(kernels) != "cpu" else "cpu"
         self.device = torch.device(device)
         self.backend = select_backend(kernels, self.device)
         self.kernels = self.backend.name

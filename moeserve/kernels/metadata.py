@@ -81,7 +81,7 @@ class AttentionMetadata:
         assert self.kv is not None and self.block_lists is not None
         bs, blocks, n = self.kv.block_size, self.block_lists[b], self.seq_lens_host[b]
         nb = -(-n // bs)
-        if blocks[nb - 1] - blocks[0] == nb - 1 and all(blocks[i + 1] == blocks[i] + 1 for i in range(nb - 1)):
+        if all(blocks[i + 1] == blocks[i] + 1 for i in range(nb - 1)):
             return slice(blocks[0] * bs, blocks[0] * bs + n)
         assert self.block_tables is not None
         j = torch.arange(n, device=self.block_tables.device)

@@ -14,13 +14,18 @@ BACKENDS = ("auto", "reference", "cpu")
 ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kernels of this device"
 
 
+def requested(name: str | None) -> str:
+    """The backend asked for: `name`, else `$MOESERVE_KERNELS`, else "auto" (aliases resolved, not validated)."""
+    raw = name if name is not None else os.environ.get("MOESERVE_KERNELS") or "auto"
+    return ALIASES.get(raw, raw)
+
+
 def backend_name(name: str | None, device: torch.device | str) -> str:
     """Resolve `name` (None: `$MOESERVE_KERNELS`, else auto) to a concrete backend for `device`."""
-    env = os.environ.get("MOESERVE_KERNELS")
-    raw = name if name is not None else env or "auto"
-    resolved = ALIASES.get(raw, raw)
+    resolved = requested(name)
     if resolved not in BACKENDS:
         source = "kernels" if name is not None else "$MOESERVE_KERNELS"
+        raw = name if name is not None else os.environ.get("MOESERVE_KERNELS")
         raise RequestError(f"{source} must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
     if resolved == "auto":
         return "cpu" if torch.device(device).type == "cpu" else "reference"

@@ -22,12 +22,11 @@ from moeserve.profiler import stage
 
 class Decoder:
     def __init__(self, config: ModelConfig, embed: Embedding, blocks: list[Block], norm: Norm, lm_head: Linear,
-                 max_positions: int, device: torch.device,
-                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 max_positions: int, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
         self.max_positions = max_positions  # the RoPE tables' length: no position may reach it
         self.device = device  # where activations and the KV pool live
-        self.argmax = argmax or (lambda x: torch.argmax(x, dim=-1))  # the backend's greedy kernel, for the sampler
+        self.argmax = argmax  # the backend's greedy kernel, for the sampler
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata,

@@ -4,7 +4,7 @@ What each operation gets, decided once per weight at load:
 
 * linear — `NativeLinear` (integer dots for few rows, the tiled/integer GEMM for many) for every
   quantized type with K % 256 == 0; F32/F16/BF16 weights a dense float32 `F.linear`; anything else
-  (only tiny test shapes) the reference linear.
+  (quantized rows whose K is not a multiple of 256) the reference linear, which dequantizes per call.
 * q/k/v — one native call for projections + QK-norm + RoPE at decode when all three are native
   (`QKVRope`); otherwise the backend's linears and the native per-head norm + RoPE.
 * attention — the reference paged attention, with the native one-query kernel for decode rows: a
@@ -21,6 +21,7 @@ compiler's message.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -108,25 +109,24 @@ class CpuBackend(Backend):
             raise ValueError(f"the cpu backend runs on the CPU, not on {self.device}")
         native.load()  # NativeBuildError with the compiler's message if the kernels do not build
 
-    def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
+    @staticmethod
+    def _matmul(w: PackedTensor, native_cls: type, dense_cls: type, reference_cls: type) -> Any:
+        """The kernel for a weight: native for quantized types with K % 256 == 0, dense float32 for float types,
+        else the reference (quantized weights whose K is not a multiple of 256, e.g. hidden 576)."""
         qt = QT(w.qtype)
-        lin: Linear
         if native.supports(w):
-            lin = native.NativeLinear(w)
-        elif qt in FLOAT_TYPES:
-            lin = DenseLinear(dense_weight(w.data, qt, w.shape[-1]))
-        else:  # no native kernel for this shape (K not a multiple of 256: tiny test models)
-            return ReferenceLinear(w, bias)
+            return native_cls(w)
+        if qt in FLOAT_TYPES:
+            return dense_cls(dense_weight(w.data, qt, w.shape[-1]))
+        return reference_cls(w)
+
+    def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
+        lin = self._matmul(w, native.NativeLinear, DenseLinear, ReferenceLinear)
         return lin if bias is None else WithBias(lin, bias)
 
-    def experts(self, w: PackedTensor) -> object:
+    def experts(self, w: PackedTensor) -> Any:
         """`(e, x) -> x @ W[e].T` for an expert stack."""
-        qt = QT(w.qtype)
-        if native.supports(w):
-            return native.NativeExperts(w)
-        if qt in FLOAT_TYPES:
-            return DenseExperts(dense_weight(w.data, qt, w.shape[-1]))
-        return ReferenceExperts(w)
+        return self._matmul(w, native.NativeExperts, DenseExperts, ReferenceExperts)
 
     def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
              freq_factors: torch.Tensor | None = None) -> Rope:
