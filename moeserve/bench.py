@@ -83,13 +83,13 @@ def _profiled(fn: Any, n_tokens: int) -> dict[str, float]:
 
 
 def run_bench(model: str, n_prompt: int = 512, n_gen: int = 128, threads: int = 2, reps: int = 3,
-              kernels: str | None = None, profile: bool = False, progress: bool = True) -> BenchResult:
+              kernels: str | None = None, profile: bool = False, progress: bool = True, **engine: Any) -> BenchResult:
     from moeserve.engine.llm import LLM
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     llm = LLM(model, kernels=kernels, max_model_len=max(n_prompt, n_gen) + 8, warmup=True, progress=progress,
-              max_num_seqs=1, max_num_batched_tokens=max(512, n_prompt), enable_prefix_caching=False)
+              max_num_seqs=1, max_num_batched_tokens=max(512, n_prompt), enable_prefix_caching=False, **engine)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, llm.config.vocab_size, n_prompt).tolist()

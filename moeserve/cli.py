@@ -110,8 +110,14 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file (
 MaxModelLen = Annotated[int | None, typer.Option(help="Context length to allocate (default: the model's, ≤ 4096).",
                                                  show_default=False)]
 Kernels = Annotated[str | None, typer.Option(
-    help="Kernel backend: auto | cpu | reference (default: auto = the best for the device, or $MOESERVE_KERNELS).",
+    help="Kernel backend: auto | cpu | triton | reference (default: auto = cpu on a CPU, triton on a GPU, "
+         "or $MOESERVE_KERNELS).",
     show_default=False)]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when a GPU is available).",
+                                            show_default=False)]
+GpuMemory = Annotated[float, typer.Option(help="On a GPU: the share of its memory for weights, KV pool and "
+                                               "activations (the KV pool takes what is left).", min=0.01, max=1.0)]
+EnforceEager = Annotated[bool, typer.Option(help="Never capture CUDA graphs for decode steps.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]
@@ -158,7 +164,7 @@ def _model_path(model: str | None) -> str:
     return model
 
 
-def _load(model: str | None, max_model_len: int | None, kernels: str | None, quiet: bool) -> Any:
+def _load(model: str | None, max_model_len: int | None, kernels: str | None, quiet: bool, **engine: Any) -> Any:
     """Load the model; on a terminal, loading shows a progress bar on stderr."""
     path = _model_path(model)
     show = not quiet and sys.stderr.isatty()
@@ -169,7 +175,7 @@ def _load(model: str | None, max_model_len: int | None, kernels: str | None, qui
     from moeserve.engine.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(path, max_model_len=max_model_len, kernels=kernels, progress=show)
+    llm = LLM(path, max_model_len=max_model_len, kernels=kernels, progress=show, **engine)
     if show:
         sys.stderr.write(f"Loaded in {time.perf_counter() - t0:.1f} s ({llm.kernels} kernels)\n")
     return llm
@@ -239,6 +245,9 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream", "-s", help="Print tokens as they are generated.")] = False,
     max_model_len: MaxModelLen = None,
     kernels: Kernels = None,
+    device: Device = None,
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     quiet: Quiet = False,
 ) -> None:
     """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT."""
@@ -258,7 +267,8 @@ def generate(
         raise CLIError("the prompt is empty")
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
-    llm = _load(model, max_model_len, kernels, quiet)
+    llm = _load(model, max_model_len, kernels, quiet, device=device, gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager)
     show_stats = not quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     if stream:
@@ -330,6 +340,9 @@ def chat(
     ignore_eos: IgnoreEos = False,
     max_model_len: MaxModelLen = None,
     kernels: Kernels = None,
+    device: Device = None,
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model: an interactive REPL (reads lines from stdin, so it can be scripted).
@@ -343,7 +356,8 @@ def chat(
         raise CLIError("MODEL given twice (as --model and as an argument)")
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
-    llm = _load(model_arg or model, max_model_len, kernels, quiet)
+    llm = _load(model_arg or model, max_model_len, kernels, quiet, device=device,
+                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     if llm.tokenizer is None:
         raise CLIError(f"{llm.path} has no tokenizer; chat needs one")
     interactive = sys.stdin.isatty()
@@ -560,6 +574,9 @@ def serve(
                                                           help="Model id in the API (default: file name).")] = None,
     max_model_len: MaxModelLen = None,
     kernels: Kernels = None,
+    device: Device = None,
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together (default 32).",
                                                      show_default=False)] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(help="KV pool budget, e.g. 2GiB.", show_default=False)] = None,
@@ -583,7 +600,9 @@ def serve(
     from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
 
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
-                                           kv_cache_memory=kv_cache_memory).items() if v is not None}
+                                           kv_cache_memory=kv_cache_memory, device=device,
+                                           gpu_memory_utilization=gpu_memory_utilization,
+                                           enforce_eager=enforce_eager).items() if v is not None}
     run(path, host=host, port=port, api_key=api_key, served_model_name=served_model_name, log_level=log_level,
         **engine_kwargs)
 
@@ -603,6 +622,9 @@ def bench(
     threads: Annotated[int, typer.Option("-t", "--threads", min=1, help="CPU threads.")] = 2,
     reps: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Repetitions of each test.")] = 3,
     kernels: Kernels = None,
+    device: Device = None,
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (pp_tps, tg_tps, ...).")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Per-stage prefill and decode breakdown.")] = False,
 ) -> None:
@@ -614,7 +636,8 @@ def bench(
     from moeserve.bench import format_table, run_bench
 
     result = run_bench(_model_path(model_arg or model), n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps,
-                       kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty())
+                       kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty(), device=device,
+                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
     else:

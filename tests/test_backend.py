@@ -18,7 +18,7 @@ def test_names_env_and_defaults(monkeypatch):
     monkeypatch.delenv("MOESERVE_KERNELS", raising=False)
     assert backend_name(None, "cpu") == "cpu" and backend_name("auto", "cpu") == "cpu"
     assert backend_name("fast", "cpu") == "cpu"  # the old name
-    assert backend_name(None, "cuda") == "reference"  # until the triton backend lands
+    assert backend_name(None, "cuda") == "triton"
     monkeypatch.setenv("MOESERVE_KERNELS", "reference")
     assert backend_name(None, "cpu") == "reference"
     assert backend_name("cpu", "cpu") == "cpu"  # an explicit argument beats the environment

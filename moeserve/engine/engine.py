@@ -45,6 +45,28 @@ Prompt = str | Seq[int]
 DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_seqs full sequences need
 
 
+GPU_ACTIVATION_RESERVE = 1024**3  # bytes kept free on a GPU for activations and captured graphs
+
+
+def kv_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The KV pool's dtype: `auto` is float32 on a CPU (exact) and float16 on a GPU (half the memory)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+    if dtype is None:
+        raise RequestError(f"kv_cache_dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {name!r}")
+    return dtype
+
+
+def gpu_kv_budget(device: torch.device, utilization: float) -> int:
+    """Bytes for the KV pool on a GPU (vLLM's --gpu-memory-utilization): the share `utilization` of the
+    card's memory, less what is already taken (the weights, other processes) and an activation reserve."""
+    if not 0.0 < utilization <= 1.0:
+        raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(utilization * total) - (total - free) - GPU_ACTIVATION_RESERVE)
+
+
 class OutputKind(enum.Enum):
     FINAL_ONLY = "final_only"
     DELTA = "delta"
@@ -56,10 +78,12 @@ class EngineConfig:
 
     num_kv_blocks: int | None = None  # exact pool size; overrides kv_cache_memory
     kv_cache_memory: int | str | None = None  # pool budget in bytes or '2GiB'; default DEFAULT_KV_MEMORY
-    kv_cache_dtype: str = "float32"  # or "bfloat16" (half the memory, slightly different numbers)
+    kv_cache_dtype: str = "auto"  # auto: float32 on a CPU, float16 on a GPU; or float32 / float16 / bfloat16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512  # per step: decode tokens + prefill chunks
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9  # on a GPU, the share of its memory weights + KV pool + activations may use
+    enforce_eager: bool = False  # never capture CUDA graphs (every step runs the forward from Python)
 
 
 @dataclass
@@ -103,13 +127,16 @@ class LLMEngine:
         self.chat_template = chat_template
         c, cfg = self.config, model.config
         self.max_model_len = model.max_positions
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(c.kv_cache_dtype)
-        if dtype is None:
-            raise RequestError(f"kv_cache_dtype must be 'float32' or 'bfloat16', got {c.kv_cache_dtype!r}")
+        dtype = kv_dtype(c.kv_cache_dtype, model.device)
         if c.num_kv_blocks is not None:
             num_blocks = c.num_kv_blocks
         else:
-            budget = parse_memory(c.kv_cache_memory) if c.kv_cache_memory is not None else DEFAULT_KV_MEMORY
+            if c.kv_cache_memory is not None:
+                budget = parse_memory(c.kv_cache_memory)
+            elif model.device.type == "cuda":
+                budget = gpu_kv_budget(model.device, c.gpu_memory_utilization)
+            else:
+                budget = DEFAULT_KV_MEMORY
             wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))
             num_blocks = min(budget // KVPool.bytes_per_block(cfg, dtype), wanted)
         if num_blocks < 1:
@@ -118,7 +145,7 @@ class LLMEngine:
         self.pool = KVPool(cfg, num_blocks, dtype, model.device)
         self.allocator = BlockAllocator(num_blocks, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, c.max_num_seqs, c.enforce_eager)
         self.sampler = Sampler(model.argmax)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -190,7 +217,8 @@ class LLMEngine:
         eos = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
         seqs = []
         for i in range(params.n):
-            s = Sequence(request_id=rid, prompt_ids=ids, params=params, prompt=text, index=i, eos_ids=eos)
+            s = Sequence(request_id=rid, prompt_ids=ids, params=params, prompt=text, index=i, eos_ids=eos,
+                         device=self.model.device)
             if self.tokenizer is not None:
                 from moeserve.tokenizer import StreamDecoder
 

@@ -58,19 +58,23 @@ class LLM:
     def __init__(self, model: str | None = None, *, max_model_len: int | None = None, kernels: str | None = None,
                  device: str | None = None, warmup: bool = True, progress: bool = False,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None,
-                 kv_cache_dtype: str = "float32", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 enable_prefix_caching: bool = True, in_memory: bool | None = None) -> None:
+                 kv_cache_dtype: str = "auto", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True, in_memory: bool | None = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
-        `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: the best backend for the device), 'cpu',
-        'reference' ('fast' = 'auto'). `in_memory` (default: on for CPU unless `MOESERVE_MMAP=1` or the
+        `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: cpu on a CPU, triton on a GPU), 'cpu', 'triton',
+        'reference' ('fast' = 'auto'). `device`: 'cpu' or 'cuda[:N]' (default: a GPU when there is one).
+        `gpu_memory_utilization` sizes the KV pool on a GPU (vLLM's flag); `enforce_eager` turns CUDA graphs off.
+        `in_memory` (default: on for CPU unless `MOESERVE_MMAP=1` or the
         file exceeds 80 % of the available memory) reads the file into huge-page memory at load,
         sequentially, instead of page-faulting weights in from the file map at random during the first
         tokens (see `GGUFFile.read_into_memory`). The KV-pool and batching arguments configure the engine
         (see `EngineConfig`); the pool's pages are touched only as blocks are first written.
         """
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
-                                          max_num_batched_tokens, enable_prefix_caching)
+                                          max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
+                                          enforce_eager)
         self.path = model or default_model_path()
         if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
             device = "cuda" if torch.cuda.is_available() and requested(kernels) != "cpu" else "cpu"

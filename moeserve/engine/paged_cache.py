@@ -69,12 +69,15 @@ class KVPool:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, torch.device(device)
-        shape = (config.n_layers, num_blocks, BLOCK_SIZE, config.n_kv_heads, config.head_dim)
+        # One block past the allocator's: the scratch block that padding rows of a CUDA-graph decode step
+        # write to and read from, so a padded batch never touches a real sequence's keys.
+        self.scratch_block = num_blocks
+        shape = (config.n_layers, num_blocks + 1, BLOCK_SIZE, config.n_kv_heads, config.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) when a block is first written.
         self.k = torch.empty(shape, dtype=dtype, device=self.device)
         self.v = torch.empty(shape, dtype=dtype, device=self.device)
         # [layers, n_blocks * 16, kv_heads, head_dim] views: what the attention kernels address by slot.
-        slots = (config.n_layers, num_blocks * BLOCK_SIZE, config.n_kv_heads, config.head_dim)
+        slots = (config.n_layers, (num_blocks + 1) * BLOCK_SIZE, config.n_kv_heads, config.head_dim)
         self.tensors = KVCacheTensors(self.k.view(slots), self.v.view(slots), BLOCK_SIZE)
 
     @staticmethod

@@ -5,7 +5,8 @@ a decode token or a prefill chunk); the runner flattens them into one batch of T
 step's `AttentionMetadata` once (positions, slot mapping, block tables, sequence lengths, query start
 offsets), runs `Decoder.forward`, and returns the logits of the rows that end a sequence. The engine
 samples from them. `bench`, warm-up, `generate` and the server all run through `execute`, so what is
-benchmarked is what is served; `LLM.logits` runs `forward_full` (one sequence, no cache).
+benchmarked is what is served; `LLM.logits` runs `forward_full` (one sequence, no cache). On a GPU with a
+graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda_graphs.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.engine.cuda_graphs import DecodeGraphs
 from moeserve.engine.paged_cache import KVPool, blocks_for
 from moeserve.engine.scheduler import Chunk
 from moeserve.kernels.metadata import AttentionMetadata, no_cache_metadata
@@ -31,9 +33,13 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, pool: KVPool) -> None:
+    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int = 1, enforce_eager: bool = False) -> None:
         self.model, self.pool = model, pool
         self.device = pool.device
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and model.graph_safe and not enforce_eager:
+            self.graphs = DecodeGraphs(model, pool, max_num_seqs)
+            self.graphs.capture()
 
     def prepare(self, chunks: Sequence[Chunk]) -> StepInput:
         """Flatten the step's chunks and describe them for attention (host loops here, none in the forward)."""
@@ -62,12 +68,14 @@ class ModelRunner:
             context_lens=contexts, seq_lens=torch.tensor(lens, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(padded, dtype=torch.long, device=dev), block_lists=tables,
-            kv=self.pool.tensors)
+            kv=self.pool.tensors, query_start_t=torch.tensor(starts, dtype=torch.int32, device=dev))
         return StepInput(torch.tensor(ids, dtype=torch.long, device=dev), meta,
                          torch.tensor(rows, dtype=torch.long, device=dev))
 
     def execute(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """Run one scheduled step (its k/v land in the pool); float32 logits of the sampling rows."""
+        if self.graphs is not None and self.graphs.fits(chunks):
+            return self.graphs.run(chunks)
         step = self.prepare(chunks)
         return self.model.forward(step.ids, step.meta, step.logit_rows)
 

@@ -139,8 +139,8 @@ class SamplingParams:
         return self.temperature < _SAMPLING_EPS or self.top_k == 1
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """Return a CPU generator seeded from `params.seed`, or None for unseeded requests.
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """Return a generator on `device` (where the logits are) seeded from `params.seed`, or None for unseeded ones.
 
     The caller keeps one generator per sequence for its whole life and passes it at every step:
     a seeded request then draws the same tokens whatever else shares its batch, because only
@@ -148,13 +148,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     """
     if params.seed is None:
         return None
-    return torch.Generator(device="cpu").manual_seed(params.seed)
+    return torch.Generator(device=device).manual_seed(params.seed)
 
 
 # --------------------------------------------------------------------------------------------
 # Logit transforms. Each takes [B, V] float logits and per-row parameters, returns a new tensor.
 # Removed tokens get -inf so a later softmax gives them exactly zero probability.
 # --------------------------------------------------------------------------------------------
+
+
+def _host_any(value: float | torch.Tensor | list[float] | list[int], pred: Callable[[float], bool]) -> bool:
+    """Whether any row's value satisfies `pred`, decided on the host for host values: the sampler then
+    never waits for the GPU before the one copy of the sampled ids (a tensor is reduced on its device)."""
+    if isinstance(value, torch.Tensor):
+        return bool(pred(value).any())  # type: ignore[arg-type]
+    return any(pred(v) for v in (value if isinstance(value, list) else [value]))
 
 
 def _per_row(
@@ -182,11 +190,11 @@ def _token_matrix(
     total = sum(lengths)
     if total == 0:
         return counts
-    flat = torch.tensor([t for toks in token_lists for t in toks], dtype=torch.long, device=device)
-    bad = (flat < 0) | (flat >= vocab_size)
-    if bool(bad.any()):
-        token = int(flat[bad][0])
-        raise RequestError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+    host = [t for toks in token_lists for t in toks]
+    bad = next((t for t in host if not 0 <= t < vocab_size), None)  # checked on the host: no device sync
+    if bad is not None:
+        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    flat = torch.tensor(host, dtype=torch.long, device=device)
     rows = torch.repeat_interleave(
         torch.arange(batch, device=device), torch.tensor(lengths, device=device)
     )
@@ -220,13 +228,13 @@ def apply_penalties(
         )
     out = logits
     rep = _per_row(repetition_penalty, batch, logits.dtype, logits.device)
-    if bool((rep != 1.0).any()):
+    if _host_any(repetition_penalty, lambda r: r != 1.0):
         seen = _token_matrix(prev_tokens, vocab, logits.device) > 0
         penalised = torch.where(out > 0, out / rep, out * rep)
         out = torch.where(seen, penalised, out)
     freq = _per_row(frequency_penalty, batch, logits.dtype, logits.device)
     pres = _per_row(presence_penalty, batch, logits.dtype, logits.device)
-    if bool((freq != 0.0).any() or (pres != 0.0).any()):
+    if _host_any(frequency_penalty, lambda f: f != 0.0) or _host_any(presence_penalty, lambda p: p != 0.0):
         counts = _token_matrix(output_tokens, vocab, logits.device).to(logits.dtype)
         out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
     return out if out is not logits else logits.clone()
@@ -250,13 +258,17 @@ def apply_top_k(logits: torch.Tensor, top_k: int | list[int]) -> torch.Tensor:
     count), which matches vLLM's sort-and-threshold implementation.
     """
     batch, vocab = logits.shape
+    if not _host_any(top_k, lambda k: 0 < k < vocab):
+        return logits.clone()
     k = _per_row(top_k, batch, torch.long, logits.device)
     active = (k > 0) & (k < vocab)
-    if not bool(active.any()):
-        return logits.clone()
     # Only the largest active k is sorted for, so one disabled row does not force a full sort.
     k = torch.where(active, k, torch.ones_like(k))
-    top_vals = torch.topk(logits, int(k.max()), dim=-1).values  # sorted descending
+    if isinstance(top_k, torch.Tensor):
+        largest = int(k.max())
+    else:
+        largest = max(v for v in (top_k if isinstance(top_k, list) else [top_k]) if 0 < v < vocab)
+    top_vals = torch.topk(logits, largest, dim=-1).values  # sorted descending
     threshold = top_vals.gather(1, k - 1)
     threshold = torch.where(active, threshold, torch.full_like(threshold, float("-inf")))
     return logits.masked_fill(logits < threshold, float("-inf"))
@@ -269,9 +281,9 @@ def apply_top_p(logits: torch.Tensor, top_p: float | list[float]) -> torch.Tenso
     below p, so the most likely token always survives and the token that crosses p is included.
     """
     batch, _ = logits.shape
-    p = _per_row(top_p, batch, logits.dtype, logits.device)
-    if bool((p >= 1.0).all()):
+    if not _host_any(top_p, lambda p: p < 1.0):
         return logits.clone()
+    p = _per_row(top_p, batch, logits.dtype, logits.device)
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
@@ -288,9 +300,9 @@ def apply_min_p(logits: torch.Tensor, min_p: float | list[float]) -> torch.Tenso
     a flat one keeps many. The most likely token always survives.
     """
     batch, _ = logits.shape
-    m = _per_row(min_p, batch, logits.dtype, logits.device)
-    if bool((m <= 0.0).all()):
+    if not _host_any(min_p, lambda m: m > 0.0):
         return logits.clone()
+    m = _per_row(min_p, batch, logits.dtype, logits.device)
     probs = torch.softmax(logits, dim=-1)
     threshold = m * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
@@ -391,7 +403,7 @@ class Sampler:
             for i in random_rows:
                 gen = generators[i]
                 if gen is not None:
-                    token_ids[i] = torch.multinomial(probs[i].cpu(), 1, generator=gen)[0]  # the generator is a CPU one
+                    token_ids[i] = torch.multinomial(probs[i].to(gen.device), 1, generator=gen)[0].to(token_ids.device)
 
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
 

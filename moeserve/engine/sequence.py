@@ -26,13 +26,14 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     generator: torch.Generator | None = None
+    device: torch.device | str = "cpu"  # where the logits live: a seeded generator is made there
     stopper: StopChecker | None = None
     detok: object | None = None  # tokenizer.StreamDecoder when text is wanted
     streamed: int = 0  # characters of `text` already handed to a stream
 
     def __post_init__(self) -> None:
         seeded = self.params if self.params.seed is None else _offset_seed(self.params, self.index)
-        self.generator = make_generator(seeded)
+        self.generator = make_generator(seeded, self.device)
         self.stopper = StopChecker.from_params(self.params)
 
     @property

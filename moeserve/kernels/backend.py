@@ -13,7 +13,8 @@ Backends (chosen by `kernels/select.py` `select_backend`):
   tested against (tests/test_parity_hf.py runs the same suite on each backend).
 * `cpu` (`kernels/cpu/`) — the native AVX2 kernels (`torch.ops.moeserve.*`) on the GGUF blocks in
   place; the default on a CPU. Shapes it has no kernel for fall back to the reference objects.
-* `triton` — the GPU backend (planned; until then a CUDA device gets `reference`).
+* `triton` (`kernels/triton/`) — Triton kernels on the packed blocks; the default on a GPU, and under
+  Triton's interpreter (`TRITON_INTERPRET=1`) on a CPU for tests.
 
 Every kernel object is reentrant: it holds only what load gave it, so two threads may call the
 same model at once (`LLM.logits` beside a running server).
@@ -76,6 +77,7 @@ class Backend(ABC):
     """A factory of kernel objects for one device (see the module docstring)."""
 
     name: str
+    graph_safe = False  # True when a forward never synchronises with the host (CUDA graphs may capture it)
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)

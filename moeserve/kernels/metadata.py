@@ -47,10 +47,22 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int64; short rows padded with their first block
     block_lists: list[list[int]] | None = None  # the same tables on the host, unpadded
     kv: KVCacheTensors | None = None
+    query_start_t: torch.Tensor | None = None  # [B + 1] int32: query_start on the device (GPU kernels read it)
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    @cached_property
+    def max_query_len(self) -> int:
+        """The most rows any one sequence has in this step (1 in a decode step)."""
+        return max((self.query_start[b + 1] - self.query_start[b] for b in range(self.num_seqs)), default=0)
+
+    def query_start_tensor(self) -> torch.Tensor:
+        """`query_start` as an int32 device tensor (the runner provides it; built here otherwise)."""
+        if self.query_start_t is None:
+            self.query_start_t = torch.tensor(self.query_start, dtype=torch.int32, device=self.positions.device)
+        return self.query_start_t
 
     @cached_property
     def seq_lens_host(self) -> list[int]:

@@ -1,5 +1,5 @@
 """Choosing a kernel backend: `LLM(kernels=...)`, `--kernels`, `$MOESERVE_KERNELS`; the default picks the
-best backend for the device (see `kernels/backend.py` for what a backend is)."""
+best backend for the device (cpu on a CPU, triton on a GPU) (see `kernels/backend.py` for what a backend is)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from moeserve.errors import RequestError
 from moeserve.kernels.backend import Backend
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 ALIASES = {"fast": "auto"}  # the name earlier versions used for "the fast kernels of this device"
 
 
@@ -28,7 +28,7 @@ def backend_name(name: str | None, device: torch.device | str) -> str:
         raw = name if name is not None else os.environ.get("MOESERVE_KERNELS")
         raise RequestError(f"{source} must be one of {', '.join(BACKENDS)} (or 'fast'), got {raw!r}")
     if resolved == "auto":
-        return "cpu" if torch.device(device).type == "cpu" else "reference"
+        return "cpu" if torch.device(device).type == "cpu" else "triton"
     if resolved == "cpu" and torch.device(device).type != "cpu":
         raise RequestError(f"the cpu kernels run on the CPU, not on {device}; use device='cpu' or kernels='reference'")
     return resolved
@@ -41,6 +41,10 @@ def select_backend(name: str | None = None, device: torch.device | str = "cpu") 
     with the compiler's message), never swallowed — `kernels='reference'` is the way to run without.
     """
     resolved = backend_name(name, device)
+    if resolved == "triton":
+        from moeserve.kernels.triton.backend import TritonBackend
+
+        return TritonBackend(device)
     if resolved == "cpu":
         from moeserve.kernels.cpu.backend import CpuBackend
 

@@ -22,11 +22,13 @@ from moeserve.profiler import stage
 
 class Decoder:
     def __init__(self, config: ModelConfig, embed: Embedding, blocks: list[Block], norm: Norm, lm_head: Linear,
-                 max_positions: int, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 max_positions: int, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor],
+                 graph_safe: bool = False) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
         self.max_positions = max_positions  # the RoPE tables' length: no position may reach it
         self.device = device  # where activations and the KV pool live
         self.argmax = argmax  # the backend's greedy kernel, for the sampler
+        self.graph_safe = graph_safe  # no host sync in forward: the runner may capture decode steps (CUDA graphs)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata,
@@ -84,4 +86,4 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     embed = f.tensor("token_embd.weight", (cfg.vocab_size, H))
     head = backend.linear(embed) if cfg.tied_embeddings else linear("output.weight", cfg.vocab_size, H)
     return Decoder(cfg, backend.embedding(embed), blocks, backend.norm(vector("output_norm.weight", H), eps), head,
-                   max_positions, backend.device, backend.argmax)
+                   max_positions, backend.device, backend.argmax, backend.graph_safe)

@@ -19,10 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--kernels", default=None, choices=["auto", "cpu", "reference", "fast"])
+    ap.add_argument("--kernels", default=None, choices=["auto", "cpu", "triton", "reference", "fast"])
+    ap.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", default=None, help="pool budget, e.g. 2GiB")
-    ap.add_argument("--kv-cache-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--no-prefix-caching", action="store_true")
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     run(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
         log_level=a.log_level, max_model_len=a.max_model_len, kernels=a.kernels, num_kv_blocks=a.num_kv_blocks,
         kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching)
+        max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
+        device=a.device, gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager)
 
 
 if __name__ == "__main__":

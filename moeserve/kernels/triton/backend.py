@@ -1,0 +1,86 @@
+"""`TritonBackend`: the GPU backend — Triton kernels on the packed GGUF blocks; the default on CUDA.
+
+What each operation gets:
+
+* linears: `qmatmul.TritonLinear` — the file's blocks repacked once at load (exact, about the file's size),
+  dequantized in registers by a GEMV path (decode) or a tiled GEMM (prefill); float weights use cuBLAS.
+* the MoE block: `fused_moe.TritonMoE` — router softmax/top-k on the device, (token, slot) pairs sorted
+  into per-expert blocks on the device, gate+up (SiLU·mul) in one launch and down in one launch for all
+  experts, a deterministic weighted sum.
+* attention: `attention.TritonPagedAttention` — one kernel for prefill chunks and decode rows over the
+  paged pool through the block tables.
+* RMSNorm and the q/k/v projection's QK-norm + RoPE: `norm.py`, one kernel each.
+
+Nothing in a forward synchronises with the host and every shape depends only on the step's batch, so the
+model runner can capture decode steps in CUDA graphs (`graph_safe`). On a CPU the same kernels run under
+Triton's interpreter (`TRITON_INTERPRET=1`), which is how CI tests this backend without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moeserve.errors import RequestError
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.backend import Backend, Linear
+from moeserve.kernels.reference import EmbeddingRows
+from moeserve.kernels.rope import Rope
+
+
+def check_runtime(device: torch.device) -> None:
+    """Triton compiles for a GPU; on a CPU only its interpreter runs the kernels (one clear error otherwise)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RequestError("the triton kernels run on a GPU; on a CPU set TRITON_INTERPRET=1 before starting "
+                           "(Triton's interpreter, for tests) or use kernels='cpu'")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise RequestError("kernels='triton' needs the triton package (pip install triton)") from None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    graph_safe = True  # no host synchronisation inside a forward: decode steps may be captured in CUDA graphs
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        super().__init__(device)
+        check_runtime(self.device)
+
+    def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
+        from moeserve.kernels.triton.qmatmul import TritonLinear
+
+        return TritonLinear(self.place(w), bias)
+
+    def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
+             freq_factors: torch.Tensor | None = None) -> Rope:
+        return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
+
+    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):  # noqa: ANN201
+        from moeserve.kernels.triton.norm import TritonQKV
+
+        return TritonQKV(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
+
+    def attention(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None):  # noqa: ANN201
+        from moeserve.kernels.triton.attention import TritonPagedAttention
+
+        return TritonPagedAttention(layer, n_heads, n_kv_heads, head_dim, window)
+
+    def moe(self, router: PackedTensor, gate: PackedTensor, up: PackedTensor, down: PackedTensor, top_k: int,
+            renormalize: bool):  # noqa: ANN201
+        from moeserve.kernels.triton.fused_moe import TritonMoE
+
+        return TritonMoE(self.linear(router), self.place(gate), self.place(up), self.place(down), top_k, renormalize)
+
+    def norm(self, weight: torch.Tensor, eps: float):  # noqa: ANN201
+        from moeserve.kernels.triton.norm import TritonRMSNorm
+
+        return TritonRMSNorm(weight, eps)
+
+    def embedding(self, w: PackedTensor) -> EmbeddingRows:
+        return EmbeddingRows(self.place(w))  # gathers and dequantizes only the step's rows, on the device
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(x, dim=-1)
