@@ -232,17 +232,20 @@ def smoke_model(name: str = "smoke") -> str:
     return str(path)
 
 
-def hf_reference(path: str | Path):  # -> transformers.PreTrainedModel
-    """The HF transformers model for a GGUF file, built from its dequantized tensors (float32).
+def hf_reference(path: str | Path, device: str = "cpu", dtype: Any = None,
+                 attn: str = "eager"):  # -> transformers.PreTrainedModel
+    """The HF transformers model for a GGUF file, built from its dequantized tensors (float32 by default).
 
     Independent of moeserve's forward pass: only the GGUF reader and reference dequantizer are
     shared. llama q/k rows are un-permuted (the GGUF converter permutes them for interleaved RoPE).
+    `device`/`dtype`/`attn` build the baseline of benchmarks/gpu_bench.py (cuda, bfloat16, sdpa): each
+    tensor is then dequantized on the device, one at a time.
     """
     import torch
     import transformers
 
     from moeserve.gguf.config import load_config
-    from moeserve.gguf.reader import GGUFFile
+    from moeserve.gguf.reader import GGUFFile, PackedTensor
 
     f = GGUFFile(path)
     c = load_config(f)
@@ -268,11 +271,14 @@ def hf_reference(path: str | Path):  # -> transformers.PreTrainedModel
         cfg = transformers.LlamaConfig(**common, head_dim=c.head_dim, intermediate_size=c.intermediate_size)
         model_cls = transformers.LlamaForCausalLM
     cfg.head_dim = c.head_dim  # not every config class takes it as an argument
-    cfg._attn_implementation = "eager"
-    model = model_cls(cfg).float().eval()
+    cfg._attn_implementation = attn
+    dtype = dtype or torch.float32
+    with torch.device(device):
+        model = model_cls(cfg).to(dtype).eval()
 
     def t(name: str) -> torch.Tensor:
-        return f.tensor(name).dequantize()
+        w = f.tensor(name)
+        return PackedTensor(w.name, w.qtype, w.shape, w.data.to(device)).dequantize().to(dtype)
 
     def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
         return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from moeserve.testing import ModelSpec, write_model
+# Without a GPU the triton backend's kernels run under Triton's interpreter, which must be chosen
+# before triton is first imported (tests/test_triton_*.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moeserve.testing import ModelSpec, write_model  # noqa: E402
 
 torch_threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
 

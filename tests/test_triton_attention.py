@@ -58,8 +58,9 @@ def make_step(seqs: list[tuple[int, int]], n_kv: int, hd: int, dtype: torch.dtyp
     return meta, kv
 
 
-def run_both(seqs: list[tuple[int, int]], group: int, hd: int, window: int | None, dtype: torch.dtype,
-             n_kv: int = 2, block_size: int = 16, splits: int | None = None, q_dtype: torch.dtype = torch.float32):
+def run_both(seqs: list[tuple[int, int]], group: int, hd: int, window: int | None, dtype: torch.dtype, n_kv: int = 2,
+             block_size: int = 16, splits: int | None = None, q_dtype: torch.dtype = torch.float32, tol: float = 2e-3):
+    """Both attentions on copies of one step's pool: outputs within `tol` of max |o|, identical pools after."""
     meta, kv = make_step(seqs, n_kv, hd, dtype, block_size)
     T, nh = meta.query_start[-1], n_kv * group
     g = torch.Generator().manual_seed(1)
@@ -76,7 +77,7 @@ def run_both(seqs: list[tuple[int, int]], group: int, hd: int, window: int | Non
     assert got.shape == (T, nh * hd) and got.dtype == q_dtype
     assert torch.isfinite(got).all()
     err = (got.float() - want).abs().max() / want.abs().max()
-    assert err <= 2e-3, f"relative error {err:.2e}"
+    assert err <= tol, f"relative error {err:.2e}"
     # the step's k/v landed in the pool exactly as the reference stores them (NaNs of unused slots included)
     torch.testing.assert_close(kv.k, ref_kv.k, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(kv.v, ref_kv.v, equal_nan=True, rtol=0, atol=0)
@@ -126,3 +127,53 @@ def test_without_pool_falls_back_to_reference():
     meta = no_cache_metadata([5, 4])
     want = PagedAttention(0, 4, 2, 16, None)(q, k, v, meta)
     torch.testing.assert_close(TritonPagedAttention(0, 4, 2, 16, None)(q, k, v, meta), want)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@GPU
+def test_bfloat16_pool_on_gpu():
+    """The interpreter has no bfloat16 math; on a GPU the kernel converts the pool's bf16 keys/values. (A fresh
+    prefill's reference attends to the unrounded k/v, hence bf16's tolerance.)"""
+    run_both(MIXED, 2, 64, None, torch.bfloat16, tol=1e-2)
+    run_both(DECODE, 4, 128, 16, torch.bfloat16, q_dtype=torch.float16)
+
+
+@GPU
+def test_long_decode_splits_keys_on_its_own():
+    """Few long sequences: the automatic split count (> 1 here) gives the reference's answer."""
+    meta, _ = make_step([(3000, 1), (700, 1)], 2, 128, torch.float16, 16)
+    assert TritonPagedAttention(LAYER, 8, 2, 128, None)._splits(meta, meta.positions.device, 16) > 1
+    run_both([(3000, 1), (700, 1)], 4, 128, None, torch.float16)
+    run_both([(3000, 1), (700, 1)], 4, 128, 1000, torch.float16)
+
+
+@GPU
+def test_decode_step_replays_in_a_cuda_graph():
+    """A decode step captured once replays for the next step after its device tensors change in place."""
+    seqs, n_kv, group, hd, bs = [(40, 1), (600, 1), (5, 1)], 2, 2, 64, 16  # 600 keys: 2 splits
+    meta, kv = make_step(seqs, n_kv, hd, torch.float16, bs)
+    meta.query_start_tensor()
+    nh = n_kv * group
+    attn = TritonPagedAttention(LAYER, nh, n_kv, hd, None)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, n, hd, generator=g).to(DEVICE) for n in (nh, n_kv, n_kv))
+    attn(q, k, v, meta)  # compiles the kernel and stores the first step's keys
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn(q, k, v, meta)
+    nxt = [(c + 1, 1) for c, _ in seqs]
+    meta.seq_lens.add_(1)
+    meta.positions.add_(1)
+    meta.slot_mapping.copy_(torch.tensor([t[c // bs] * bs + c % bs for (c, _), t in zip(nxt, meta.block_lists)]))
+    for x in (q, k, v):
+        x.copy_(torch.randn(x.shape, generator=g).to(DEVICE))
+    ref_kv = KVCacheTensors(kv.k.clone(), kv.v.clone(), bs)
+    ref_meta = AttentionMetadata(meta.positions, meta.query_start, [c for c, _ in nxt], meta.seq_lens,
+                                 meta.slot_mapping, meta.block_tables, meta.block_lists, ref_kv)
+    want = PagedAttention(LAYER, nh, n_kv, hd, None)(q, k, v, ref_meta)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out - want).abs().max() / want.abs().max() <= 2e-3
+    torch.testing.assert_close(kv.k, ref_kv.k, equal_nan=True, rtol=0, atol=0)

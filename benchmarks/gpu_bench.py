@@ -1,0 +1,339 @@
+"""The GPU benchmark: moeserve's triton backend against HF transformers bf16, same run, one script.
+
+    python benchmarks/gpu_bench.py --out /tmp/gpu_bench.json          # on a GPU machine, unattended, < 8 min
+    TRITON_INTERPRET=1 python benchmarks/gpu_bench.py --smoke          # the script's own check, on a CPU
+
+What it does, in order (each phase is timed, guarded and reported even when another fails):
+
+1. starts writing the full 48-layer Qwen3-30B-A3B-shaped Q4_K_M file (`make_qwen3_30b.py`) in the background;
+2. writes the 4-layer file of the same shapes;
+3. parity: small random models (MoE Q4_K/Q6_K, MoE Q8_0/Q5_K/Q4_0, dense qwen3 Q5_0/Q4_1) on the GPU through the
+   triton backend against the reference backend on the CPU: max|Δlogits| / max|logits|, top-1 agreement, and
+   16 greedy tokens;
+4. kernel timings (triton.testing.do_bench) of the decode-size operations of the 4-layer file;
+5. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
+   `LLM.generate` runs), peak GPU memory (weights, KV pool and activations);
+6. HF transformers bf16 (sdpa) built from the same dequantized weights: pp512 and decode at 1 / 16 / 64 streams;
+7. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory.
+
+Prints one table and writes everything as JSON (`--out`). Decode streams start from distinct random
+64-token prompts and run greedy, so every stream routes to its own experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, min(vocab, 32000) - 8, size=length).tolist() for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# moeserve
+# --------------------------------------------------------------------------------------------
+
+
+def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, warm: int = 4) -> float:
+    """Aggregate decode tokens/s of `streams` greedy sequences in one engine, prefill excluded."""
+    from moeserve import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=warm + steps + 1, temperature=0.0, ignore_eos=True)
+    for p in prompts(streams, prompt_len, llm.config.vocab_size, seed=streams):
+        engine.add_request(p, params)
+    running = engine.scheduler.running
+    while len(running) < streams or any(s.num_computed < len(s.seq.prompt_ids) for s in running):
+        engine.step()
+        running = engine.scheduler.running
+    for _ in range(warm):
+        engine.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    dt = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    return streams * steps / dt
+
+
+def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
+    from moeserve import SamplingParams
+
+    best = 0.0
+    for r in range(reps + 1):
+        p = prompts(1, n, llm.config.vocab_size, seed=100 + r)[0]
+        sync()
+        t0 = time.perf_counter()
+        llm.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        sync()
+        if r:  # the first run compiles
+            best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False) -> dict:
+    from moeserve import LLM
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    max_seqs = max(streams)
+    t0 = time.perf_counter()
+    llm = LLM(path, device="cuda", max_model_len=1024, max_num_seqs=max_seqs, max_num_batched_tokens=512,
+              num_kv_blocks=max_seqs * 64, enforce_eager=enforce_eager)
+    load_s = time.perf_counter() - t0
+    log(f"{label}: loaded in {load_s:.1f} s ({llm.kernels} kernels, graphs: {llm.engine.runner.graphs is not None})")
+    r: dict[str, Any] = {"load_s": load_s, "kernels": llm.kernels, "file_gb": os.path.getsize(path) / 1e9,
+                         "kv_pool_gb": 2 * llm.engine.pool.k.numel() * llm.engine.pool.k.element_size() / 1e9}
+    r["pp512"] = moeserve_prefill(llm, 512)
+    log(f"{label}: pp512 {r['pp512']:.0f} t/s")
+    for n in streams:
+        r[f"decode{n}"] = moeserve_decode(llm, n, steps)
+        log(f"{label}: decode x{n}: {r[f'decode{n}']:.1f} t/s")
+    r["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# HF transformers
+# --------------------------------------------------------------------------------------------
+
+
+def bench_hf(path: str, streams: list[int], steps: int) -> dict:
+    from moeserve.testing import hf_reference
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    model = hf_reference(path, device="cuda", dtype=torch.bfloat16, attn="sdpa")
+    r: dict[str, Any] = {"load_s": time.perf_counter() - t0}
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        ids = torch.tensor(prompts(1, 512, vocab, seed=7), device="cuda")
+        for _ in range(2):
+            model(ids)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model(ids)
+        sync()
+        r["pp512"] = 3 * 512 / (time.perf_counter() - t0)
+        log(f"hf: pp512 {r['pp512']:.0f} t/s")
+        for n in streams:
+            ids = torch.tensor(prompts(n, 64, vocab, seed=n), device="cuda")
+            kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+            sync()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, **kw)
+            sync()
+            r[f"decode{n}"] = n * steps / (time.perf_counter() - t0)  # prefill of 64 tokens included (small)
+            log(f"hf: decode x{n}: {r[f'decode{n}']:.1f} t/s")
+    r["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# parity and kernels
+# --------------------------------------------------------------------------------------------
+
+
+def parity(tmp: Path, device: str) -> dict:
+    """triton backend on `device` vs the reference backend on the CPU, small random models."""
+    from gguf import GGMLQuantizationType as QT
+
+    from moeserve import LLM, SamplingParams
+    from moeserve.testing import ModelSpec, write_model
+
+    cases = {
+        "moe-q4k-q6k": dict(arch="qwen3moe", qtype=QT.Q4_K,
+                            qtypes={"*ffn_down_exps*": QT.Q6_K, "output.weight": QT.Q6_K, "*ffn_gate_inp*": QT.F32}),
+        "moe-q8_0-q5k": dict(arch="qwen3moe", qtype=QT.Q8_0, qtypes={"*ffn_down_exps*": QT.Q5_K,
+                                                                   "*ffn_gate_inp*": QT.F32, "*attn_v*": QT.Q4_0}),
+        "qwen3-q5_0-q4_1": dict(arch="qwen3", qtype=QT.Q5_0, qtypes={"*ffn_down*": QT.Q4_1}, n_experts=0),
+    }
+    out = {}
+    for name, kw in cases.items():
+        spec = ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64,
+                         n_experts=kw.pop("n_experts", 8), n_experts_used=2, expert_ffn=256, ffn=512, **kw)
+        path = write_model(tmp / f"{name}.gguf", spec)
+        ref = LLM(str(path), kernels="reference", device="cpu", warmup=False)
+        fast = LLM(str(path), device=device, warmup=False)
+        ids = prompts(1, 24, 512, seed=3)[0]
+        a, b = ref.logits(ids), fast.logits(ids)
+        err = float(np.abs(a - b).max() / np.abs(a).max())
+        top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
+        sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        ga = ref.generate([ids], sp)[0].outputs[0].token_ids
+        gb = fast.generate([ids], sp)[0].outputs[0].token_ids
+        out[name] = {"rel_err": err, "top1": top1, "greedy_equal": ga == gb, "kernels": fast.kernels}
+        log(f"parity {name}: rel err {err:.2e}, top-1 {top1:.3f}, greedy 16 equal: {ga == gb}")
+    return out
+
+
+def kernel_timings(path: str) -> dict:
+    """Microseconds of decode-size operations of the file (triton.testing.do_bench)."""
+    import triton.testing
+
+    from moeserve import LLM
+
+    llm = LLM(path, device="cuda", max_model_len=256, max_num_seqs=1, num_kv_blocks=32, enforce_eager=True,
+              warmup=False)
+    m = llm.model
+    blk = m.blocks[0]
+    H = m.config.hidden_size
+    out = {}
+    for T in (1, 16, 64, 512):
+        x = torch.randn(T, H, device="cuda")
+        out[f"lm_head T={T}"] = triton.testing.do_bench(lambda x=x: m.lm_head(x)) * 1e3
+        out[f"moe T={T}"] = triton.testing.do_bench(lambda x=x: blk.ffn(x)) * 1e3
+        out[f"q_proj T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn.qkv.wq(x)) * 1e3
+        out[f"rmsnorm T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn_norm(x)) * 1e3
+    for k, v in out.items():
+        log(f"kernel {k}: {v:.1f} us")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def table(res: dict) -> str:
+    rows = ["| | moeserve 4-layer | HF bf16 4-layer | ratio | moeserve 48-layer |", "|---|---:|---:|---:|---:|"]
+    m, h, f = res.get("moeserve_4l", {}), res.get("hf_4l", {}), res.get("moeserve_48l", {})
+
+    def cell(d: dict, k: str, fmt: str = "{:,.0f}") -> str:
+        return fmt.format(d[k]) if k in d else "–"
+
+    for k, name in (("pp512", "prompt 512, tokens/s"), ("decode1", "decode 1 stream, tokens/s"),
+                    ("decode16", "decode 16 streams, tokens/s"), ("decode64", "decode 64 streams, tokens/s")):
+        ratio = f"{m[k] / h[k]:.2f}x" if k in m and k in h else "–"
+        rows.append(f"| {name} | {cell(m, k)} | {cell(h, k)} | {ratio} | {cell(f, k)} |")
+    rows.append(f"| peak GPU memory, GB | {cell(m, 'peak_gb', '{:.2f}')} | {cell(h, 'peak_gb', '{:.2f}')} | | "
+                f"{cell(f, 'peak_gb', '{:.2f}')} |")
+    rows.append(f"| file + KV pool, GB | {m['file_gb'] + m['kv_pool_gb']:.2f} | | | "
+                f"{f['file_gb'] + f['kv_pool_gb']:.2f} |" if "file_gb" in m and "file_gb" in f else
+                "| file + KV pool, GB | | | | |")
+    rows.append(f"| load, s | {cell(m, 'load_s', '{:.1f}')} | {cell(h, 'load_s', '{:.1f}')} | | "
+                f"{cell(f, 'load_s', '{:.1f}')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary directory)")
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps per stream count")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "kernels", "4l", "hf", "48l"])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU + TRITON_INTERPRET=1: checks the script")
+    args = ap.parse_args()
+    tmp = Path(args.dir or tempfile.mkdtemp(prefix="gpu_bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    log(f"device {res['device']}, torch {res['torch']}, triton {res.get('triton')}")
+
+    if args.smoke:
+        res["parity"] = parity(tmp, "cpu")
+        print(json.dumps(res, indent=1))
+        return
+
+    full = tmp / "qwen3-30b-a3b-q4km.gguf"
+    small = tmp / "qwen3-30b-a3b-4l.gguf"
+    writer = None
+    if "48l" not in args.skip:
+        writer = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/make_qwen3_30b.py"), str(full)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if "4l" not in args.skip or "hf" not in args.skip or "kernels" not in args.skip:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks/make_qwen3_30b.py"), str(small), "--layers", "4"],
+                       check=True, stdout=subprocess.DEVNULL)
+        log(f"wrote {small} ({small.stat().st_size / 1e9:.2f} GB)")
+
+    def phase(name: str, fn: Any) -> None:
+        if name in args.skip:
+            return
+        try:
+            res[name] = fn()
+        except Exception as exc:  # one broken phase must not lose the others' numbers
+            traceback.print_exc()
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"{name} FAILED: {exc}")
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+    phase("parity", lambda: parity(tmp, "cuda"))
+    phase("kernels", lambda: kernel_timings(str(small)))
+    phase("4l", lambda: bench_moeserve(str(small), [1, 16, 64], args.steps, "moeserve 4-layer"))
+    res["moeserve_4l"] = res.get("4l", {})
+    phase("hf", lambda: bench_hf(str(small), [1, 16, 64], min(args.steps, 32)))
+    res["hf_4l"] = res.get("hf", {})
+    if writer is not None:
+        _, err = writer.communicate()
+        if writer.returncode:
+            log(f"writing the 48-layer file failed: {err.decode()[-2000:]}")
+        else:
+            log(f"wrote {full} ({full.stat().st_size / 1e9:.2f} GB)")
+            phase("48l", lambda: bench_moeserve(str(full), [1, 64], args.steps, "moeserve 48-layer"))
+            res["moeserve_48l"] = res.get("48l", {})
+    res["total_s"] = time.perf_counter() - T0
+    with open(args.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(table(res), flush=True)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""RMSNorm, and the fused per-head QK-norm + RoPE after the q/k/v projections, as Triton kernels.
+
+`TritonRMSNorm`: one program per row, the whole row in one block, float32 math and output.
+
+`TritonQKV`: the three linears stay whatever the backend made them; then ONE kernel finishes q and k: each
+program takes a block of heads of one token (q heads or k heads), applies Qwen3's per-head RMSNorm when its
+weight is given and rotates the first `rope_dim` dimensions with the load-time cos/sin tables at the token's
+position (NEOX "rotate half" or interleaved pairs); the rest of each head passes through. A dimension's
+rotation partner is read again from memory (and normalised with the same per-head scale) instead of
+shuffled in registers. Positions are read on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels.backend import Linear
+from moeserve.kernels.reference import QKVRope
+from moeserve.kernels.rope import Rope
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_x, stride_o, eps, H: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    ok = c < H
+    x = tl.load(x_ptr + row * stride_x + c, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    tl.store(o_ptr + row * stride_o + c, x * rstd * w, mask=ok)
+
+
+class TritonRMSNorm:
+    """RMSNorm over the last dim: x [T, H] any float -> float32 [T, H]."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight, self.eps = weight.contiguous(), eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        H = x.shape[-1]
+        x2 = x.reshape(-1, H)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+        if x2.shape[0]:
+            block = _pow2(H)
+            _rms_norm_kernel[(x2.shape[0],)](x2, self.weight, out, x2.stride(0), out.stride(0), self.eps, H=H,
+                                             BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        return out.view(x.shape)
+
+
+@triton.jit
+def _norm_rope_heads(x_ptr, o_ptr, w_ptr, token, pos, cos_ptr, sin_ptr, first_head, stride_xt, stride_xh,
+                     stride_ot, stride_oh, stride_cos, n_heads, eps,
+                     HAS_NORM: tl.constexpr, NEOX: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
+                     ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Norm + rope of heads first_head .. first_head + BLOCK_H of one token ([BLOCK_H, HD_PAD] tile)."""
+    HALF: tl.constexpr = ROPE_DIM // 2
+    h = first_head + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HD_PAD)
+    ok = (h < n_heads)[:, None] & (d < HEAD_DIM)[None, :]
+    src = x_ptr + token * stride_xt + h[:, None] * stride_xh
+    x = tl.load(src + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    # the rotation partner of each dimension and the frequency index it uses
+    if NEOX:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        freq = tl.where(d < HALF, d, d - HALF)
+        first = d < HALF
+    else:
+        partner = d ^ 1
+        freq = d // 2
+        first = (d % 2) == 0
+    rot = d < ROPE_DIM
+    rot_ok = ok & rot[None, :]
+    xp = tl.load(src + partner[None, :], mask=rot_ok, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)
+        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=rot, other=0.0).to(tl.float32)
+        x = x * rstd[:, None] * w[None, :]
+        xp = xp * rstd[:, None] * wp[None, :]
+    cos = tl.load(cos_ptr + pos * stride_cos + freq, mask=rot, other=1.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + freq, mask=rot, other=0.0)
+    sign = tl.where(first, -1.0, 1.0)
+    y = x * cos[None, :] + sign[None, :] * xp * sin[None, :]
+    tl.store(o_ptr + token * stride_ot + h[:, None] * stride_oh + d[None, :], y, mask=ok)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+                         stride_cos, n_q_heads, n_kv_heads, eps,
+                         HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NEOX: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0)
+    blk = tl.program_id(1)
+    q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
+    pos = tl.load(pos_ptr + token)
+    if blk < q_blocks:
+        _norm_rope_heads(q_ptr, qo_ptr, qw_ptr, token, pos, cos_ptr, sin_ptr, blk * BLOCK_H, stride_qt, stride_qh,
+                         stride_qot, stride_qoh, stride_cos, n_q_heads, eps,
+                         HAS_QNORM, NEOX, HEAD_DIM, HD_PAD, ROPE_DIM, BLOCK_H)
+    else:
+        _norm_rope_heads(k_ptr, ko_ptr, kw_ptr, token, pos, cos_ptr, sin_ptr, (blk - q_blocks) * BLOCK_H,
+                         stride_kt, stride_kh, stride_kot, stride_koh, stride_cos, n_kv_heads, eps,
+                         HAS_KNORM, NEOX, HEAD_DIM, HD_PAD, ROPE_DIM, BLOCK_H)
+
+
+class TritonQKV(QKVRope):
+    """`QKVRope` whose QK-norm and RoPE run as one Triton kernel: (h, positions) -> float32 q, k, v per head."""
+
+    def __init__(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                 rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
+        assert rope.rope_dim <= head_dim and rope.rope_dim % 2 == 0
+        self.cos, self.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
+        self.qw = None if q_norm is None else q_norm.contiguous()
+        self.kw = None if k_norm is None else k_norm.contiguous()
+        self.hd_pad = _pow2(head_dim)
+        # a [heads, head_dim] tile of up to ~2K elements per program
+        self.block_h = min(_pow2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = self.project(h)
+        T = q.shape[0]
+        q_out = torch.empty(T, self.n_heads, self.head_dim, dtype=torch.float32, device=q.device)
+        k_out = torch.empty(T, self.n_kv_heads, self.head_dim, dtype=torch.float32, device=q.device)
+        if T:
+            q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+            bh = self.block_h
+            grid = (T, triton.cdiv(self.n_heads, bh) + triton.cdiv(self.n_kv_heads, bh))
+            _qk_norm_rope_kernel[grid](
+                q, k, q_out, k_out, self.qw if self.qw is not None else q_out,
+                self.kw if self.kw is not None else k_out, positions, self.cos, self.sin,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
+                k_out.stride(0), k_out.stride(1), self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
+                HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
+                HEAD_DIM=self.head_dim, HD_PAD=self.hd_pad, ROPE_DIM=self.rope.rope_dim, BLOCK_H=bh,
+                num_warps=4 if bh * self.hd_pad >= 1024 else 2,
+            )
+        return q_out, k_out, v.float()
