@@ -11,6 +11,7 @@ graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,8 +39,13 @@ class ModelRunner:
         self.device = pool.device
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and model.graph_safe and not enforce_eager:
-            self.graphs = DecodeGraphs(model, pool, max_num_seqs)
-            self.graphs.capture()
+            try:
+                self.graphs = DecodeGraphs(model, pool, max_num_seqs)
+                self.graphs.capture()
+            except RuntimeError as exc:  # a driver or kernel that cannot be captured: slower, still correct
+                self.graphs = None
+                torch.cuda.synchronize(self.device)
+                warnings.warn(f"CUDA graph capture failed, decode runs eagerly: {exc}", RuntimeWarning, stacklevel=2)
 
     def prepare(self, chunks: Sequence[Chunk]) -> StepInput:
         """Flatten the step's chunks and describe them for attention (host loops here, none in the forward)."""

@@ -48,10 +48,15 @@ class TritonBackend(Backend):
         super().__init__(device)
         check_runtime(self.device)
 
+    def upload(self, w: PackedTensor) -> PackedTensor:
+        """The file's bytes on the device for one kernel to repack: not kept (unlike `place`), so a weight
+        costs its repacked size alone once loaded, not twice."""
+        return w if w.data.device == self.device else PackedTensor(w.name, w.qtype, w.shape, w.data.to(self.device))
+
     def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
         from moeserve.kernels.triton.qmatmul import TritonLinear
 
-        return TritonLinear(self.place(w), bias)
+        return TritonLinear(self.upload(w), bias)
 
     def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
              freq_factors: torch.Tensor | None = None) -> Rope:
@@ -72,7 +77,8 @@ class TritonBackend(Backend):
             renormalize: bool):  # noqa: ANN201
         from moeserve.kernels.triton.fused_moe import TritonMoE
 
-        return TritonMoE(self.linear(router), self.place(gate), self.place(up), self.place(down), top_k, renormalize)
+        return TritonMoE(self.linear(router), self.upload(gate), self.upload(up), self.upload(down), top_k,
+                         renormalize)
 
     def norm(self, weight: torch.Tensor, eps: float):  # noqa: ANN201
         from moeserve.kernels.triton.norm import TritonRMSNorm

@@ -1,0 +1,318 @@
+"""Matrix products on packed GGUF weights (`packing.py`), dequantized in registers: `y = x @ W.T`.
+
+The unit of work is a *group*: 2*SH consecutive weights of a row whose quant bits are SH consecutive
+bytes (32 weights / 16 bytes for Q4_0..Q8_0, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K). In every
+GGUF type the low nibbles of those bytes are the group's first half and the high nibbles its second
+half (Q8_0: its 32 int8s split 16 / 16), so `_dequant_group` loads each byte once and returns both
+halves as `[SH, BLOCK_N]` tiles; the product takes them as two `tl.dot`s against the matching halves
+of x. Tiles never cross a group, so a group's scales are one load per row (Q6_K: per 16 weights).
+
+Activations are cast to fp16 in the kernel and weights are dequantized exactly in float32 (the
+reference's operation order) then rounded to fp16: fp16 x fp16 tensor-core dots, float32 accumulation.
+
+A call never synchronises with the host and its launch shapes depend only on the input's shape, so it
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType as QT
+
+from moeserve.gguf.quants import block_info
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.dense import DenseLinear
+from moeserve.kernels.qlinear import ReferenceLinear
+from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, pack_weight
+
+__all__ = ["TritonLinear", "dequantize_packed", "qmatmul"]
+
+# QTYPE codes are the GGML type ids.
+_Q4_0 = tl.constexpr(int(QT.Q4_0))
+_Q4_1 = tl.constexpr(int(QT.Q4_1))
+_Q5_0 = tl.constexpr(int(QT.Q5_0))
+_Q5_1 = tl.constexpr(int(QT.Q5_1))
+_Q8_0 = tl.constexpr(int(QT.Q8_0))
+_Q4_K = tl.constexpr(int(QT.Q4_K))
+_Q5_K = tl.constexpr(int(QT.Q5_K))
+_Q6_K = tl.constexpr(int(QT.Q6_K))
+
+_SMALL_M = 16
+"""Up to this many rows one BLOCK_M=16 tile holds every row: the weight is streamed once (decode)."""
+
+
+def half_group(qtype: QT) -> int:
+    """SH: bytes of quant bits per group = weights per half group (module docstring)."""
+    return {QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 64}.get(QT(qtype), 16)
+
+
+def groups_per_step(qtype: QT, n_groups: int, block_m: int) -> int:
+    """Groups unrolled per K-loop step: the largest power of two that divides `n_groups` (no step is
+    partial, so the K loop needs no masks) and spans at most 256 weights for a 16-row tile (long steps
+    keep many weight loads in flight while streaming) or 64 for larger tiles (register pressure)."""
+    target_k = 256 if block_m == 16 else 64
+    g = max(1, target_k // (2 * half_group(qtype)))
+    while n_groups % g:
+        g //= 2
+    return g
+
+
+def weight_args(w: PackedWeight) -> tuple:
+    """The kernel arguments for `w`: six arrays (missing ones alias `qs`, never read) and four row strides."""
+    qs = w.qs
+    arrays = tuple(qs if t is None else t for t in (w.qs, w.qh, w.sc, w.mn, w.d, w.dm))
+    strides = tuple(t.shape[-1] for t in (arrays[0], arrays[1], arrays[2], arrays[4]))
+    return arrays + strides
+
+
+# --------------------------------------------------------------------------------------------
+# device functions
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
+                   QTYPE: tl.constexpr, SH: tl.constexpr):
+    """Group `g` of weight rows `rows` (int64 [BN], all valid): float32 ([SH, BN] first half, second half),
+    bit-identical to `quants.dequantize` (same float32 operations in the same order)."""
+    j = tl.arange(0, SH)[:, None]
+    r = rows[None, :]
+    if QTYPE == _Q8_0:
+        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[None, :]
+        q = qs_ptr + r * s_qs + g * 32 + j
+        lo = tl.load(q).to(tl.float32) * d
+        hi = tl.load(q + 16).to(tl.float32) * d
+    elif QTYPE == _Q6_K:
+        ql = tl.load(qs_ptr + r * s_qs + g * 64 + j)
+        qh = tl.load(qh_ptr + r * s_qh + g * 32 + j % 32)
+        shift = 2 * (j // 32)
+        q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)).to(tl.float32) - 32.0
+        q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)).to(tl.float32) - 32.0
+        d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[None, :]
+        sc = sc_ptr + r * s_sc + g * 8 + j // 16
+        lo = (d * tl.load(sc).to(tl.float32)) * q_lo
+        hi = (d * tl.load(sc + 4).to(tl.float32)) * q_hi
+    elif QTYPE == _Q4_K or QTYPE == _Q5_K:
+        q = tl.load(qs_ptr + r * s_qs + g * 32 + j)
+        q_lo = q & 15
+        q_hi = q >> 4
+        if QTYPE == _Q5_K:
+            qh = tl.load(qh_ptr + r * s_qh + (g // 4) * 32 + j)
+            bit = 2 * (g % 4)
+            q_lo = q_lo | (((qh >> bit) & 1) << 4)
+            q_hi = q_hi | (((qh >> (bit + 1)) & 1) << 4)
+        d = tl.load(d_ptr + rows * s_d + g // 4).to(tl.float32)
+        dmin = tl.load(dm_ptr + rows * s_d + g // 4).to(tl.float32)
+        sc = sc_ptr + rows * s_sc + 2 * g
+        mn = mn_ptr + rows * s_sc + 2 * g
+        dl_lo = (d * tl.load(sc).to(tl.float32))[None, :]
+        dl_hi = (d * tl.load(sc + 1).to(tl.float32))[None, :]
+        ml_lo = (dmin * tl.load(mn).to(tl.float32))[None, :]
+        ml_hi = (dmin * tl.load(mn + 1).to(tl.float32))[None, :]
+        lo = dl_lo * q_lo.to(tl.float32) - ml_lo
+        hi = dl_hi * q_hi.to(tl.float32) - ml_hi
+    else:  # Q4_0, Q4_1, Q5_0, Q5_1: one 32-weight block per group
+        q = tl.load(qs_ptr + r * s_qs + g * 16 + j)
+        q_lo = q & 15
+        q_hi = q >> 4
+        if QTYPE == _Q5_0 or QTYPE == _Q5_1:
+            qh = qh_ptr + r * s_qh + g * 4 + j // 8
+            q_lo = q_lo | (((tl.load(qh) >> (j % 8)) & 1) << 4)
+            q_hi = q_hi | (((tl.load(qh + 2) >> (j % 8)) & 1) << 4)
+        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[None, :]
+        if QTYPE == _Q4_1 or QTYPE == _Q5_1:
+            m = tl.load(dm_ptr + rows * s_d + g).to(tl.float32)[None, :]
+            lo = (d * q_lo.to(tl.float32)) + m
+            hi = (d * q_hi.to(tl.float32)) + m
+        else:
+            offset = 8.0 if QTYPE == _Q4_0 else 16.0
+            lo = d * (q_lo.to(tl.float32) - offset)
+            hi = d * (q_hi.to(tl.float32) - offset)
+    return lo, hi
+
+
+@triton.jit
+def x_group(x_ptr, xoff, g, SH: tl.constexpr):
+    """The columns of x that group `g` multiplies, for rows at element offsets `xoff` ([BM] int64): fp16
+    ([BM, SH] first half, second half)."""
+    p = x_ptr + xoff[:, None] + g * (2 * SH) + tl.arange(0, SH)[None, :]
+    return tl.load(p).to(tl.float16), tl.load(p + SH).to(tl.float16)
+
+
+@triton.jit
+def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
+               QTYPE: tl.constexpr, SH: tl.constexpr):
+    """acc += x[:, group g] @ W[rows, group g].T, the weights dequantized here and rounded to fp16."""
+    w_lo, w_hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
+                                QTYPE, SH)
+    acc = tl.dot(x_lo, w_lo.to(tl.float16), acc)
+    return tl.dot(x_hi, w_hi.to(tl.float16), acc)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qmatmul_kernel(x_ptr, y_ptr, M, N, stride_xm, stride_ys, stride_ym,
+                    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
+                    QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y (split-K part `program_id(1)` when stride_ys != 0).
+
+    Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
+    Out-of-range rows and columns are clamped to the last valid one (loads need no masks) and never stored.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    xoff = tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g0 = pid_k * groups_per_split
+    for kb in range(g0, g0 + groups_per_split, GPI):
+        for gi in tl.static_range(GPI):
+            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
+            acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                             rows, kb + gi, QTYPE, SH)
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _dequant_kernel(out_ptr, R, K, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                    QTYPE: tl.constexpr, SH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group `program_id(1)` of BLOCK_N rows, written as float32 (checks the repack and the in-register dequant)."""
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    lo, hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                            tl.minimum(offs, R - 1).to(tl.int64), g, QTYPE, SH)
+    p = out_ptr + offs[None, :].to(tl.int64) * K + g * (2 * SH) + tl.arange(0, SH)[:, None]
+    mask = offs[None, :] < R
+    tl.store(p, lo, mask=mask)
+    tl.store(p + SH, hi, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (1 off the GPU, where the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _split_k(chunks: int, tiles: int, device: torch.device) -> int:
+    """K splits for a small-M product: enough programs for two per SM, each a whole number of K steps."""
+    want = max(1, triton.cdiv(2 * _sm_count(device), tiles))
+    return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
+
+
+def activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: unit stride along K; float32 for bf16 off the GPU (the interpreter has no
+    bfloat16) and for float64."""
+    if x.dtype == torch.float64 or (x.dtype == torch.bfloat16 and x.device.type != "cuda"):
+        x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> torch.Tensor:
+    """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight.
+
+    M <= 16 (decode): one BLOCK_M=16 row tile, narrow column tiles and split-K so the weight is read
+    once by enough programs to fill the GPU; the split-K partial sums are added by a deterministic
+    `sum` (no atomics). Larger M: a tiled GEMM. `split_k` overrides the automatic choice (tests); it
+    must divide the number of K steps.
+    """
+    if len(w.shape) != 2:
+        raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
+    n, k = w.shape
+    x = activations(x)
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [M, {k}]")
+    if m == 0:
+        return torch.zeros(0, n, dtype=torch.float32, device=x.device)
+    sh = half_group(w.qtype)
+    n_groups = k // (2 * sh)
+    if m <= _SMALL_M:
+        block_m, block_n, warps = 16, 64, 4
+    else:
+        block_m, block_n = (64, 64) if m <= 256 else (128, 64)
+        warps = block_m // 16
+    gpi = groups_per_step(w.qtype, n_groups, block_m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    chunks = n_groups // gpi
+    if split_k is None:
+        split_k = _split_k(chunks, tiles, x.device) if m <= _SMALL_M else 1
+    if chunks % split_k:
+        raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
+    y = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _qmatmul_kernel[(tiles, split_k)](
+        x, y, m, n, x.stride(0), y.stride(0), y.stride(1), *weight_args(w), n_groups // split_k,
+        QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
+        num_warps=warps, num_stages=3)
+    return y[0] if split_k == 1 else y.sum(0)
+
+
+def dequantize_packed(w: PackedWeight) -> torch.Tensor:
+    """float32 `[rows, K]` from the packed arrays with the kernels' own dequantizer (must equal the reference)."""
+    sh = half_group(w.qtype)
+    out = torch.empty(w.rows, w.cols, dtype=torch.float32, device=w.qs.device)
+    block_n = 32
+    _dequant_kernel[(triton.cdiv(w.rows, block_n), w.cols // (2 * sh))](
+        out, w.rows, w.cols, *weight_args(w), QTYPE=int(w.qtype), SH=sh, BLOCK_N=block_n)
+    return out
+
+
+def _dense(weight: PackedTensor) -> torch.Tensor:
+    """A float weight for `F.linear`: its own dtype on the GPU (cuBLAS), float32 elsewhere (exact)."""
+    dtype = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[QT(weight.qtype)]
+    w = weight.data.contiguous().view(dtype).view(weight.shape)
+    return w if w.device.type == "cuda" else w.float()
+
+
+class TritonLinear:
+    """`y = x @ W.T (+ b)` on a packed `[out, in]` weight already on the target device (the Linear protocol).
+
+    Quantized types run `qmatmul` on a repacked copy; F32/F16/BF16 are kept in their dtype and use
+    `F.linear` (cuBLAS). A type without a kernel, or a row that is not whole blocks, falls back to
+    `ReferenceLinear` (dequantize and multiply), so every loadable weight works.
+    """
+
+    def __init__(self, weight: PackedTensor, bias: torch.Tensor | None = None) -> None:
+        if len(weight.shape) != 2:
+            raise ValueError(f"a linear needs a 2-D weight, '{weight.name}' is {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        qt = QT(weight.qtype)
+        self._matmul: Callable[[torch.Tensor], torch.Tensor]
+        if qt in (QT.F32, QT.F16, QT.BF16):
+            self._matmul = DenseLinear(_dense(weight))
+        elif qt in PACKED_QTYPES and self.in_features % block_info(qt)[0] == 0:
+            self._matmul = functools.partial(qmatmul, w=pack_weight(weight))
+        else:
+            self._matmul = ReferenceLinear(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
