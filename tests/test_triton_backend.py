@@ -19,9 +19,12 @@ from moeserve.engine.engine import EngineConfig  # noqa: E402
 from tests.test_parity_hf import CONFIGS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = ["hd128-gqa4-e8k2-untied-mixed", "hd64-gqa8-e16k4-untied-f16q8-window", "hd128-gqa8-e128k8-tied-q4km",
-         "hd64-gqa4-e8k2-untied-kquants", "qwen2-bias-q5", "llama-q4"]
+CASES = ["hd128-gqa4-e8k2-untied-mixed", "hd64-gqa8-e16k4-untied-f16q8-window", "hd64-gqa4-e8k2-untied-kquants",
+         "qwen2-bias-q5", "llama-q4"]  # the 128-expert case takes minutes under the interpreter: gpu_bench runs it
 N_POS, STEPS = 20, 16
+TIE = 2e-3
+"""A greedy pick may differ from the reference's only where the reference's top logits tie within 2e-3·max|logits|
+(fp16 dot operands move logits by ~5e-4 of their scale; seen: a top-2 gap of 5.6e-4 in the kquants model)."""
 
 
 def _models(make_model, name: str) -> tuple[LLM, LLM]:
@@ -41,9 +44,11 @@ def test_triton_matches_reference(make_model, name):
     assert err <= 1e-2, f"{name}: max|Δ|/max|logits| = {err:.2e}"
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.98
     sp = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
-    want = ref.generate([prompt], sp)[0].outputs[0].token_ids
     got = fast.generate([prompt], sp)[0].outputs[0].token_ids
-    assert got == want, f"{name}: greedy tokens differ"
+    want = ref.logits(prompt + got)[N_POS - 1:-1]  # the reference teacher-forced on our tokens
+    for i, t in enumerate(got):
+        gap = want[i].max() - want[i][t]
+        assert gap <= TIE * np.abs(want[i]).max(), f"{name} step {i}: {t} is {gap:.2e} below the reference's pick"
 
 
 def test_triton_engine_batches_mixed_steps(make_model):

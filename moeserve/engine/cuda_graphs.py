@@ -52,7 +52,7 @@ class DecodeGraphs:
 
     def views(self, t: torch.Tensor, b: int) -> tuple[torch.Tensor, ...]:
         B = self.max_batch
-        return t[:b], t[B:B + b], t[2 * B:2 * B + b], t[3 * B:3 * B + b], t[4 * B:].view(B, self.width)[:b]
+        return t[:b], t[B:B + b], t[2 * B:2 * B + b], t[3 * B:3 * B + b], t[4 * B:].reshape(B, self.width)[:b]
 
     def metadata(self, b: int) -> tuple[torch.Tensor, AttentionMetadata]:
         ids, pos, slots, lens, tables = self.views(self.buf, b)

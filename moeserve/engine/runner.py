@@ -42,7 +42,7 @@ class ModelRunner:
             try:
                 self.graphs = DecodeGraphs(model, pool, max_num_seqs)
                 self.graphs.capture()
-            except RuntimeError as exc:  # a driver or kernel that cannot be captured: slower, still correct
+            except Exception as exc:  # a driver or kernel that cannot be captured: slower, still correct
                 self.graphs = None
                 torch.cuda.synchronize(self.device)
                 warnings.warn(f"CUDA graph capture failed, decode runs eagerly: {exc}", RuntimeWarning, stacklevel=2)
