@@ -242,7 +242,7 @@ def kernel_timings(path: str) -> dict:
         x = torch.randn(T, H, device="cuda")
         out[f"lm_head T={T}"] = triton.testing.do_bench(lambda x=x: m.lm_head(x)) * 1e3
         out[f"moe T={T}"] = triton.testing.do_bench(lambda x=x: blk.ffn(x)) * 1e3
-        out[f"q_proj T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn.qkv.wq(x)) * 1e3
+        out[f"qkv T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn.qkv.project(x)) * 1e3
         out[f"rmsnorm T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn_norm(x)) * 1e3
     for k, v in out.items():
         log(f"kernel {k}: {v:.1f} us")

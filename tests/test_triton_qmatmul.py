@@ -116,3 +116,19 @@ def test_linear_float_weights(qt: QT) -> None:
     x = torch.randn(3, 64).to(DEVICE)
     # exact float32 off the GPU; cuBLAS in the weight's dtype on it (bf16/fp16 activations)
     assert _rel(TritonLinear(w)(x), reference_matmul(x, w.data, w)) <= (1e-6 if DEVICE == "cpu" else 1e-2)
+
+
+def test_stacked_linears_equal_their_parts() -> None:
+    """q/k/v stacked into one packed weight (one launch) give exactly the separate outputs side by side; mixed
+    types or a bias are not stacked."""
+    rng = np.random.default_rng(5)
+    parts = [TritonLinear(PackedTensor(f"w{i}", QT.Q4_K, (n, 256),
+                                       torch.from_numpy(random_quant_bytes(QT.Q4_K, (n, 256), rng)).to(DEVICE)))
+             for i, n in enumerate((64, 32, 32))]
+    fused = TritonLinear.stacked(parts)
+    assert fused is not None and (fused.out_features, fused.in_features) == (128, 256)
+    x = torch.randn(3, 256, device=DEVICE)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=1), rtol=1e-6, atol=1e-6)
+    other = TritonLinear(PackedTensor("v", QT.Q6_K, (32, 256),
+                                      torch.from_numpy(random_quant_bytes(QT.Q6_K, (32, 256), rng)).to(DEVICE)))
+    assert TritonLinear.stacked([parts[0], other]) is None

@@ -126,6 +126,23 @@ class TritonQKV(QKVRope):
         # a [heads, head_dim] tile of up to ~2K elements per program
         self.block_h = min(_pow2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
 
+    def stack(self, fused: Linear, with_v: bool) -> None:
+        """Project q and k (and v, `with_v`) with one `fused` linear whose output is theirs side by side; the
+        separate ones are dropped (their packed bytes live on in `fused`)."""
+        self.fused, self.fused_v = fused, with_v
+        self.wq = self.wk = None  # type: ignore[assignment]
+        if with_v:
+            self.wv = None  # type: ignore[assignment]
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if getattr(self, "fused", None) is None:
+            return super().project(h)
+        T, nq, nk = h.shape[0], self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        y = self.fused(h)  # views of one [T, nq + nk (+ nv)] output: the kernel below reads them strided
+        q, k = y[:, :nq].view(T, self.n_heads, self.head_dim), y[:, nq:nq + nk].view(T, self.n_kv_heads, self.head_dim)
+        v = y[:, nq + nk:] if self.fused_v else self.wv(h)
+        return q, k, v.reshape(T, self.n_kv_heads, self.head_dim)
+
     def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v = self.project(h)
         T = q.shape[0]

@@ -121,3 +121,16 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         return PackedWeight(qt, shape, qs=qs, d=_f16(b, 0, rows), dm=_f16(b, 2, rows), sc=sc, mn=mn, qh=qh)
     return PackedWeight(qt, shape, qs=_bytes(b, 0, 128, rows), d=_f16(b, 208, rows),  # Q6_K
                         sc=_bytes(b, 192, 208, rows).view(torch.int8), qh=_bytes(b, 128, 192, rows))
+
+
+def concat_rows(ws: list[PackedWeight]) -> PackedWeight:
+    """One `[sum N, K]` weight from 2-D weights of one type and width: their rows stacked, field by field (exact).
+
+    The q, k and v projections of a layer then run as one matmul launch instead of three.
+    """
+    first = ws[0]
+    if any(w.qtype != first.qtype or len(w.shape) != 2 or w.shape[1] != first.shape[1] for w in ws):
+        raise ValueError("only 2-D weights of one quant type and width can be stacked")
+    arrays = {f.name: None if getattr(first, f.name) is None else torch.cat([getattr(w, f.name) for w in ws])
+              for f in fields(first) if f.name not in ("qtype", "shape")}
+    return PackedWeight(first.qtype, (sum(w.shape[0] for w in ws), first.shape[1]), **arrays)

@@ -26,9 +26,10 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve.gguf.quants import block_info
 from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
-from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, pack_weight
+from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
 
 __all__ = ["TritonLinear", "dequantize_packed", "qmatmul"]
 
@@ -303,12 +304,30 @@ class TritonLinear:
         self.bias = bias
         qt = QT(weight.qtype)
         self._matmul: Callable[[torch.Tensor], torch.Tensor]
+        self.packed: PackedWeight | None = None
         if qt in (QT.F32, QT.F16, QT.BF16):
             self._matmul = DenseLinear(_dense(weight))
         elif qt in PACKED_QTYPES and self.in_features % block_info(qt)[0] == 0:
-            self._matmul = functools.partial(qmatmul, w=pack_weight(weight))
+            self.packed = pack_weight(weight)
+            self._matmul = functools.partial(qmatmul, w=self.packed)
         else:
             self._matmul = ReferenceLinear(weight)
+
+    @classmethod
+    def stacked(cls, linears: list[Linear]) -> TritonLinear | None:
+        """One linear whose output is the given ones' outputs side by side (one launch for q/k/v), or None
+        when they are not all packed TritonLinears of one quant type without bias."""
+        if not all(isinstance(lin, TritonLinear) and lin.packed is not None and lin.bias is None for lin in linears):
+            return None
+        packed = [lin.packed for lin in linears]  # type: ignore[union-attr]
+        if len({p.qtype for p in packed}) != 1 or len({p.shape[1] for p in packed}) != 1:
+            return None
+        fused = cls.__new__(cls)
+        fused.packed = concat_rows(packed)
+        fused.out_features, fused.in_features = fused.packed.shape
+        fused.bias = None
+        fused._matmul = functools.partial(qmatmul, w=fused.packed)
+        return fused
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
