@@ -2,10 +2,15 @@
 
 * `align_blocks`: every (token, slot) pair lands in exactly one row of a block of its own expert, padding
   rows hold the sentinel, the used-row count is the padded total, and all shapes depend on T alone.
+* `route_align` (routing and alignment in one kernel, up to 1024 pairs) equal to `route` + `align_blocks`:
+  T = 1, 3, 16, 64, 128, E = 8 and 128, top-2 and top-8, with and without renormalisation, BLOCK_M 16
+  and 64 (logits without ties: ids, sorted_ids, block_expert of the used blocks and n_rows exact,
+  weights within 1e-6 relative); exact ties go to the lowest expert index.
 * `TritonMoE` on random valid blocks, E = 8, gate/up and down of different types (Q4_K + Q6_K as in
   Q4_K_M, and the other types), T = 1, 5, 33 (BLOCK_M 16) and 70 (BLOCK_M 64), top-2 and top-3, with
   and without renormalisation: within 2e-3 * max |ref| of `GroupedMoE` on the same router (fp16
-  operands in the kernels; the float32 reference differs by ~5e-4).
+  operands in the kernels; the float32 reference differs by ~5e-4); the torch routing path (above 1024
+  pairs) against the fused one.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors.
 """
@@ -28,9 +33,10 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from moeserve.gguf.quants import random_quant_bytes  # noqa: E402
 from moeserve.gguf.reader import PackedTensor  # noqa: E402
-from moeserve.kernels.moe import GroupedMoE  # noqa: E402
+from moeserve.kernels.moe import GroupedMoE, route  # noqa: E402
 from moeserve.kernels.qlinear import ReferenceExperts  # noqa: E402
-from moeserve.kernels.triton.fused_moe import TritonMoE, align_blocks, block_m_for  # noqa: E402
+from moeserve.kernels.triton import fused_moe  # noqa: E402
+from moeserve.kernels.triton.fused_moe import TritonMoE, align_blocks, block_m_for, route_align  # noqa: E402
 from moeserve.kernels.triton.qmatmul import TritonLinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +95,58 @@ def test_align_blocks(T: int, block_m: int) -> None:
         assert rows.tolist() == sorted(rows.tolist())  # stable: token order within an expert
 
 
+def _distinct_logits(T: int, n_experts: int, seed: int) -> torch.Tensor:
+    """Router-like logits [T, E] (range ~8) with no two equal in a row, nor their softmax probabilities:
+    a permutation of a grid of step 8/E, jittered by under a quarter step."""
+    gen = torch.Generator().manual_seed(seed)
+    step = 8.0 / n_experts
+    grid = torch.stack([torch.randperm(n_experts, generator=gen) for _ in range(T)]).float() * step - 4.0
+    return grid + torch.rand(T, n_experts, generator=gen) * (step / 4)
+
+
+@pytest.mark.parametrize("n_experts", [8, 128])
+@pytest.mark.parametrize("T", [1, 3, 16, 64, 128])
+def test_route_align_matches_torch(T: int, n_experts: int) -> None:
+    logits = _distinct_logits(T, n_experts, seed=T * 1000 + n_experts).to(DEVICE)
+    for k in (2, 8):
+        for renormalize in (True, False):
+            ref_w, ref_e = route(logits, k, renormalize)
+            for block_m in (16, 64):
+                w, e, ids, blocks, n_rows = route_align(logits, k, renormalize, block_m)
+                ref_ids, ref_blocks, ref_rows = align_blocks(ref_e, n_experts, block_m)
+                case = (T, n_experts, k, renormalize, block_m)
+                assert w.dtype == torch.float32 and e.dtype == ref_e.dtype and ids.dtype == torch.int32, case
+                assert torch.equal(e, ref_e), case
+                assert ((w - ref_w).abs() <= 1e-6 * ref_w.abs()).all(), case
+                assert torch.equal(n_rows, ref_rows), case
+                assert torch.equal(ids, ref_ids), case  # padding and unused rows: the sentinel T*k
+                assert blocks.shape == ref_blocks.shape and blocks.dtype == torch.int32, case
+                used = int(ref_rows) // block_m
+                assert torch.equal(blocks[:used], ref_blocks[:used]), case
+                assert ((blocks >= 0) & (blocks < n_experts)).all(), case  # unused blocks: any valid expert
+
+
+def test_route_align_ties_and_limits() -> None:
+    """Equal logits go to the lowest expert index; empty batches; more than 1024 pairs are refused."""
+    logits = torch.zeros(2, 16).to(DEVICE)
+    logits[1, 5:] = 1.0  # token 1: experts 5..15 tie
+    w, e, ids, blocks, n_rows = route_align(logits, 4, True, 16)
+    assert e.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]]
+    assert torch.allclose(w, torch.full_like(w, 0.25))
+    w, _, _, _, _ = route_align(logits, 4, False, 16)
+    assert torch.allclose(w[0], torch.full((4,), 1 / 16, device=DEVICE))
+    assert n_rows.tolist() == [16 * 8]  # experts 0-3 and 5-8, one pair each: 8 blocks
+    assert ids[:16].tolist() == [0] + [8] * 15 and blocks[:8].tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    logits[0, 2:] = float("-inf")  # token 0: two finite logits for top-4; -inf ones by index, weight 0
+    w, e, ids, blocks, n_rows = route_align(logits, 4, True, 16)
+    assert e.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]] and w[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert sorted(ids[ids < 8].tolist()) == list(range(8)) and n_rows.tolist() == [16 * 8]
+    outs = route_align(torch.empty(0, 16, device=DEVICE), 2, True, 16)
+    assert [tuple(o.shape) for o in outs] == [(0, 2), (0, 2), (0,), (0,), (1,)] and outs[4].tolist() == [0]
+    with pytest.raises(ValueError):
+        route_align(torch.zeros(513, 8, device=DEVICE), 2, True, 64)
+
+
 @pytest.mark.parametrize("types", TYPE_PAIRS, ids=lambda t: f"{t[0].name}-{t[1].name}")
 def test_moe_matches_reference(types: tuple[QT, QT]) -> None:
     for T, k, renormalize in CASES:
@@ -107,6 +165,16 @@ def test_moe_prefill_blocks(types: tuple[QT, QT]) -> None:
     moe, ref = _moe(types, k, False)
     h = torch.randn(T, H, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     assert _rel(moe(h), ref(h)) <= BOUND
+
+
+def test_moe_torch_routing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FUSED_ROUTE_MAX_PAIRS the block routes with torch ops: the same result as the fused kernel."""
+    moe, ref = _moe(TYPE_PAIRS[0], 3, True)
+    h = torch.randn(6, H, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    fused = moe(h)
+    monkeypatch.setattr(fused_moe, "FUSED_ROUTE_MAX_PAIRS", 0)
+    unfused = moe(h)
+    assert _rel(unfused, fused) <= 1e-5 and _rel(unfused, ref(h)) <= BOUND
 
 
 def test_moe_edge_inputs() -> None:

@@ -1,16 +1,21 @@
 """The MoE block on the GPU in three kernels over all experts at once (vLLM's fused_moe design).
 
-1. Route: router logits, float32 softmax, top-k, optional renormalisation (`moe.route`).
-2. Align (`align_blocks`): the T*k (token, slot) pairs sorted by expert into BLOCK_M-row blocks, each
-   expert's rows padded to whole blocks, so every block belongs to one expert.
-3. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
+1. Route and align. Routing: router logits, float32 softmax, top-k, optional renormalisation
+   (`moe.route`). Alignment (`align_blocks`): the T*k (token, slot) pairs sorted by expert into
+   BLOCK_M-row blocks, each expert's rows padded to whole blocks, so every block belongs to one expert.
+   Up to `FUSED_ROUTE_MAX_PAIRS` pairs (decode and small batches) both are one single-program kernel
+   (`route_align`); larger batches use the torch ops (~30 small kernels, negligible next to a prefill).
+2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
    `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair).
-4. Down in one kernel: the same blocks over the activations, each row scaled by its routing weight
-   into a `[T*k, H]` buffer, then summed over k (deterministic: no atomics).
+3. Down in one kernel: the same blocks over the activations, each row scaled by its routing weight
+   into a `[T*k, H]` buffer, then summed over k (deterministic: no atomics; a block holds one expert's
+   pairs of many tokens, so folding the sum into it would need atomics).
 
-For a decode step (T=1, top-8) that is 8 blocks: each active expert's weights are read once. Every
-step runs on the device with shapes fixed by T alone: no host synchronisation, CUDA-graph capturable.
+A decode step's MoE block is thus the router, route_align, gate/up, down and the sum over k: five
+launches. For a decode step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
+Every step runs on the device with shapes fixed by T alone: no host synchronisation, CUDA-graph
+capturable.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.qmatmul import activations, group_dot, groups_per_step, half_group, weight_args, x_group
 
-__all__ = ["TritonMoE", "align_blocks", "block_m_for"]
+__all__ = ["FUSED_ROUTE_MAX_PAIRS", "TritonMoE", "align_blocks", "block_m_for", "route_align"]
+
+FUSED_ROUTE_MAX_PAIRS = 1024
+"""Up to this many (token, slot) pairs routing and alignment run as the one `route_align` kernel."""
 
 
 def block_m_for(n_pairs: int, n_experts: int) -> int:
@@ -35,6 +43,11 @@ def block_m_for(n_pairs: int, n_experts: int) -> int:
     small batches: little padding, each expert's weights read once), else 64 (prefill: fewer weight
     re-reads per row)."""
     return 16 if n_pairs <= 16 * n_experts else 64
+
+
+def _n_blocks(n_pairs: int, n_experts: int, block_m: int) -> int:
+    """The block count bound of `align_blocks`: every expert's padding is at most block_m - 1 rows."""
+    return (n_pairs + min(n_experts, n_pairs) * (block_m - 1)) // block_m
 
 
 def align_blocks(experts: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
@@ -57,12 +70,144 @@ def align_blocks(experts: torch.Tensor, n_experts: int, block_m: int) -> tuple[t
     order = torch.argsort(flat, stable=True)
     by_expert = flat[order]
     rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[by_expert]
-    n_blocks = (n + min(n_experts, n) * (block_m - 1)) // block_m
+    n_blocks = _n_blocks(n, n_experts, block_m)
     sorted_ids = torch.full((n_blocks * block_m,), n, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, (ends - padded)[by_expert] + rank, order.to(torch.int32))
     starts = torch.arange(n_blocks, device=device) * block_m
     block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=n_experts - 1).to(torch.int32)
     return sorted_ids, block_expert, ends[-1:]
+
+
+@triton.jit
+def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
+                        T, E, n_blocks,
+                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """`moe.route` then `align_blocks` in one program (see `route_align`).
+
+    1. Per BLOCK_T tokens: a [BLOCK_T, BLOCK_E] logit tile, TOP_K rounds of (max, lowest index attaining
+       it, mask it out); the weights from float64 exps (precise in compiled code too, where float32
+       `exp` is an approximation); the rounds' one-hot masks give the per-expert pair counts (one
+       cross-warp reduction per tile; the rounds' reductions are along rows, within a warp).
+    2. Padded counts, their cumsum (each expert's padded end), n_rows; the sentinel fill of sorted_ids;
+       block_expert[b] = #experts whose padded end <= b * BLOCK_M (clamped to E - 1 like searchsorted).
+    3. After a barrier (the expert ids and sentinels of 1-2 are in global memory): per BLOCK_P pairs, a
+       [BLOCK_P, BLOCK_E] one-hot of their experts; a pair's row is its expert's padded start + the pairs of
+       that expert before it (earlier chunks: a running count; this chunk: an exclusive cumsum down the
+       one-hot), so the order within an expert is the pair order (stable).
+    """
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    kcols = tl.arange(0, K_PAD)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        logit = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        logit = tl.where(col_ok[None, :], logit, float("-inf"))  # rows past T stay finite: no NaNs
+        top = tl.max(logit, axis=1)
+        work = logit
+        chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+        w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float64)
+        ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+        for r in tl.static_range(TOP_K):
+            v = tl.max(work, axis=1)
+            # ties: the lowest expert; never one taken or past E (a -inf logit may equal v)
+            free = (work == v[:, None]) & (chosen == 0) & col_ok[None, :]
+            idx = tl.min(tl.where(free, cols[None, :], BLOCK_E), axis=1)
+            hit = cols[None, :] == idx[:, None]
+            work = tl.where(hit, float("-inf"), work)
+            chosen = tl.where(hit, 1, chosen)
+            slot = kcols[None, :] == r
+            w = tl.where(slot, tl.exp((v - top).to(tl.float64))[:, None], w)
+            ids = tl.where(slot, idx[:, None], ids)
+        counts += tl.sum(tl.where(row_ok[:, None], chosen, 0), axis=0)
+        if RENORMALIZE:
+            denom = tl.sum(w, axis=1)  # the selected exps (slots past TOP_K hold 0)
+        else:
+            denom = tl.sum(tl.exp((logit - top[:, None]).to(tl.float64)), axis=1)
+        off = rows[:, None] * TOP_K + kcols[None, :]
+        out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
+        tl.store(weights_ptr + off, (w / denom[:, None]).to(tl.float32), mask=out_ok)
+        tl.store(experts_ptr + off, ids.to(tl.int64), mask=out_ok)
+
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)  # experts past E: no pairs, end = total
+    tl.store(n_rows_ptr, tl.sum(padded, axis=0).to(tl.int64))
+    n_pairs = T * TOP_K
+    n_slots = n_blocks * BLOCK_M
+    sentinel = tl.zeros([BLOCK_S], dtype=tl.int32) + n_pairs
+    for s0 in range(0, n_slots, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        tl.store(sorted_ptr + offs, sentinel, mask=offs < n_slots)
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blocks = b0 + tl.arange(0, BLOCK_B)
+        expert = tl.sum((ends[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.minimum(expert, E - 1), mask=blocks < n_blocks)
+    tl.debug_barrier()
+
+    base = ends - padded  # the next free row of each expert
+    for p0 in range(0, n_pairs, BLOCK_P):
+        pairs = p0 + tl.arange(0, BLOCK_P)
+        ok = pairs < n_pairs
+        e = tl.load(experts_ptr + pairs, mask=ok, other=BLOCK_E).to(tl.int32)  # BLOCK_E: matches no column
+        onehot = (e[:, None] == cols[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot
+        row = tl.sum(onehot * (base[None, :] + before), axis=1)
+        tl.store(sorted_ptr + row, pairs, mask=ok)
+        base += tl.sum(onehot, axis=0)
+
+
+def _route_align_config(T: int, E: int, top_k: int, block_m: int) -> dict[str, int]:
+    """The constexprs and warps of `_route_align_kernel`: one warp while the pair tile has at most 2048
+    elements (decode: T=1, top-8, E=128), so every reduction is warp shuffles; 4 or 8 warps above. Tile
+    rows: at most 16 elements a thread in the top-k tile (eight unrolled rounds), 32 in the pair and block
+    tiles (no spills on sm_90)."""
+    n_pairs, block_e = T * top_k, triton.next_power_of_2(E)
+    n_blocks = _n_blocks(n_pairs, E, block_m)
+    work = max(T, n_pairs) * block_e
+    num_warps = 1 if work <= 2048 else 4 if work <= 32768 else 8
+    threads = 32 * num_warps
+    return dict(TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_M=block_m, BLOCK_E=block_e,
+                BLOCK_T=min(max(1, 16 * threads // block_e), triton.next_power_of_2(T)),
+                BLOCK_P=min(max(1, 32 * threads // block_e), triton.next_power_of_2(n_pairs)),
+                BLOCK_B=min(max(1, 32 * threads // block_e), triton.next_power_of_2(n_blocks)),
+                BLOCK_S=min(32 * threads, triton.next_power_of_2(n_blocks * block_m)), num_warps=num_warps)
+
+
+def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int) -> tuple[torch.Tensor, ...]:
+    """`moe.route(logits, top_k, renormalize)` then `align_blocks(experts, E, block_m)` in one kernel launch
+    (one program) for up to `FUSED_ROUTE_MAX_PAIRS` pairs.
+
+    Returns (weights [T, k] float32, experts [T, k] int64, sorted_ids, block_expert, n_rows) with the
+    meaning, dtypes and shapes of those functions. Experts are taken by logit; ties go to the lowest
+    expert index (torch.topk leaves tie order unspecified). Weights are exp(l - max) over the sum of the
+    selected (renormalize) or of all exps, computed in float64 and rounded once.
+    """
+    T, E = logits.shape
+    n_pairs = T * top_k
+    if not 0 < top_k <= E or n_pairs > FUSED_ROUTE_MAX_PAIRS:
+        raise ValueError(f"route_align takes 1 <= top_k <= E and T*top_k <= {FUSED_ROUTE_MAX_PAIRS}, "
+                         f"got T={T}, E={E}, top_k={top_k}")
+    if logits.dtype == torch.float64 or (logits.dtype == torch.bfloat16 and logits.device.type != "cuda"):
+        logits = logits.float()  # the interpreter has no bfloat16
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    device = logits.device
+    n_blocks = _n_blocks(n_pairs, E, block_m)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=device)
+    experts = torch.empty(T, top_k, dtype=torch.int64, device=device)
+    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=device)
+    n_rows = torch.empty(1, dtype=torch.int64, device=device)
+    if T == 0:
+        return weights, experts, sorted_ids, block_expert, n_rows.zero_()
+    _route_align_kernel[(1,)](
+        logits, logits.stride(0), weights, experts, sorted_ids, block_expert, n_rows, T, E, n_blocks,
+        RENORMALIZE=bool(renormalize), **_route_align_config(T, E, top_k, block_m))
+    return weights, experts, sorted_ids, block_expert, n_rows
 
 
 @triton.jit
@@ -149,10 +294,14 @@ class TritonMoE:
         T, E, k = h.shape[0], self.n_experts, self.top_k
         if T == 0:
             return torch.zeros(0, self.hidden, dtype=torch.float32, device=h.device)
-        weights, experts = route(self.router(h), k, self.renormalize)
         n_pairs = T * k
         block_m = block_m_for(n_pairs, E)
-        sorted_ids, block_expert, n_rows = align_blocks(experts, E, block_m)
+        logits = self.router(h)
+        if n_pairs <= FUSED_ROUTE_MAX_PAIRS:
+            weights, _, sorted_ids, block_expert, n_rows = route_align(logits, k, self.renormalize, block_m)
+        else:
+            weights, experts = route(logits, k, self.renormalize)
+            sorted_ids, block_expert, n_rows = align_blocks(experts, E, block_m)
         n_blocks = block_expert.shape[0]
         h = activations(h)
 
