@@ -167,7 +167,7 @@ def _interleaved(llm, peer, n: int, top: int, prompt_len: int, max_len: int, per
 
 def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: int, threads: int,
           kernels: str | None, with_llama: bool, rounds: int = 1, profile: bool = False,
-          ) -> tuple[dict[int, float], dict[int, float]]:
+          batch_invariant: bool | None = None) -> tuple[dict[int, float], dict[int, float]]:
     """Aggregate tokens/s per stream count: (moeserve, llama.cpp). With rounds == 1 the engines run one after
     the other (moeserve for every stream count, then llama.cpp; never both loaded). With rounds > 1 both are
     loaded (their weights share the file's page cache, but llama.cpp repacks the Q4_K experts into its own
@@ -179,7 +179,7 @@ def bench(path: str, streams: list[int], prompt_len: int, tokens: int, warmup: i
     max_len = prompt_len + warmup + 2 * rounds * per + 8
     ours: dict[int, float] = {}
     theirs: dict[int, float] = {}
-    llm = LLM(path, kernels=kernels, max_model_len=max_len)
+    llm = LLM(path, kernels=kernels, max_model_len=max_len, batch_invariant=batch_invariant)
     peer = load_llama(path) if with_llama and rounds > 1 else None
     for n in streams:
         ours[n], tb = _interleaved(llm, peer, n, top, prompt_len, max_len, per, rounds, warmup, threads, profile)
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="split the timed steps into this many alternating moeserve / llama.cpp slices, both engines "
                          "loaded (default 1: one engine after the other)")
+    ap.add_argument("--batch-invariant", action="store_true", default=None,
+                    help="moeserve's row-invariant kernels (LLM(batch_invariant=True))")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from moeserve.testing import smoke_model
@@ -222,7 +224,7 @@ def main() -> None:
     path = args.model or smoke_model("throughput")
 
     ours, theirs = bench(path, args.streams, args.prompt_len, args.tokens, args.warmup, args.threads, args.kernels,
-                         not args.no_llama, args.rounds, args.profile)
+                         not args.no_llama, args.rounds, args.profile, args.batch_invariant)
 
     print(f"\n{Path(path).name}: aggregate decode tokens/s (prompt {args.prompt_len}, {args.tokens} timed steps, "
           f"{args.threads} threads)")

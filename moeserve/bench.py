@@ -39,6 +39,7 @@ class BenchResult:
     tg_tps: float
     tg_tps_sd: float
     profile: dict[str, Any] = field(default_factory=dict)
+    batch_invariant: bool = False  # the row-invariant kernels (`--batch-invariant`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,15 +105,17 @@ def run_bench(model: str, n_prompt: int = 512, n_gen: int = 128, threads: int = 
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     return BenchResult(model=model, kernels=llm.kernels, threads=threads, n_prompt=n_prompt, n_gen=n_gen, reps=reps,
                        load_s=load_s, peak_rss_gb=_peak_rss_gb(), pp_tps=statistics.mean(pp), pp_tps_sd=sd(pp),
-                       tg_tps=statistics.mean(tg), tg_tps_sd=sd(tg), profile=prof)
+                       tg_tps=statistics.mean(tg), tg_tps_sd=sd(tg), profile=prof,
+                       batch_invariant=llm.engine_config.batch_invariant)
 
 
 def format_table(r: BenchResult) -> str:
+    kernels = f"{r.kernels} (batch-invariant)" if r.batch_invariant else r.kernels
     rows = [
         "| model | kernels | threads | test | tokens/s |",
         "|---|---|---:|---|---:|",
-        f"| {r.model} | {r.kernels} | {r.threads} | pp{r.n_prompt} | {r.pp_tps:.2f} ± {r.pp_tps_sd:.2f} |",
-        f"| {r.model} | {r.kernels} | {r.threads} | tg{r.n_gen} | {r.tg_tps:.2f} ± {r.tg_tps_sd:.2f} |",
+        f"| {r.model} | {kernels} | {r.threads} | pp{r.n_prompt} | {r.pp_tps:.2f} ± {r.pp_tps_sd:.2f} |",
+        f"| {r.model} | {kernels} | {r.threads} | tg{r.n_gen} | {r.tg_tps:.2f} ± {r.tg_tps_sd:.2f} |",
         "",
         f"load: {r.load_s:.1f} s   peak RSS: {r.peak_rss_gb:.2f} GB",
     ]

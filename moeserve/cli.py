@@ -118,6 +118,12 @@ Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda
 GpuMemory = Annotated[float, typer.Option(help="On a GPU: the share of its memory for weights, KV pool and "
                                                "activations (the KV pool takes what is left).", min=0.01, max=1.0)]
 EnforceEager = Annotated[bool, typer.Option(help="Never capture CUDA graphs for decode steps.")]
+BatchInvariant = Annotated[bool | None, typer.Option(
+    "--batch-invariant/--no-batch-invariant",
+    help="Row-invariant kernels: a request gets the same logits and greedy tokens alone or batched with others, "
+         "at a cost in prefill and batched-decode speed (cpu kernels only; default: $MOESERVE_BATCH_INVARIANT, "
+         "else off).",
+    show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]
@@ -248,6 +254,7 @@ def generate(
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    batch_invariant: BatchInvariant = None,
     quiet: Quiet = False,
 ) -> None:
     """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT."""
@@ -268,7 +275,7 @@ def generate(
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
     llm = _load(model, max_model_len, kernels, quiet, device=device, gpu_memory_utilization=gpu_memory_utilization,
-                enforce_eager=enforce_eager)
+                enforce_eager=enforce_eager, batch_invariant=batch_invariant)
     show_stats = not quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     if stream:
@@ -343,6 +350,7 @@ def chat(
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    batch_invariant: BatchInvariant = None,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model: an interactive REPL (reads lines from stdin, so it can be scripted).
@@ -357,7 +365,8 @@ def chat(
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
     llm = _load(model_arg or model, max_model_len, kernels, quiet, device=device,
-                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                batch_invariant=batch_invariant)
     if llm.tokenizer is None:
         raise CLIError(f"{llm.path} has no tokenizer; chat needs one")
     interactive = sys.stdin.isatty()
@@ -577,6 +586,7 @@ def serve(
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    batch_invariant: BatchInvariant = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together (default 32).",
                                                      show_default=False)] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(help="KV pool budget, e.g. 2GiB.", show_default=False)] = None,
@@ -602,7 +612,8 @@ def serve(
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
                                            kv_cache_memory=kv_cache_memory, device=device,
                                            gpu_memory_utilization=gpu_memory_utilization,
-                                           enforce_eager=enforce_eager).items() if v is not None}
+                                           enforce_eager=enforce_eager,
+                                           batch_invariant=batch_invariant).items() if v is not None}
     run(path, host=host, port=port, api_key=api_key, served_model_name=served_model_name, log_level=log_level,
         **engine_kwargs)
 
@@ -625,6 +636,7 @@ def bench(
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    batch_invariant: BatchInvariant = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (pp_tps, tg_tps, ...).")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Per-stage prefill and decode breakdown.")] = False,
 ) -> None:
@@ -637,7 +649,8 @@ def bench(
 
     result = run_bench(_model_path(model_arg or model), n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps,
                        kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty(), device=device,
-                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                       batch_invariant=batch_invariant)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
     else:

@@ -84,6 +84,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9  # on a GPU, the share of its memory weights + KV pool + activations may use
     enforce_eager: bool = False  # never capture CUDA graphs (every step runs the forward from Python)
+    batch_invariant: bool = False  # a request's logits (greedy tokens) never depend on the batch it runs in: the
+    # kernels are chosen when the model is loaded (`LLM(batch_invariant=True)`); the engine checks its model has them
 
 
 @dataclass
@@ -126,6 +128,9 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or EngineConfig(), source
         self.chat_template = chat_template
         c, cfg = self.config, model.config
+        if c.batch_invariant and not getattr(model, "batch_invariant", False):
+            raise RequestError("batch_invariant needs a model loaded with batch-invariant kernels "
+                               "(LLM(..., batch_invariant=True), or select_backend(..., batch_invariant=True))")
         self.max_model_len = model.max_positions
         dtype = kv_dtype(c.kv_cache_dtype, model.device)
         if c.num_kv_blocks is not None:
@@ -218,7 +223,7 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             s = Sequence(request_id=rid, prompt_ids=ids, params=params, prompt=text, index=i, eos_ids=eos,
-                         device=self.model.device)
+                         device=self.model.device, tokenizer=self.tokenizer)
             if self.tokenizer is not None:
                 from moeserve.tokenizer import StreamDecoder
 

@@ -27,7 +27,7 @@ from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import GGUFError, MoeServeError, RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
-from moeserve.kernels.select import requested, select_backend
+from moeserve.kernels.select import batch_invariant_requested, requested, select_backend
 from moeserve.model.decoder import load_decoder
 
 __all__ = ["LLM", "Prompt", "default_model_path"]
@@ -60,7 +60,8 @@ class LLM:
                  num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None,
                  kv_cache_dtype: str = "auto", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, in_memory: bool | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 batch_invariant: bool | None = None) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
         `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: cpu on a CPU, triton on a GPU), 'cpu', 'triton',
@@ -71,15 +72,18 @@ class LLM:
         sequentially, instead of page-faulting weights in from the file map at random during the first
         tokens (see `GGUFFile.read_into_memory`). The KV-pool and batching arguments configure the engine
         (see `EngineConfig`); the pool's pages are touched only as blocks are first written.
+        `batch_invariant` (default: `$MOESERVE_BATCH_INVARIANT=1`, else off) loads row-invariant kernels: a request
+        then gets bitwise the same logits, hence the same greedy tokens, alone or batched with any others, at the
+        cost of the GEMMs' prefill speed (the cpu backend only; see README "Kernel backends").
         """
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
-                                          enforce_eager)
+                                          enforce_eager, batch_invariant_requested(batch_invariant))
         self.path = model or default_model_path()
         if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
             device = "cuda" if torch.cuda.is_available() and requested(kernels) != "cpu" else "cpu"
         self.device = torch.device(device)
-        self.backend = select_backend(kernels, self.device)
+        self.backend = select_backend(kernels, self.device, batch_invariant=self.engine_config.batch_invariant)
         self.kernels = self.backend.name
         try:
             self.file = GGUFFile(self.path)

@@ -92,3 +92,10 @@ class ModelRunner:
         meta = no_cache_metadata([len(ids)], self.device)
         return self.model.forward(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
 
+    def hidden_full(self, ids: Sequence[int]) -> torch.Tensor:
+        """float32 [len(ids), hidden] final-norm hidden states of one sequence, touching no cache (embeddings)."""
+        if len(ids) > self.model.max_positions:
+            raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
+        meta = no_cache_metadata([len(ids)], self.device)
+        return self.model.hidden_states(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
+

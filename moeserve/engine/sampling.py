@@ -4,12 +4,12 @@ The parameter names, defaults and the order of the logit transforms follow vLLM 
 OpenAI API), because clients written against those servers expect the same request to mean the
 same thing here:
 
-    repetition penalty -> frequency/presence penalties -> temperature -> top-k -> top-p -> min-p
-    -> sample (argmax when greedy)
+    logit bias -> grammar mask (structured output) -> repetition penalty -> frequency/presence
+    penalties -> temperature -> top-k -> top-p -> min-p -> sample (argmax when greedy)
 
-Logprobs are reported from the *raw* logits (before any penalty, temperature or filter), which
-is vLLM's default: they describe what the model believed, not the sampling distribution that a
-request's knobs happened to produce.
+Logprobs are reported from the *raw* logits (before any bias, grammar mask, penalty, temperature
+or filter), which is vLLM's default: they describe what the model believed, not the sampling
+distribution that a request's knobs happened to produce.
 
 Every transform is a pure function (it returns a new tensor and never modifies its input), so
 the filters can be tested on hand-written logits and a caller may keep the raw logits around.
@@ -18,12 +18,16 @@ the filters can be tested on hand-written logits and a caller may keep the raw l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
+from moeserve.engine.guided import Guide, StructuredOutputsParams, apply_bitmask, fill_bitmask
 from moeserve.errors import RequestError
+
+#: OpenAI's range for logit_bias values; larger ones are clamped to it.
+MAX_LOGIT_BIAS = 100.0
 
 # Temperatures below this are treated as greedy, like vLLM: dividing by a tiny temperature only
 # produces inf/NaN where argmax gives the intended answer.
@@ -68,6 +72,14 @@ class SamplingParams:
     max_tokens: int | None = 16
     logprobs: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (clamped to [-100, 100])
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow (guided.py)
+    guided_json: dict[str, Any] | str | None = None  # shorthands for structured_outputs=StructuredOutputsParams(...)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # The grammar state of one sequence: set by `Sequence` on its private copy of the params, read by the sampler.
+    guide: Guide | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Validate every field and normalise `stop` to a list (vLLM accepts str or list)."""
@@ -125,6 +137,29 @@ class SamplingParams:
             raise _bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
         else:
             self.stop_token_ids = list(self.stop_token_ids)
+
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise _bad("logit_bias", self.logit_bias, "must be a dict of token id -> bias")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                if not _is_int(k) or k < 0 or not _is_number(v) or v != v:
+                    raise _bad("logit_bias", {k: v}, "keys must be token ids >= 0 and values numbers")
+                bias[int(k)] = float(min(max(v, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS))
+            self.logit_bias = bias or None
+
+        shorthands = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                      if getattr(self, f"guided_{k}") is not None}
+        if shorthands:
+            if self.structured_outputs is not None or len(shorthands) > 1:
+                names = [f"guided_{k}" for k in shorthands]
+                if self.structured_outputs is not None:
+                    names.append("structured_outputs")
+                raise RequestError(f"only one structured output constraint per request; got {', '.join(names)}")
+            self.structured_outputs = StructuredOutputsParams(**shorthands)
+            self.guided_json = self.guided_regex = self.guided_choice = self.guided_grammar = None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad("structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -238,6 +273,24 @@ def apply_penalties(
         counts = _token_matrix(output_tokens, vocab, logits.device).to(logits.dtype)
         out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
     return out if out is not logits else logits.clone()
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float] | None]) -> torch.Tensor:
+    """Add each row's {token id: bias} (OpenAI's logit_bias) to its logits; ids past the vocabulary are skipped."""
+    vocab = logits.shape[1]
+    rows, cols, vals = [], [], []
+    for i, b in enumerate(biases):
+        for t, v in (b or {}).items():
+            if t < vocab:
+                rows.append(i)
+                cols.append(t)
+                vals.append(v)
+    out = logits.clone()
+    if rows:
+        dev = logits.device
+        out.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                       torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    return out
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float | list[float]) -> torch.Tensor:
@@ -377,10 +430,15 @@ class Sampler:
 
         raw = logits.float()
         x = raw  # every transform below returns a new tensor: raw stays intact for the logprobs
+        if any(p.logit_bias for p in params):
+            x = apply_logit_bias(x, [p.logit_bias for p in params])
+        guided = [i for i, p in enumerate(params) if p.guide is not None]
+        if guided:  # the grammar's allowed tokens: everything after (greedy or random) picks among them
+            x = apply_bitmask(x, guided, fill_bitmask([params[i].guide for i in guided]))
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
                for p in params):
             x = apply_penalties(
-                raw,
+                x,
                 prev_tokens,
                 output_tokens,
                 repetition_penalty=[p.repetition_penalty for p in params],

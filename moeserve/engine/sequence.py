@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from moeserve.engine.guided import Guide
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.sampling import SamplingParams, StopChecker, TokenLogprobs, make_generator
+from moeserve.errors import RequestError
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Sequence:
     num_cached_tokens: int = 0
     generator: torch.Generator | None = None
     device: torch.device | str = "cpu"  # where the logits live: a seeded generator is made there
+    tokenizer: object | None = None  # the model's tokenizer (a structured-output grammar is built over it)
     stopper: StopChecker | None = None
     detok: object | None = None  # tokenizer.StreamDecoder when text is wanted
     streamed: int = 0  # characters of `text` already handed to a stream
@@ -35,6 +39,18 @@ class Sequence:
         seeded = self.params if self.params.seed is None else _offset_seed(self.params, self.index)
         self.generator = make_generator(seeded, self.device)
         self.stopper = StopChecker.from_params(self.params)
+        if self.params.structured_outputs is not None:
+            if not self.eos_ids:
+                raise RequestError("structured output needs a model with a tokenizer that has an end-of-sequence "
+                                   "token")
+            # Each sequence (of n) walks its own grammar: it gets a private copy of the params holding its Guide,
+            # which is how the sampler finds it.
+            self.params = copy.copy(self.params)
+            self.params.guide = Guide(self.params.structured_outputs, self.tokenizer)
+
+    @property
+    def guide(self) -> Guide | None:
+        return self.params.guide
 
     @property
     def all_ids(self) -> list[int]:
@@ -55,7 +71,11 @@ class Sequence:
         if lp is not None:
             self.logprobs.append({**dict(lp.top), token: lp.logprob})
             self.cumulative_logprob += lp.logprob
-        stop_token = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        guide = p.guide
+        if guide is not None:
+            guide.accept(token)
+        # A guided sequence samples EOS only where its grammar may end: it ends there even with ignore_eos.
+        stop_token = token in p.stop_token_ids or (token in self.eos_ids and (not p.ignore_eos or guide is not None))
         if stop_token:
             self.finish_reason = "stop"
             self.stop_reason = token if token in p.stop_token_ids else None
@@ -68,6 +88,8 @@ class Sequence:
                     self.stop_reason = next(x for x in self.stopper.stop if self.text.startswith(x, pos))
                     self.text, self.finish_reason = self.text[:pos], "stop"
                     return
+        if self.finish_reason is None and guide is not None and guide.finished:
+            self.finish_reason = "stop"  # the grammar is complete (or, never expected, its matcher failed)
         if self.finish_reason is None and (
             (p.max_tokens is not None and len(self.output_ids) >= p.max_tokens) or self.length >= capacity
         ):

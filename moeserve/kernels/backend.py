@@ -2,9 +2,9 @@
 
 A backend is a factory of kernel objects. While loading, every layer asks it for the kernels it
 needs — a linear on a packed weight, the q/k/v projection with QK-norm and RoPE, attention over the
-paged KV pool, the whole MoE block, RMSNorm, embedding rows — and keeps exactly one object per
-operation. A layer's forward then calls its objects and never asks which backend made them (the
-pattern of vLLM's `CustomOp`: one op, a native implementation and per-platform ones).
+paged KV pool, the whole MoE block (or a dense SwiGLU FFN, `mlp`), RMSNorm, embedding rows — and keeps
+exactly one object per operation. A layer's forward then calls its objects and never asks which backend made
+them (the pattern of vLLM's `CustomOp`: one op, a native implementation and per-platform ones).
 
 Backends (chosen by `kernels/select.py` `select_backend`):
 
@@ -18,6 +18,12 @@ Backends (chosen by `kernels/select.py` `select_backend`):
 
 Every kernel object is reentrant: it holds only what load gave it, so two threads may call the
 same model at once (`LLM.logits` beside a running server).
+
+Batch invariance (`batch_invariant`): a backend built with it (`select_backend(..., batch_invariant=True)`, only
+the cpu backend offers it) makes kernel objects whose result for one row of a step depends on that row alone
+(and, for attention, on its sequence's keys), never on how many other rows share the call: the same request
+gives bitwise the same logits, hence the same greedy tokens, alone or among any number of others, however the
+scheduler chunks its prompt. The choice is made here, at load, by the objects the backend hands out.
 """
 
 from __future__ import annotations
@@ -61,6 +67,12 @@ class MoEBlock(Protocol):
     def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
 
 
+class MLPBlock(Protocol):
+    """`h [T, H] -> out [T, H]` float32: a dense SwiGLU FFN."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
 class Norm(Protocol):
     """RMSNorm over the last dim, in float32."""
 
@@ -78,6 +90,7 @@ class Backend(ABC):
 
     name: str
     graph_safe = False  # True when a forward never synchronises with the host (CUDA graphs may capture it)
+    batch_invariant = False  # True when every kernel's result for a row is independent of the other rows
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -115,6 +128,12 @@ class Backend(ABC):
     def moe(self, router: PackedTensor, gate: PackedTensor, up: PackedTensor, down: PackedTensor, top_k: int,
             renormalize: bool) -> MoEBlock:
         """The MoE block: router `[E, H]`, expert stacks gate/up `[E, I, H]` and down `[E, H, I]`."""
+
+    def mlp(self, gate: Linear, up: Linear, down: Linear) -> MLPBlock:
+        """A dense SwiGLU FFN `down(silu(gate(x)) * up(x))` over linears this backend made."""
+        from moeserve.model.layers import MLP
+
+        return MLP(gate, up, down)
 
     @abstractmethod
     def norm(self, weight: torch.Tensor, eps: float) -> Norm: ...

@@ -1,5 +1,8 @@
 """Choosing a kernel backend: `LLM(kernels=...)`, `--kernels`, `$MOESERVE_KERNELS`; the default picks the
-best backend for the device (cpu on a CPU, triton on a GPU) (see `kernels/backend.py` for what a backend is)."""
+best backend for the device (cpu on a CPU, triton on a GPU) (see `kernels/backend.py` for what a backend is).
+
+Batch invariance (`LLM(batch_invariant=True)`, `--batch-invariant`, `$MOESERVE_BATCH_INVARIANT=1`) is chosen here
+too, at load: only the cpu backend offers it; asking it of another backend is a `RequestError`."""
 
 from __future__ import annotations
 
@@ -34,13 +37,33 @@ def backend_name(name: str | None, device: torch.device | str) -> str:
     return resolved
 
 
-def select_backend(name: str | None = None, device: torch.device | str = "cpu") -> Backend:
+def batch_invariant_requested(value: bool | None) -> bool:
+    """`value`, else `$MOESERVE_BATCH_INVARIANT` ("1"/"true"/"yes"/"on": on; unset, "0", "false", "no", "off": off)."""
+    if value is not None:
+        return bool(value)
+    raw = os.environ.get("MOESERVE_BATCH_INVARIANT", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise RequestError(f"$MOESERVE_BATCH_INVARIANT must be 0 or 1, got {raw!r}")
+
+
+def select_backend(name: str | None = None, device: torch.device | str = "cpu",
+                   batch_invariant: bool = False) -> Backend:
     """The backend `name` names for `device` (see `backend_name`).
 
     The cpu backend builds its native kernels here: a compiler error is raised (`NativeBuildError`
     with the compiler's message), never swallowed — `kernels='reference'` is the way to run without.
+    `batch_invariant`: kernels whose result for a row does not depend on the other rows of the call (the cpu
+    backend only; a `RequestError` names the way out for any other).
     """
     resolved = backend_name(name, device)
+    if batch_invariant and resolved != "cpu":
+        raise RequestError(
+            f"batch_invariant is implemented by the cpu backend only, not by {resolved!r} "
+            "(torch's float32 matmuls and SDPA change their blocking, hence a row's rounding, with the row count); "
+            "use kernels='cpu' on device='cpu', or turn batch_invariant off")
     if resolved == "triton":
         from moeserve.kernels.triton.backend import TritonBackend
 
@@ -48,7 +71,7 @@ def select_backend(name: str | None = None, device: torch.device | str = "cpu") 
     if resolved == "cpu":
         from moeserve.kernels.cpu.backend import CpuBackend
 
-        return CpuBackend(device)
+        return CpuBackend(device, batch_invariant=batch_invariant)
     from moeserve.kernels.reference import ReferenceBackend
 
     return ReferenceBackend(device)

@@ -4,7 +4,7 @@
     run("model.gguf", host="127.0.0.1", port=8000, max_num_seqs=16)
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming via SSE, ending with
-`data: [DONE]`), /health (engine and KV-pool state as JSON) and /metrics (Prometheus).
+`data: [DONE]`), /v1/embeddings, /health (engine and KV-pool state as JSON) and /metrics (Prometheus).
 Every error is OpenAI-shaped JSON: 400 for invalid requests (bad types, out-of-range values,
 unknown model, prompt longer than the context), 401 for a missing or wrong API key when one is
 configured. /health and /metrics stay open so probes and scrapers need no key.
@@ -34,11 +34,12 @@ from moeserve.engine.engine import LLMEngine
 from moeserve.engine.llm import LLM
 from moeserve.errors import MoeServeError, RequestError
 from moeserve.server.metrics import ServerMetrics
-from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from moeserve.server.serving import OpenAIServing, error_body
 
 log = logging.getLogger("moeserve.server")
-_ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+_ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+                        "/v1/embeddings"})
 
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -219,6 +220,10 @@ def create_app(llm_or_engine: LLM | LLMEngine | AsyncLLMEngine, served_model_nam
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Any:
         return await serving.chat(req, raw)
+
+    @app.post("/v1/embeddings", dependencies=v1)
+    async def create_embeddings(req: EmbeddingRequest, raw: Request) -> Any:
+        return await serving.embeddings(req, raw)
 
     return app
 

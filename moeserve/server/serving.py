@@ -6,11 +6,17 @@ choices exactly as the engine produces them. A streaming client that disconnects
 generator (sse-starlette watches the socket), and a non-streaming one is watched by
 `until_disconnected`; either way leaving the stream aborts the engine request, which frees its
 KV blocks before the next step.
+
+Chat requests with `tools` are rendered and parsed by `tools.py` (Hermes-style `<tool_call>` blocks
+become OpenAI `tool_calls`, whole or as stream deltas); structured output is a grammar carried by
+the SamplingParams (`engine/guided.py`). /v1/embeddings runs its forwards in a worker thread
+(`engine/embeddings.py`), beside the engine. See docs/api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -22,10 +28,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from moeserve.chat_template import CHATML_TEMPLATE
+from moeserve.engine import embeddings
 from moeserve.engine.async_engine import AsyncLLMEngine, RequestStream
+from moeserve.engine.guided import ll_tokenizer
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.errors import RequestError
-from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from moeserve.server.tools import ToolCallStream, parse_tool_calls, prepare_messages
 
 T = TypeVar("T")
 
@@ -151,6 +161,14 @@ class OpenAIServing:
     async def start(self, prompts: list[str | list[int]], params: Any) -> list[RequestStream]:
         """Validate and queue every prompt; if one is invalid none stays queued. Tokenization runs in a worker
         thread, so a long prompt never holds up the event loop (other clients, /health)."""
+        vocab = self.engine.engine.model.config.vocab_size
+        bad = sorted(t for t in (params.logit_bias or {}) if t >= vocab)
+        if bad:
+            raise RequestError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise RequestError("structured output needs a model with a tokenizer")
+            await asyncio.to_thread(ll_tokenizer, self.tokenizer)  # built once, off the loop and the engine thread
         make = self.engine.engine.make_sequences
         groups = await asyncio.to_thread(lambda: [make(p, params, uuid.uuid4().hex) for p in prompts])
         streams: list[RequestStream] = []
@@ -258,7 +276,10 @@ class OpenAIServing:
         return {"content": content}
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        text = self.engine.render_chat([m.to_template() for m in req.messages], req.add_generation_prompt, req.tools)
+        tools = req.tool_dicts() if req.tool_mode() not in (None, "none") else None
+        template = self.engine.engine.chat_template or CHATML_TEMPLATE
+        messages, tools = prepare_messages([m.to_template() for m in req.messages], tools, template)
+        text = self.engine.render_chat(messages, req.add_generation_prompt, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
@@ -271,6 +292,8 @@ class OpenAIServing:
         streams = await self.start([prompt], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         k = params.logprobs
+        parse_tools = req.tool_mode() not in (None, "none")
+        one_call = req.parallel_tool_calls is False
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -284,6 +307,7 @@ class OpenAIServing:
 
             async def events() -> AsyncIterator[dict[str, str]]:
                 usage = _Usage()
+                parsers = {i: ToolCallStream(1 if one_call else None) for i in range(params.n)} if parse_tools else {}
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(params.n)])
                 try:
@@ -293,9 +317,22 @@ class OpenAIServing:
                             if not c.text and not c.finish_reason and not (k is not None and c.token_ids):
                                 continue
                             lp = self.chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
-                            delta = {"content": c.text} if c.text else {}
-                            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp,
-                                          "finish_reason": c.finish_reason}])
+                            delta: dict[str, Any] = {"content": c.text} if c.text else {}
+                            finish = c.finish_reason
+                            if parse_tools:
+                                p = parsers[c.index]
+                                text, calls = p.feed(c.text)
+                                if c.finish_reason:
+                                    rest, more = p.finish()
+                                    text, calls = text + rest, calls + more
+                                delta = {"content": text} if text else {}
+                                if calls:
+                                    delta["tool_calls"] = calls
+                                if finish == "stop" and p.n_calls:
+                                    finish = "tool_calls"
+                                if not delta and not finish and lp is None:
+                                    continue
+                            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}])
                     if include_usage:
                         yield chunk([], usage.json())
                 except RequestError as exc:
@@ -316,9 +353,38 @@ class OpenAIServing:
             for idx in sorted(choices):
                 ch = choices[idx]
                 lp = self.chat_logprobs(ch.token_ids, ch.logprobs, k) if k is not None else None
-                result.append({"index": idx, "message": {"role": "assistant", "content": ch.text},
-                               "logprobs": lp, "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+                finish = ch.finish_reason
+                if parse_tools:
+                    content, calls = parse_tool_calls(ch.text)
+                    if calls:
+                        message = {"role": "assistant", "content": content,
+                                   "tool_calls": calls[:1] if one_call else calls}
+                        finish = "tool_calls" if finish == "stop" else finish
+                result.append({"index": idx, "message": message, "logprobs": lp, "finish_reason": finish,
+                               "stop_reason": ch.stop_reason})
             return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                     "choices": result, "usage": usage.json()}
 
         return await self._respond(raw, collect(), streams)
+
+    # -- /v1/embeddings ---------------------------------------------------------------------
+    async def embeddings(self, req: EmbeddingRequest, raw: Request) -> Any:
+        if (err := self.check_model(req.model)) is not None:
+            return err
+        engine = self.engine.engine
+        inputs = req.inputs(engine.model.config.hidden_size)
+
+        def run() -> tuple[list[list[int]], Any]:  # in a worker thread: the forwards never block the event loop
+            ids = embeddings.tokenize(engine, inputs)
+            return ids, embeddings.embed_ids(engine, ids, req.pooling, req.normalize)
+
+        ids, vectors = await asyncio.to_thread(run)
+        data = []
+        for i, v in enumerate(vectors):
+            value: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
+                          else v.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        n = sum(len(x) for x in ids)
+        return {"object": "list", "data": data, "model": self.model_name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
