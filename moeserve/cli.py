@@ -1,14 +1,23 @@
 """The `moeserve` command line: generate, chat, inspect, serve.
 
     moeserve generate "Once upon a time"                  # the embedded tiny model
-    moeserve generate model.gguf "Once upon a time" --stream --temperature 0
+    moeserve generate model.gguf "Once upon a time" --stream --temp 0
+    moeserve generate -m model.gguf -f prompt.txt -n 64 -c 2048 -t 8 --seed 1
     moeserve chat model.gguf                               # REPL; /clear, /exit
     moeserve inspect model.gguf
     moeserve serve model.gguf --port 8000 --api-key secret
 
 MODEL is optional everywhere; without it the small Qwen3-MoE shipped in the package is used.
 For `generate`, which also takes a prompt, one positional argument is the prompt and two are
-MODEL and PROMPT; `--model/-m` names the model explicitly (then the one positional is the prompt).
+MODEL and PROMPT; `--model/-m` names the model explicitly (then the one positional is the prompt),
+`-f/--file` reads the prompt from a file (then the one positional is the model). A lone first
+argument ending in `.gguf` that does not exist is an error, never a prompt.
+
+The flags follow llama.cpp's and vLLM's names and mean the same in every command that has them:
+`-m/--model`, `-n/--max-tokens` (bench: `--n-gen`), `-t/--threads` (default: the cores this process
+may use), `-c/--ctx-size` = `--max-model-len`, `--temp`/`--temperature`, `-s/--seed`, `-f/--file`,
+`-q/--quiet`; `moeserve --version`. `serve`'s flags also read MOESERVE_<FLAG> environment variables
+(MOESERVE_HOST, MOESERVE_PORT, MOESERVE_API_KEY, MOESERVE_MAX_NUM_SEQS, ...).
 
 Every failure — a missing file, a broken GGUF, an invalid flag value — is one line on stderr
 (`moeserve: error: ...`) and a non-zero exit code (1; 2 for command-line usage errors), never a
@@ -27,6 +36,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from moeserve import __version__
 from moeserve.errors import MoeServeError
 
 PROG = "moeserve"
@@ -101,14 +111,30 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"{PROG} {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_print_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Mixture-of-Experts LLM inference from GGUF files. Without MODEL, the embedded tiny Qwen3-MoE is used."""
+
+
 # --------------------------------------------------------------------------------------------
 # shared options
 # --------------------------------------------------------------------------------------------
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file (default: the embedded model).",
                                               show_default=False)]
-MaxModelLen = Annotated[int | None, typer.Option(help="Context length to allocate (default: the model's, ≤ 4096).",
+_CTX_HELP = "Context length to allocate (default: the model's, at most 4096); no more than the model's."
+MaxModelLen = Annotated[int | None, typer.Option("--ctx-size", "-c", "--max-model-len", help=_CTX_HELP,
                                                  show_default=False)]
+Threads = Annotated[int | None, typer.Option("--threads", "-t", min=1, envvar="MOESERVE_THREADS", show_envvar=False,
+                                             help="CPU threads (default: the cores this process may use; env "
+                                                  "MOESERVE_THREADS).", show_default=False)]
 Kernels = Annotated[str | None, typer.Option(
     help="Kernel backend: auto | cpu | triton | reference (default: auto = cpu on a CPU, triton on a GPU, "
          "or $MOESERVE_KERNELS).",
@@ -127,14 +153,14 @@ BatchInvariant = Annotated[bool | None, typer.Option(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")]
+Temperature = Annotated[float, typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = greedy.")]
 TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 or -1 disables.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this probability mass.")]
 MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min-p × the most likely one.")]
 RepetitionPenalty = Annotated[float, typer.Option(help="Penalise tokens already in the prompt or output (1 = off).")]
 PresencePenalty = Annotated[float, typer.Option(help="Subtract from logits of tokens already generated.")]
 FrequencyPenalty = Annotated[float, typer.Option(help="Subtract × count from logits of tokens already generated.")]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.",
+Seed = Annotated[int | None, typer.Option("--seed", "-s", help="Random seed: the same seed gives the same text.",
                                           show_default=False)]
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.",
                                                 show_default=False)]
@@ -170,9 +196,44 @@ def _model_path(model: str | None) -> str:
     return model
 
 
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity), like llama.cpp's default."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (-t/--threads); returns the number used."""
+    import torch
+
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def _check_ctx(path: str, ctx: int | None, read_header: bool = False) -> None:
+    """-c/--ctx-size/--max-model-len: positive and no more than the model's context length.
+
+    `read_header`: parse the GGUF's header even without -c (serve: a broken file fails before the server starts).
+    """
+    if ctx is None and not read_header:
+        return
+    if ctx is not None and ctx <= 0:
+        raise CLIError(f"--ctx-size must be > 0, got {ctx}")
+    from moeserve.gguf.config import load_config
+    from moeserve.gguf.reader import GGUFFile
+
+    limit = load_config(GGUFFile(path)).context_length
+    if ctx is not None and ctx > limit:
+        raise CLIError(f"--ctx-size {ctx} is larger than the model's context length ({limit} tokens)")
+
+
 def _load(model: str | None, max_model_len: int | None, kernels: str | None, quiet: bool, **engine: Any) -> Any:
     """Load the model; on a terminal, loading shows a progress bar on stderr."""
     path = _model_path(model)
+    _check_ctx(path, max_model_len)
     show = not quiet and sys.stderr.isatty()
     if show:
         size = os.path.getsize(path)
@@ -224,7 +285,7 @@ def stream_text(llm: Any, prompt: Any, params: Any) -> Iterator[Any]:
 
 def _stats_line(tokens: int, seconds: float, finish: str | None) -> str:
     rate = tokens / seconds if seconds > 0 else 0.0
-    return f"[{tokens} tokens in {seconds:.2f} s, {rate:.1f} tok/s, finish: {finish}]\n"
+    return f"[{tokens} tokens in {seconds:.2f} s, {rate:.1f} tokens/s, finish: {finish}]\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +295,12 @@ def _stats_line(tokens: int, seconds: float, finish: str | None) -> str:
 
 @app.command(no_args_is_help=True)
 def generate(
-    args: Annotated[list[str], typer.Argument(metavar="[MODEL] PROMPT", show_default=False,
-                                              help="Optional GGUF file, then the prompt ('-' reads stdin).")],
+    args: Annotated[list[str] | None, typer.Argument(metavar="[MODEL] PROMPT", show_default=False,
+                                                     help="Optional GGUF file, then the prompt ('-' reads stdin).")]
+    = None,
     model: ModelOpt = None,
+    file: Annotated[str | None, typer.Option("--file", "-f", show_default=False,
+                                             help="Read the prompt from this file ('-' = stdin).")] = None,
     max_tokens: MaxTokens = 128,
     temperature: Temperature = 0.8,
     top_k: TopK = 40,
@@ -248,8 +312,9 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     ignore_eos: IgnoreEos = False,
-    stream: Annotated[bool, typer.Option("--stream", "-s", help="Print tokens as they are generated.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
     max_model_len: MaxModelLen = None,
+    threads: Threads = None,
     kernels: Kernels = None,
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
@@ -257,26 +322,52 @@ def generate(
     batch_invariant: BatchInvariant = None,
     quiet: Quiet = False,
 ) -> None:
-    """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT."""
-    if len(args) > 2:
+    """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT.
+
+    With -f/--file the prompt comes from the file and the one positional argument, if any, is MODEL.
+    Statistics (tokens, seconds, tokens/s) go to stderr unless -q.
+    """
+    args = list(args or [])
+    usage = f"usage: {PROG} generate [MODEL] PROMPT, or {PROG} generate [MODEL] -f FILE"
+    if file is not None:
+        if len(args) > 1:
+            raise CLIError(f"with --file the only positional argument is MODEL, got {len(args)} ({usage})")
+        if args:
+            if model is not None:
+                raise CLIError("MODEL given twice (as --model and as an argument)")
+            model = args[0]
+        if file == "-":
+            prompt = sys.stdin.read()
+        else:
+            if not os.path.isfile(file):
+                raise CLIError(f"{file}: no such file" if not os.path.isdir(file) else f"{file}: is a directory")
+            with open(file, encoding="utf-8") as fh:
+                prompt = fh.read()
+    elif len(args) > 2:
         raise CLIError(f"expected [MODEL] PROMPT, got {len(args)} arguments (quote the prompt)")
-    if len(args) == 2:
+    elif len(args) == 2:
         if model is not None:
             raise CLIError("MODEL given twice (as --model and as an argument)")
         model, prompt = args
+    elif not args:
+        raise CLIError(f"no prompt given ({usage})")
     else:
         (prompt,) = args
-        if model is None and prompt.endswith(".gguf") and os.path.isfile(prompt):
-            raise CLIError(f"no prompt given (usage: {PROG} generate [MODEL] PROMPT)")
-    if prompt == "-":
+        if model is None and prompt.endswith(".gguf"):
+            if not os.path.exists(prompt):
+                raise CLIError(f"{prompt}: no such file")
+            if os.path.isfile(prompt):
+                raise CLIError(f"no prompt given ({usage})")
+    if prompt == "-" and file is None:
         prompt = sys.stdin.read()
     if not prompt:
         raise CLIError("the prompt is empty")
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
+    _set_threads(threads)
     llm = _load(model, max_model_len, kernels, quiet, device=device, gpu_memory_utilization=gpu_memory_utilization,
                 enforce_eager=enforce_eager, batch_invariant=batch_invariant)
-    show_stats = not quiet and sys.stderr.isatty()
+    show_stats = not quiet  # on stderr also when it is a file or a pipe, like llama.cpp's timings
     t0 = time.perf_counter()
     if stream:
         info: dict = {}
@@ -346,6 +437,7 @@ def chat(
     stop: Stop = None,
     ignore_eos: IgnoreEos = False,
     max_model_len: MaxModelLen = None,
+    threads: Threads = None,
     kernels: Kernels = None,
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
@@ -364,6 +456,7 @@ def chat(
         raise CLIError("MODEL given twice (as --model and as an argument)")
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
+    _set_threads(threads)
     llm = _load(model_arg or model, max_model_len, kernels, quiet, device=device,
                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                 batch_invariant=batch_invariant)
@@ -573,29 +666,51 @@ def inspect(
 def serve(
     model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", show_default=False,
                                                     help="GGUF file (default: the embedded model).")] = None,
-    model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="MOESERVE_MODEL", show_default=False,
+                                              help="GGUF file (default: the embedded model; env MOESERVE_MODEL).")]
+    = None,
+    host: Annotated[str, typer.Option(envvar="MOESERVE_HOST", help="Address to listen on (env MOESERVE_HOST).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="MOESERVE_PORT", help="Port to listen on (env MOESERVE_PORT).", min=1,
+                                      max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="MOESERVE_API_KEY", show_default=False,
                                                 help="Require 'Authorization: Bearer KEY' (env MOESERVE_API_KEY).")]
     = None,
-    served_model_name: Annotated[str | None, typer.Option(show_default=False,
-                                                          help="Model id in the API (default: file name).")] = None,
-    max_model_len: MaxModelLen = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        envvar="MOESERVE_SERVED_MODEL_NAME", show_default=False,
+        help="Model id in the API (default: file name; env MOESERVE_SERVED_MODEL_NAME).")] = None,
+    max_model_len: Annotated[int | None, typer.Option("--ctx-size", "-c", "--max-model-len", show_default=False,
+                                                      envvar="MOESERVE_MAX_MODEL_LEN",
+                                                      help=_CTX_HELP + " (env MOESERVE_MAX_MODEL_LEN)")] = None,
+    threads: Threads = None,
     kernels: Kernels = None,
     device: Device = None,
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     batch_invariant: BatchInvariant = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together (default 32).",
-                                                     show_default=False)] = None,
-    kv_cache_memory: Annotated[str | None, typer.Option(help="KV pool budget, e.g. 2GiB.", show_default=False)] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    max_num_seqs: Annotated[int | None, typer.Option(envvar="MOESERVE_MAX_NUM_SEQS", min=1, show_default=False,
+                                                     help="Sequences decoded together (default 32; env "
+                                                          "MOESERVE_MAX_NUM_SEQS).")] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(envvar="MOESERVE_KV_CACHE_MEMORY", show_default=False,
+                                                        help="KV pool budget, e.g. 2GiB (env "
+                                                             "MOESERVE_KV_CACHE_MEMORY).")] = None,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        "--allowed-origins", envvar="MOESERVE_ALLOWED_ORIGINS", show_default=False,
+        help="Enable CORS for these origins (repeatable or comma-separated; '*' for any; env "
+             "MOESERVE_ALLOWED_ORIGINS).")] = None,
+    log_level: Annotated[str, typer.Option(envvar="MOESERVE_LOG_LEVEL", help="Log level (env MOESERVE_LOG_LEVEL).")]
+    = "info",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No startup banner on stderr.")] = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API."""
+    """Serve a model over an OpenAI-compatible HTTP API.
+
+    The server answers at once; /health says 503 {"status": "loading"} until the model is loaded, then 200.
+    A banner on stderr then names the model, its weight types, the context, the KV pool, the kernels and the URL.
+    """
     if model_arg is not None and model is not None:
         raise CLIError("MODEL given twice (as --model and as an argument)")
     path = _model_path(model_arg or model)
+    _check_ctx(path, max_model_len, read_header=True)
     levels = ("critical", "error", "warning", "info", "debug", "trace")
     if log_level.lower() not in levels:
         raise CLIError(f"--log-level {log_level!r}: expected one of {', '.join(levels)}")
@@ -607,6 +722,8 @@ def serve(
             parse_memory(kv_cache_memory)
         except ValueError as exc:
             raise CLIError(f"--kv-cache-memory: {exc}") from None
+    origins = [o.strip() for item in allowed_origins or [] for o in item.split(",") if o.strip()] or None
+    _set_threads(threads)
     from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
 
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
@@ -614,8 +731,13 @@ def serve(
                                            gpu_memory_utilization=gpu_memory_utilization,
                                            enforce_eager=enforce_eager,
                                            batch_invariant=batch_invariant).items() if v is not None}
+    extra: dict[str, Any] = {}
+    if origins:
+        extra["allowed_origins"] = origins
+    if quiet:
+        extra["quiet"] = True
     run(path, host=host, port=port, api_key=api_key, served_model_name=served_model_name, log_level=log_level,
-        **engine_kwargs)
+        **extra, **engine_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,7 +752,7 @@ def bench(
     model: ModelOpt = None,
     n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", min=0, help="Prompt tokens (pp test).")] = 512,
     n_gen: Annotated[int, typer.Option("-n", "--n-gen", min=0, help="Generated tokens (tg test).")] = 128,
-    threads: Annotated[int, typer.Option("-t", "--threads", min=1, help="CPU threads.")] = 2,
+    threads: Threads = None,
     reps: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Repetitions of each test.")] = 3,
     kernels: Kernels = None,
     device: Device = None,
@@ -647,6 +769,7 @@ def bench(
         raise CLIError("nothing to measure: -p and -n are both 0")
     from moeserve.bench import format_table, run_bench
 
+    threads = threads or default_threads()
     result = run_bench(_model_path(model_arg or model), n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps,
                        kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty(), device=device,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,

@@ -170,7 +170,6 @@ def test_stop_strings(server: Server) -> None:
     ({"max_tokens": -1}, "max_tokens"),
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
-    ({"model": "no-such-model"}, "no-such-model"),
     ({"prompt": "ab " * 400}, "256"),
 ])
 def test_invalid_requests_get_400(server: Server, kwargs: dict, needle: str) -> None:
@@ -180,6 +179,13 @@ def test_invalid_requests_get_400(server: Server, kwargs: dict, needle: str) -> 
     assert err.value.status_code == 400 and needle in err.value.message
     with pytest.raises(openai.BadRequestError):
         server.client().chat.completions.create(model=MODEL, messages=[{"role": "user"}], max_tokens="x")
+
+
+def test_unknown_model_gets_404(server: Server) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        server.client().completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    assert err.value.status_code == 404 and "no-such-model" in err.value.message
+    assert err.value.code == "model_not_found"
 
 
 def test_disconnects_abort_and_free_blocks(server: Server) -> None:

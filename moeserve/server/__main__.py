@@ -30,9 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--allowed-origins", action="append", default=None,
+                    help="enable CORS for this origin (repeatable, or comma-separated; '*' for any)")
+    ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no startup banner")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, a.threads))
+    origins = [o.strip() for item in a.allowed_origins or [] for o in item.split(",") if o.strip()] or None
     run(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
-        log_level=a.log_level, max_model_len=a.max_model_len, kernels=a.kernels, num_kv_blocks=a.num_kv_blocks,
+        log_level=a.log_level, allowed_origins=origins, quiet=a.quiet, max_model_len=a.max_model_len,
+        kernels=a.kernels, num_kv_blocks=a.num_kv_blocks,
         kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
         device=a.device, gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager)

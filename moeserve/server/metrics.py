@@ -6,12 +6,13 @@ than how quickly the event loop got round to sending bytes. Everything the engin
 counts (queue depth, running sequences, KV blocks, tokens, prefix-cache hits, preemptions,
 finished requests) is read from `EngineStats` at scrape time by a custom collector, so there is
 one source of truth and nothing to keep in sync. Each app gets its own registry, so several
-servers (e.g. in tests) can live in one process.
+servers (e.g. in tests) can live in one process. The engine may be given as a function returning
+it (None while the model is still loading: the engine-state metrics are then absent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,12 +25,22 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 
 
+EngineRef = AsyncLLMEngine | Callable[[], AsyncLLMEngine | None]
+
+
+def _resolve(engine: EngineRef) -> AsyncLLMEngine | None:
+    return engine if isinstance(engine, AsyncLLMEngine) else engine()
+
+
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncLLMEngine, model: str) -> None:
+    def __init__(self, engine: EngineRef, model: str) -> None:
         self.engine, self.model = engine, model
 
     def collect(self) -> Iterator[Metric]:
-        s = self.engine.stats()
+        engine = _resolve(self.engine)
+        if engine is None:  # still loading
+            return
+        s = engine.stats()
         p = s.pool
         lbl = ["model_name"]
 
@@ -69,7 +80,7 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The app's registry; also the engine's `EngineObserver` for latency histograms."""
 
-    def __init__(self, engine: AsyncLLMEngine, model: str) -> None:
+    def __init__(self, engine: EngineRef, model: str) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         self.http_requests = Counter("moeserve_http_requests", "HTTP requests by endpoint and status code.",
