@@ -21,4 +21,12 @@ test: install
 fuzz: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m tests.fuzz.gguf_fuzz --cases 10000 --seed 1 --json fuzz-result.json
 
-.PHONY: install demo test fuzz
+# 64 streaming clients against a loopback server for SOAK_SECONDS (default 600), random disconnects, a KV pool
+# small enough to preempt, batch-invariant kernels (greedy outputs must equal their solo runs); then /health latency
+# under hostile requests. Hard timeout: SOAK_SECONDS + 10 minutes. Summary: soak-result.json (docs/reliability.md).
+SOAK_SECONDS ?= 600
+soak: install
+	OMP_NUM_THREADS=2 timeout --kill-after=30 $$(( $(SOAK_SECONDS) + 600 )) $(BIN)/python scripts/soak.py \
+		--seconds $(SOAK_SECONDS) --clients 64 --hostile --samples --json soak-result.json
+
+.PHONY: install demo test fuzz soak

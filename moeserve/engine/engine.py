@@ -181,8 +181,20 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.source} has no tokenizer; pass prompts as lists of token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode_text(prompt)
         return None, list(prompt)
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize a prompt, refusing first, by its size alone, one that cannot fit the context.
+
+        A text of N bytes is at least N / max_token_bytes tokens: an 8 MB prompt would otherwise cost seconds
+        of tokenizer time and a GB of its memory just to learn that it is too long."""
+        n = len(text) if len(text) > self.max_model_len * self.tokenizer.max_token_bytes else \
+            len(text.encode("utf-8", "surrogatepass"))
+        if n // self.tokenizer.max_token_bytes > self.max_model_len:
+            raise RequestError(f"prompt is at least {n} bytes, so at least {n // self.tokenizer.max_token_bytes} "
+                               f"tokens: more than the maximum context length of {self.max_model_len}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> str:

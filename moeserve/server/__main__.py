@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--batch-invariant", action="store_true", default=None,
+                    help="row-invariant kernels: a request's tokens never depend on its batch")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--allowed-origins", action="append", default=None,
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         kernels=a.kernels, num_kv_blocks=a.num_kv_blocks,
         kv_cache_memory=a.kv_cache_memory, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching,
-        device=a.device, gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager)
+        device=a.device, gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager,
+        batch_invariant=a.batch_invariant)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ class OpenAIServing:
         template = self.engine.engine.chat_template or CHATML_TEMPLATE
         messages, tools = prepare_messages([m.to_template() for m in req.messages], tools, template)
         text = self.engine.render_chat(messages, req.add_generation_prompt, tools)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.engine.engine.encode_text(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
         if (err := self.check_model(req.model)) is not None:
