@@ -462,6 +462,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         summary["rss_end_kib"] = rss_kib(server.proc.pid)
         rss = [s["rss_kib"] for s in samples if s.get("rss_kib")]
         summary["rss_peak_kib"] = max(rss) if rss else None
+        # RSS after the first quarter of the load (the server has by then seen 64 concurrent clients, every
+        # request kind, preemption and disconnects): growth from there to the end separates a leak from warm-up.
+        warm = [s["rss_kib"] for s in samples if s.get("rss_kib") and s["t"] >= time.time() - 0.75 * (
+            time.monotonic() - t_load)]
+        summary["rss_warm_kib"] = warm[0] if warm else None
+        summary["rss_trace_kib"] = rss[::max(1, len(rss) // 20)]
+        for key, base in (("rss_growth_pct", summary["rss_start_kib"]), ("rss_growth_after_warmup_pct", warm[0]
+                                                                          if warm else None)):
+            if base and summary["rss_end_kib"]:
+                summary[key] = round(100 * (summary["rss_end_kib"] - base) / base, 2)
         summary.update({
             "requests_started": stats.started, "requests_completed": stats.completed,
             "completed_by_kind": stats.by_kind, "disconnects": stats.disconnects,
