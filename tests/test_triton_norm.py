@@ -1,19 +1,13 @@
 """The triton backend's RMSNorm and fused QK-norm + RoPE against the reference `RMSNorm` and `QKVRope`.
 
-Without a GPU the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
-before triton is imported, hence the order below).
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1 before triton is imported).
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
+import torch
 
 pytest.importorskip("triton")
 

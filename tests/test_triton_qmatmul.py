@@ -14,15 +14,9 @@ Without a GPU the kernels run under Triton's interpreter on CPU tensors.
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch
 
 pytest.importorskip("triton")
 

@@ -7,8 +7,8 @@ shape fixed, so:
 
 * the step's ids, positions, slots, sequence lengths and block tables live in one static device buffer,
   filled by one host-to-device copy per step;
-* a batch of n decode rows runs in the smallest captured bucket >= n (1, 2, 4, 8, 16, 32, 48, 64, 96,
-  128, ...), and the padding rows decode token 0 at position 0 into the pool's scratch block, so they
+* a batch of n decode rows runs in the smallest captured bucket >= n (1, 2, 4, 8, 16, 24, 32, 48, 64,
+  96, 128, ...), and the padding rows decode token 0 at position 0 into the pool's scratch block, so they
   never touch a real sequence's keys;
 * the captured graphs share one memory pool, largest first, so they cost about one forward's activations.
 

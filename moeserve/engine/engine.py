@@ -189,8 +189,9 @@ class LLMEngine:
 
         A text of N bytes is at least N / max_token_bytes tokens: an 8 MB prompt would otherwise cost seconds
         of tokenizer time and a GB of its memory just to learn that it is too long."""
-        n = len(text) if len(text) > self.max_model_len * self.tokenizer.max_token_bytes else \
-            len(text.encode("utf-8", "surrogatepass"))
+        n = len(text)  # characters: a lower bound of the bytes, enough to refuse most oversized texts
+        if n <= self.max_model_len * self.tokenizer.max_token_bytes:
+            n = len(text.encode("utf-8", "surrogatepass"))
         if n // self.tokenizer.max_token_bytes > self.max_model_len:
             raise RequestError(f"prompt is at least {n} bytes, so at least {n // self.tokenizer.max_token_bytes} "
                                f"tokens: more than the maximum context length of {self.max_model_len}")

@@ -12,7 +12,7 @@ graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,15 +87,15 @@ class ModelRunner:
 
     def forward_full(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one sequence from position 0, touching no cache (reentrant)."""
-        if len(ids) > self.model.max_positions:
-            raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
-        meta = no_cache_metadata([len(ids)], self.device)
-        return self.model.forward(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
+        return self._full(ids, self.model.forward)
 
     def hidden_full(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 [len(ids), hidden] final-norm hidden states of one sequence, touching no cache (embeddings)."""
+        return self._full(ids, self.model.hidden_states)
+
+    def _full(self, ids: Sequence[int], fn: Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]) -> torch.Tensor:
         if len(ids) > self.model.max_positions:
             raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
         meta = no_cache_metadata([len(ids)], self.device)
-        return self.model.hidden_states(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
+        return fn(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
 

@@ -197,7 +197,12 @@ def _host_any(value: float | torch.Tensor | list[float] | list[int], pred: Calla
     never waits for the GPU before the one copy of the sampled ids (a tensor is reduced on its device)."""
     if isinstance(value, torch.Tensor):
         return bool(pred(value).any())  # type: ignore[arg-type]
-    return any(pred(v) for v in (value if isinstance(value, list) else [value]))
+    return any(pred(v) for v in _host_values(value))
+
+
+def _host_values(value: float | list[float] | list[int]) -> list:
+    """A scalar or per-row list of host values, as a list."""
+    return value if isinstance(value, list) else [value]
 
 
 def _per_row(
@@ -320,7 +325,7 @@ def apply_top_k(logits: torch.Tensor, top_k: int | list[int]) -> torch.Tensor:
     if isinstance(top_k, torch.Tensor):
         largest = int(k.max())
     else:
-        largest = max(v for v in (top_k if isinstance(top_k, list) else [top_k]) if 0 < v < vocab)
+        largest = max(v for v in _host_values(top_k) if 0 < v < vocab)
     top_vals = torch.topk(logits, largest, dim=-1).values  # sorted descending
     threshold = top_vals.gather(1, k - 1)
     threshold = torch.where(active, threshold, torch.full_like(threshold, float("-inf")))

@@ -111,9 +111,10 @@ class Backend(ABC):
     @abstractmethod
     def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear: ...
 
-    @abstractmethod
     def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
-             freq_factors: torch.Tensor | None = None) -> Rope: ...
+             freq_factors: torch.Tensor | None = None) -> Rope:
+        """The cos/sin tables on this backend's device (its q/k kernels read them)."""
+        return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
 
     @abstractmethod
     def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
@@ -141,6 +142,6 @@ class Backend(ABC):
     @abstractmethod
     def embedding(self, w: PackedTensor) -> Embedding: ...
 
-    @abstractmethod
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Row-wise argmax of float32 logits [R, V] (greedy sampling): the first maximum, NaN wins."""
+        return torch.argmax(x, dim=-1)

@@ -68,10 +68,6 @@ class ReferenceBackend(Backend):
     def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
         return ReferenceLinear(self.place(w), bias)
 
-    def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
-             freq_factors: torch.Tensor | None = None) -> Rope:
-        return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
-
     def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
             rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVRope:
         return QKVRope(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
@@ -90,6 +86,3 @@ class ReferenceBackend(Backend):
 
     def embedding(self, w: PackedTensor) -> EmbeddingRows:
         return EmbeddingRows(self.place(w))
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(x, dim=-1)

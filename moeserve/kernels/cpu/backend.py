@@ -283,10 +283,6 @@ class CpuBackend(Backend):
     def mlp(self, gate: Linear, up: Linear, down: Linear) -> Any:
         return RowMLP(gate, up, down) if self.batch_invariant else super().mlp(gate, up, down)
 
-    def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
-             freq_factors: torch.Tensor | None = None) -> Rope:
-        return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
-
     def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
             rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVRope | native.QKVRope:
         norm_rope = native.NormRope(rope, eps)

@@ -58,10 +58,6 @@ class TritonBackend(Backend):
 
         return TritonLinear(self.upload(w), bias)
 
-    def rope(self, rope_dim: int, theta: float, neox: bool, max_positions: int,
-             freq_factors: torch.Tensor | None = None) -> Rope:
-        return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
-
     def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
             rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):  # noqa: ANN201
         from moeserve.kernels.triton.norm import TritonQKV
@@ -95,6 +91,3 @@ class TritonBackend(Backend):
 
     def embedding(self, w: PackedTensor) -> EmbeddingRows:
         return EmbeddingRows(self.place(w))  # gathers and dequantizes only the step's rows, on the device
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(x, dim=-1)

@@ -125,6 +125,8 @@ class TritonQKV(QKVRope):
         self.hd_pad = _pow2(head_dim)
         # a [heads, head_dim] tile of up to ~2K elements per program
         self.block_h = min(_pow2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
+        self.fused: Linear | None = None  # q|k(|v) in one linear, once `stack` is called
+        self.fused_v = False
 
     def stack(self, fused: Linear, with_v: bool) -> None:
         """Project q and k (and v, `with_v`) with one `fused` linear whose output is theirs side by side; the
@@ -135,7 +137,7 @@ class TritonQKV(QKVRope):
             self.wv = None  # type: ignore[assignment]
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if getattr(self, "fused", None) is None:
+        if self.fused is None:
             return super().project(h)
         T, nq, nk = h.shape[0], self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         y = self.fused(h)  # views of one [T, nq + nk (+ nv)] output: the kernel below reads them strided
