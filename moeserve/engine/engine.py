@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeserve.engine.distributed import Driver
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
 from moeserve.engine.runner import ModelRunner
@@ -121,13 +122,14 @@ class LLMEngine:
     """The continuous-batching engine over one model: validation, scheduling, the runner, sampling."""
 
     def __init__(self, model: Decoder, tokenizer: Any = None, config: EngineConfig | None = None, *,
-                 source: str = "the model", chat_template: str | None = None) -> None:
+                 source: str = "the model", chat_template: str | None = None, driver: Driver | None = None) -> None:
         """`model` fixes the context (`max_model_len` = its RoPE positions) and brings its backend's greedy
         kernel; `tokenizer` may be None (then prompts are token ids); `source` names the model in errors;
-        `chat_template` is the GGUF's Jinja template (ChatML when None)."""
+        `chat_template` is the GGUF's Jinja template (ChatML when None); `driver`: rank 0 of a parallel group
+        (`engine/distributed.py`), which sends every step to the other ranks."""
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or EngineConfig(), source
         self.chat_template = chat_template
-        c, cfg = self.config, model.config
+        c, cfg = self.config, model.cache_config  # the KV pool holds this rank's KV heads
         if c.batch_invariant and not getattr(model, "batch_invariant", False):
             raise RequestError("batch_invariant needs a model loaded with batch-invariant kernels "
                                "(LLM(..., batch_invariant=True), or select_backend(..., batch_invariant=True))")
@@ -147,10 +149,12 @@ class LLMEngine:
         if num_blocks < 1:
             raise RequestError(f"the KV cache budget {c.kv_cache_memory!r} holds no block of "
                                f"{KVPool.bytes_per_block(cfg, dtype)} bytes")
+        if driver is not None:
+            driver.start(num_blocks, dtype)  # every rank's pool: the same blocks, its own heads
         self.pool = KVPool(cfg, num_blocks, dtype, model.device)
         self.allocator = BlockAllocator(num_blocks, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, self.allocator, c.max_num_seqs, c.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool, c.max_num_seqs, c.enforce_eager)
+        self.runner = ModelRunner(model, self.pool, c.max_num_seqs, c.enforce_eager, driver)
         self.sampler = Sampler(model.argmax)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()

@@ -21,6 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeserve.engine.distributed import (
+    Driver,
+    ParallelConfig,
+    Workers,
+    WorkerSpec,
+    free_port,
+    join,
+    leave,
+    torchrun_env,
+)
 from moeserve.engine.engine import EngineConfig, EngineStats, LLMEngine, Prompt
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import SamplingParams
@@ -29,6 +39,7 @@ from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
 from moeserve.kernels.select import batch_invariant_requested, requested, select_backend
 from moeserve.model.decoder import load_decoder
+from moeserve.model.parallel import Shard
 
 __all__ = ["LLM", "Prompt", "default_model_path"]
 
@@ -61,7 +72,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, in_memory: bool | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 batch_invariant: bool | None = None) -> None:
+                 batch_invariant: bool | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
+                 split_attention: bool = True, parallel_timeout: float = 60.0) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
         `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: cpu on a CPU, triton on a GPU), 'cpu', 'triton',
@@ -75,7 +87,15 @@ class LLM:
         `batch_invariant` (default: `$MOESERVE_BATCH_INVARIANT=1`, else off) loads row-invariant kernels: a request
         then gets bitwise the same logits, hence the same greedy tokens, alone or batched with any others, at the
         cost of the GEMMs' prefill speed (the cpu backend only; see README "Kernel backends").
+        `tensor_parallel_size` > 1 splits the model over that many processes (this one is rank 0; the others are
+        started here, or by torchrun): attention heads and every expert's FFN are cut across ranks, or whole
+        experts with `expert_parallel`; `split_attention=False` keeps attention whole on every rank;
+        `parallel_timeout` bounds every collective (seconds). See `engine/distributed.py`; `close()` stops them.
         """
+        self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+        self.parallel.validate()
+        self._workers: Workers | None = None
+        self._driver: Driver | None = None
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
                                           enforce_eager, batch_invariant_requested(batch_invariant))
@@ -88,16 +108,22 @@ class LLM:
         try:
             self.file = GGUFFile(self.path)
             self.config = load_config(self.file)
-            if in_memory is None:  # default: only when the copy fits comfortably (else the lazy map, no OOM)
+            if in_memory is None:  # default: only when the copy fits comfortably (else the lazy map, no OOM);
+                # never for one rank of several, which reads only its slices
                 in_memory = (self.device.type == "cpu" and os.environ.get("MOESERVE_MMAP", "0") != "1"
+                             and self.parallel.tensor_parallel_size == 1
                              and os.path.getsize(self.path) < 0.8 * _available_memory())
             if in_memory:
                 self.file.read_into_memory(progress=progress)
             self.max_model_len = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
-            self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len)
+            shard = self._start_group(kernels) if self.parallel.tensor_parallel_size > 1 else None
+            self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len,
+                                      shard=shard)
         except (MoeServeError, MemoryError, KeyboardInterrupt):
+            self.close()
             raise
         except Exception as exc:  # a check we do not have yet: still one line naming the file
+            self.close()
             raise GGUFError(f"{self.path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
         self.tokenizer = self._load_tokenizer()
         self.engine = self.make_engine(self.engine_config)
@@ -112,9 +138,49 @@ class LLM:
         return Tokenizer.from_metadata(self.file.metadata, source=self.path)
 
     def make_engine(self, config: EngineConfig | None = None) -> LLMEngine:
-        """A new engine (its own KV pool and scheduler) over this model, e.g. with other pool or batch limits."""
+        """A new engine (its own KV pool and scheduler) over this model, e.g. with other pool or batch limits.
+        With several ranks there is one engine at a time: the workers' pools follow the newest."""
         return LLMEngine(self.model, self.tokenizer, config or self.engine_config, source=self.path,
-                         chat_template=self.file.metadata.get("tokenizer.chat_template"))
+                         chat_template=self.file.metadata.get("tokenizer.chat_template"), driver=self._driver)
+
+    # -- parallel group ---------------------------------------------------------------------
+    def _start_group(self, kernels: str | None) -> Shard:
+        """Join (and, unless torchrun started them, start) the other ranks; this process is rank 0."""
+        size = self.parallel.tensor_parallel_size
+        env = torchrun_env()
+        if env is not None:
+            rank, world = env
+            if world != size or rank != 0:
+                raise MoeServeError(f"torchrun started {world} ranks (this is rank {rank}); --tensor-parallel-size "
+                                    f"is {size}: they must match, and only rank 0 builds the LLM (the others run "
+                                    "moeserve.engine.distributed.worker_main)")
+            init = "env://"
+        else:
+            init = f"tcp://127.0.0.1:{free_port()}"
+            spec = WorkerSpec(self.path, kernels, str(self.device), self.max_model_len, self.parallel)
+            self._workers = Workers(spec, size, init)
+        if self.parallel.threads is None and torch.get_num_threads() > 1:  # the cores are shared by the ranks
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        group = join(0, size, self.parallel, self.device, init, self._workers)
+        self._driver = Driver(group)
+        return group.shard
+
+    def close(self) -> None:
+        """Stop the other ranks of a parallel group (nothing to do in one process). Idempotent."""
+        if self._driver is not None:
+            self._driver.stop()
+        if self._workers is not None:
+            self._workers.join()
+            self._workers = None
+        if self._driver is not None:
+            self._driver = None
+            leave()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def warmup(self) -> None:
         """Run a tiny prefill and decode through the engine so the first real request pays no one-time costs."""

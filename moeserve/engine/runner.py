@@ -18,10 +18,69 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.engine.cuda_graphs import DecodeGraphs
+from moeserve.engine.distributed import FULL, HIDDEN, STEP, Driver
 from moeserve.engine.paged_cache import KVPool, blocks_for
 from moeserve.engine.scheduler import Chunk
 from moeserve.kernels.metadata import AttentionMetadata, no_cache_metadata
 from moeserve.model.decoder import Decoder
+
+
+@dataclass
+class HostStep:
+    """One step as host lists: what `prepare` turns into tensors, and what rank 0 sends to the other ranks."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    starts: list[int]  # query start offset of each sequence, and the total
+    contexts: list[int]  # tokens already cached before this step, per sequence
+    lens: list[int]  # tokens in the sequence after this step
+    tables: list[list[int]]  # the KV blocks each sequence's attention reads
+    rows: list[int]  # the rows whose logits are sampled
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk], max_positions: int) -> HostStep:
+        """Flatten the step's chunks (host loops here, none in the forward)."""
+        h = cls([], [], [], [0], [], [], [], [])
+        for c in chunks:
+            st, end = c.state, c.start + c.length
+            if end > max_positions:
+                raise RuntimeError(f"position {end - 1} is past the model's {max_positions} positions")
+            h.ids.extend(st.tokens(c.start, end))
+            h.positions.extend(range(c.start, end))
+            h.slots.extend(st.kv.slots(c.start, end))
+            h.starts.append(len(h.ids))
+            h.contexts.append(c.start)
+            h.lens.append(end)
+            h.tables.append(st.kv.blocks[:blocks_for(end)])
+            if c.samples:
+                h.rows.append(len(h.ids) - 1)
+        return h
+
+    def pack(self) -> list[int]:
+        """One flat list of ints: [T, n, R, ids, positions, slots, starts, contexts, lens, rows, tables...]."""
+        out = [len(self.ids), len(self.lens), len(self.rows)]
+        for part in (self.ids, self.positions, self.slots, self.starts, self.contexts, self.lens, self.rows):
+            out += part
+        for t in self.tables:
+            out += t
+        return out
+
+    @classmethod
+    def unpack(cls, flat: list[int]) -> HostStep:
+        T, n, R = flat[:3]
+        i = 3
+        parts = []
+        for size in (T, T, T, n + 1, n, n, R):
+            parts.append(flat[i:i + size])
+            i += size
+        lens = parts[5]
+        tables = []
+        for length in lens:
+            b = blocks_for(length)
+            tables.append(flat[i:i + b])
+            i += b
+        return cls(*parts[:6], tables, parts[6])
 
 
 @dataclass
@@ -34,11 +93,13 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int = 1, enforce_eager: bool = False) -> None:
-        self.model, self.pool = model, pool
+    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int = 1, enforce_eager: bool = False,
+                 driver: Driver | None = None) -> None:
+        """`driver`: on rank 0 of a parallel group, sends each step to the other ranks before running it."""
+        self.model, self.pool, self.driver = model, pool, driver
         self.device = pool.device
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and model.graph_safe and not enforce_eager:
+        if self.device.type == "cuda" and model.graph_safe and not enforce_eager and driver is None:
             try:
                 self.graphs = DecodeGraphs(model, pool, max_num_seqs)
                 self.graphs.capture()
@@ -49,41 +110,35 @@ class ModelRunner:
 
     def prepare(self, chunks: Sequence[Chunk]) -> StepInput:
         """Flatten the step's chunks and describe them for attention (host loops here, none in the forward)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts, contexts, lens, tables, rows = [0], [], [], [], []
-        for c in chunks:
-            st, end = c.state, c.start + c.length
-            if end > self.model.max_positions:
-                raise RuntimeError(f"position {end - 1} is past the model's {self.model.max_positions} positions")
-            ids.extend(st.tokens(c.start, end))
-            positions.extend(range(c.start, end))
-            slots.extend(st.kv.slots(c.start, end))
-            starts.append(len(ids))
-            contexts.append(c.start)
-            lens.append(end)
-            tables.append(st.kv.blocks[:blocks_for(end)])
-            if c.samples:
-                rows.append(len(ids) - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [t[0]] * (width - len(t)) for t in tables]
+        return self.to_device(HostStep.of(chunks, self.model.max_positions))
+
+    def to_device(self, h: HostStep) -> StepInput:
         dev = self.device
+        width = max(len(t) for t in h.tables)
+        padded = [t + [t[0]] * (width - len(t)) for t in h.tables]
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev), query_start=starts,
-            context_lens=contexts, seq_lens=torch.tensor(lens, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=dev), block_lists=tables,
-            kv=self.pool.tensors, query_start_t=torch.tensor(starts, dtype=torch.int32, device=dev))
-        return StepInput(torch.tensor(ids, dtype=torch.long, device=dev), meta,
-                         torch.tensor(rows, dtype=torch.long, device=dev))
+            positions=torch.tensor(h.positions, dtype=torch.long, device=dev), query_start=h.starts,
+            context_lens=h.contexts, seq_lens=torch.tensor(h.lens, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(h.slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=dev), block_lists=h.tables,
+            kv=self.pool.tensors, query_start_t=torch.tensor(h.starts, dtype=torch.int32, device=dev))
+        return StepInput(torch.tensor(h.ids, dtype=torch.long, device=dev), meta,
+                         torch.tensor(h.rows, dtype=torch.long, device=dev))
+
+    def run(self, h: HostStep) -> torch.Tensor:
+        """The forward of a flattened step (a parallel group's workers replay rank 0's steps through this)."""
+        step = self.to_device(h)
+        return self.model.forward(step.ids, step.meta, step.logit_rows)
 
     def execute(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """Run one scheduled step (its k/v land in the pool); float32 logits of the sampling rows."""
         if self.graphs is not None and self.graphs.fits(chunks):
             return self.graphs.run(chunks)
-        step = self.prepare(chunks)
-        return self.model.forward(step.ids, step.meta, step.logit_rows)
+        h = HostStep.of(chunks, self.model.max_positions)
+        if self.driver is None:
+            return self.run(h)
+        with self.driver.step(STEP, h.pack()):  # the other ranks replay the same step
+            return self.run(h)
 
     def forward_full(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one sequence from position 0, touching no cache (reentrant)."""
@@ -96,6 +151,14 @@ class ModelRunner:
     def _full(self, ids: Sequence[int], fn: Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]) -> torch.Tensor:
         if len(ids) > self.model.max_positions:
             raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
+        if self.driver is None:
+            return self.full(ids, fn is self.model.hidden_states)
+        with self.driver.step(HIDDEN if fn is self.model.hidden_states else FULL, list(ids)):
+            return self.full(ids, fn is self.model.hidden_states)
+
+    def full(self, ids: Sequence[int], hidden: bool = False) -> torch.Tensor:
+        """One sequence from position 0 with no cache: logits, or final hidden states when `hidden`."""
         meta = no_cache_metadata([len(ids)], self.device)
-        return fn(torch.tensor(list(ids), dtype=torch.long, device=self.device), meta)
+        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        return self.model.hidden_states(x, meta) if hidden else self.model.forward(x, meta)
 

@@ -62,9 +62,14 @@ class Attention(Protocol):
 
 
 class MoEBlock(Protocol):
-    """`h [T, H] -> out [T, H]` float32: router, top-k, experts (SwiGLU) and their weighted sum."""
+    """`h [T, H] -> out [T, H]` float32: router, top-k, experts (SwiGLU) and their weighted sum.
+
+    `mix(h, weights [T, j], experts [T, j])` is the weighted sum alone, for routing decided elsewhere
+    (an expert-parallel rank routes over all experts and mixes the pairs that land on its own)."""
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor: ...
 
 
 class MLPBlock(Protocol):

@@ -82,3 +82,8 @@ class GroupedMoE:
         with stage("router"):
             weights, experts = route(self.router(h), self.top_k, self.renormalize)
         return grouped_moe(h, weights, experts, self.n_experts, self.expert)
+
+    def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum for routing decided elsewhere (an expert-parallel rank routes over all
+        experts and mixes the pairs of its own): weights/experts [T, j] -> out [T, H] float32."""
+        return grouped_moe(h, weights, experts, self.n_experts, self.expert)

@@ -9,22 +9,42 @@ backend here, once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from moeserve.gguf.config import ModelConfig, load_config
-from moeserve.gguf.reader import GGUFFile
+from moeserve.gguf.reader import GGUFFile, PackedTensor
 from moeserve.kernels.backend import Backend, Embedding, Linear, MLPBlock, MoEBlock, Norm
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.model.layers import Attention, Block
+from moeserve.model.parallel import (
+    ExpertParallelMoE,
+    Reduced,
+    Shard,
+    VocabEmbedding,
+    VocabHead,
+    ZeroFFN,
+    col_unit,
+    held_bytes,
+    plan_heads,
+    split,
+    take_cols,
+    take_rows,
+)
 from moeserve.profiler import stage
 
 
 class Decoder:
     def __init__(self, config: ModelConfig, embed: Embedding, blocks: list[Block], norm: Norm, lm_head: Linear,
                  max_positions: int, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor],
-                 graph_safe: bool = False, batch_invariant: bool = False) -> None:
+                 graph_safe: bool = False, batch_invariant: bool = False, kv_heads: int | None = None,
+                 shard: Shard | None = None) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
+        self.shard = shard or Shard()  # this process's place in a parallel group (rank 0 of 1 when alone)
+        # the KV pool's shape: this rank's KV heads (all of them unless attention is split over ranks)
+        self.cache_config = replace(config, n_kv_heads=kv_heads) if kv_heads not in (None, config.n_kv_heads) \
+            else config
         self.max_positions = max_positions  # the RoPE tables' length: no position may reach it
         self.device = device  # where activations and the KV pool live
         self.argmax = argmax  # the backend's greedy kernel, for the sampler
@@ -55,46 +75,114 @@ class Decoder:
 
 
 def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = None,
-                 max_positions: int = 4096) -> Decoder:
-    """Wire the packed tensors of `f` into a Decoder of `backend`'s kernels, validating every tensor."""
+                 max_positions: int = 4096, shard: Shard | None = None) -> Decoder:
+    """Wire the packed tensors of `f` into a Decoder of `backend`'s kernels, validating every tensor.
+
+    With a `shard` of a parallel group, only this rank's slices are taken (`model/parallel.py`) and the
+    kernels that end a split are wrapped with their collective; the layers' forward does not change."""
     cfg = config or load_config(f)
+    sh = shard or Shard()
     H, hd, nh, nkv, eps = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps
+    held: list[PackedTensor | torch.Tensor] = []
 
-    def vector(name: str, size: int) -> torch.Tensor:
-        return backend.vector(f.tensor(name, (size,)))
+    def tensor(name: str, shape: tuple[int, ...]) -> PackedTensor:
+        return f.tensor(name, shape)
 
-    def linear(name: str, out: int, inp: int, bias: bool = False) -> Linear:
-        b = vector(name.replace(".weight", ".bias"), out) if bias else None
-        return backend.linear(f.tensor(name, (out, inp)), b)
+    def vector(name: str, size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        v = backend.vector(f.tensor(name, (size,)))[lo:hi]
+        held.append(v)
+        return v
+
+    def packed(w: PackedTensor) -> PackedTensor:
+        held.append(w)
+        return w
+
+    def rows_linear(name: str, out: int, inp: int, lo: int, hi: int, bias: bool = False) -> Linear:
+        """Output rows [lo, hi) of a (out, inp) matrix (all of them when not split)."""
+        w = tensor(name, (out, inp))
+        b = vector(name.replace(".weight", ".bias"), out, lo, hi) if bias else None
+        return backend.linear(packed(take_rows(w, lo, hi) if (lo, hi) != (0, out) else w), b)
 
     freq_factors = f.tensor("rope_freqs.weight", (cfg.rope_dim // 2,)).dequantize() \
         if f.has("rope_freqs.weight") else None
     rope = backend.rope(cfg.rope_dim, cfg.rope_theta, cfg.rope_neox, max_positions, freq_factors)
+    plan = None
+    if sh.parallel:
+        plan = plan_heads(nh, nkv, hd, col_unit(tensor("blk.0.attn_output.weight", (H, nh * hd))), sh)
+    sh.attention_split = plan is not None
+    q0, q1, k0, k1 = (plan.q0, plan.q1, plan.k0, plan.k1) if plan else (0, nh, 0, nkv)
     blocks = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         qkv = backend.qkv(
-            linear(p + "attn_q.weight", nh * hd, H, cfg.qkv_bias),
-            linear(p + "attn_k.weight", nkv * hd, H, cfg.qkv_bias),
-            linear(p + "attn_v.weight", nkv * hd, H, cfg.qkv_bias),
+            rows_linear(p + "attn_q.weight", nh * hd, H, q0 * hd, q1 * hd, cfg.qkv_bias),
+            rows_linear(p + "attn_k.weight", nkv * hd, H, k0 * hd, k1 * hd, cfg.qkv_bias),
+            rows_linear(p + "attn_v.weight", nkv * hd, H, k0 * hd, k1 * hd, cfg.qkv_bias),
             vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
             vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
-            rope, nh, nkv, hd, eps)
-        attn = Attention(qkv, backend.attention(i, nh, nkv, hd, cfg.sliding_window),
-                         linear(p + "attn_output.weight", H, nh * hd))
-        if cfg.is_moe:
-            E, I = cfg.n_experts, cfg.expert_intermediate_size
-            ffn: MLPBlock | MoEBlock = backend.moe(
-                f.tensor(p + "ffn_gate_inp.weight", (E, H)), f.tensor(p + "ffn_gate_exps.weight", (E, I, H)),
-                f.tensor(p + "ffn_up_exps.weight", (E, I, H)), f.tensor(p + "ffn_down_exps.weight", (E, H, I)),
-                top_k=cfg.n_experts_used, renormalize=cfg.norm_topk_prob)
-        else:
-            F_ = cfg.intermediate_size
-            ffn = backend.mlp(linear(p + "ffn_gate.weight", F_, H), linear(p + "ffn_up.weight", F_, H),
-                              linear(p + "ffn_down.weight", H, F_))
+            rope, q1 - q0, k1 - k0, hd, eps)
+        wo = tensor(p + "attn_output.weight", (H, nh * hd))
+        o_proj: Linear = backend.linear(packed(take_cols(wo, q0 * hd, q1 * hd) if plan else wo))
+        if plan:
+            o_proj = Reduced(o_proj, sh)
+        attn = Attention(qkv, backend.attention(i, q1 - q0, k1 - k0, hd, cfg.sliding_window), o_proj)
+        ffn = _moe(f, backend, cfg, p, sh, packed) if cfg.is_moe else _mlp(f, backend, cfg, p, sh, packed)
         blocks.append(Block(backend.norm(vector(p + "attn_norm.weight", H), eps), attn,
                             backend.norm(vector(p + "ffn_norm.weight", H), eps), ffn))
-    embed = f.tensor("token_embd.weight", (cfg.vocab_size, H))
-    head = backend.linear(embed) if cfg.tied_embeddings else linear("output.weight", cfg.vocab_size, H)
-    return Decoder(cfg, backend.embedding(embed), blocks, backend.norm(vector("output_norm.weight", H), eps), head,
-                   max_positions, backend.device, backend.argmax, backend.graph_safe, backend.batch_invariant)
+    V = cfg.vocab_size
+    cuts = split(V, sh.size)
+    v0, v1 = cuts[sh.rank], cuts[sh.rank + 1]
+    embed_w = tensor("token_embd.weight", (V, H))
+    embed_local = packed(take_rows(embed_w, v0, v1)) if sh.parallel else packed(embed_w)
+    embed: Embedding = backend.embedding(embed_local)
+    if cfg.tied_embeddings:
+        head: Linear = backend.linear(embed_local)
+    else:
+        head = rows_linear("output.weight", V, H, v0, v1)
+    if sh.parallel:
+        embed = VocabEmbedding(embed, v0, v1, sh)
+        head = VocabHead(head, [b - a for a, b in zip(cuts, cuts[1:])], sh)
+    sh.held_bytes = held_bytes(*{id(t): t for t in held}.values())
+    return Decoder(cfg, embed, blocks, backend.norm(vector("output_norm.weight", H), eps), head,
+                   max_positions, backend.device, backend.argmax, backend.graph_safe and not sh.parallel,
+                   backend.batch_invariant, kv_heads=k1 - k0, shard=sh)
+
+
+def _moe(f: GGUFFile, backend: Backend, cfg: ModelConfig, p: str, sh: Shard, packed: Callable) -> MoEBlock:
+    """This rank's MoE: all experts, whole experts [e0, e1) (expert parallel), or every expert's columns cut."""
+    E, I, H = cfg.n_experts, cfg.expert_intermediate_size, cfg.hidden_size
+    router = packed(f.tensor(p + "ffn_gate_inp.weight", (E, H)))
+    gate = f.tensor(p + "ffn_gate_exps.weight", (E, I, H))
+    up = f.tensor(p + "ffn_up_exps.weight", (E, I, H))
+    down = f.tensor(p + "ffn_down_exps.weight", (E, H, I))
+    k, renorm = cfg.n_experts_used, cfg.norm_topk_prob
+    if not sh.parallel:
+        return backend.moe(router, packed(gate), packed(up), packed(down), top_k=k, renormalize=renorm)
+    if sh.expert_parallel:
+        cuts = split(E, sh.size)
+        e0, e1 = cuts[sh.rank], cuts[sh.rank + 1]
+        local = backend.moe(router, *(packed(take_rows(w, e0, e1)) for w in (gate, up, down)), top_k=k,
+                            renormalize=renorm)
+        return ExpertParallelMoE(backend.linear(router), local, e0, e1, k, renorm, sh)
+    cuts = split(I, sh.size, col_unit(down))
+    i0, i1 = cuts[sh.rank], cuts[sh.rank + 1]
+    if i0 == i1:
+        return Reduced(ZeroFFN(), sh)
+    return Reduced(backend.moe(router, packed(take_rows(gate, i0, i1, axis=1)), packed(take_rows(up, i0, i1, axis=1)),
+                               packed(take_cols(down, i0, i1)), top_k=k, renormalize=renorm), sh)
+
+
+def _mlp(f: GGUFFile, backend: Backend, cfg: ModelConfig, p: str, sh: Shard, packed: Callable) -> MLPBlock:
+    """This rank's dense SwiGLU FFN: rows of gate/up and the matching columns of down (all when not split)."""
+    F_, H = cfg.intermediate_size, cfg.hidden_size
+    gate, up = f.tensor(p + "ffn_gate.weight", (F_, H)), f.tensor(p + "ffn_up.weight", (F_, H))
+    down = f.tensor(p + "ffn_down.weight", (H, F_))
+    if not sh.parallel:
+        return backend.mlp(*(backend.linear(packed(w)) for w in (gate, up, down)))
+    cuts = split(F_, sh.size, col_unit(down))
+    i0, i1 = cuts[sh.rank], cuts[sh.rank + 1]
+    if i0 == i1:
+        return Reduced(ZeroFFN(), sh)
+    return Reduced(backend.mlp(backend.linear(packed(take_rows(gate, i0, i1))),
+                               backend.linear(packed(take_rows(up, i0, i1))),
+                               backend.linear(packed(take_cols(down, i0, i1)))), sh)

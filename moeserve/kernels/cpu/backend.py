@@ -106,6 +106,13 @@ class NativeMoE(GroupedMoE):
         with stage("experts_fused"):  # gate, up, down and the weighted sum in one native call
             return fused(h, weights, experts)
 
+    def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        fused = self.fused
+        if fused is None or h.shape[0] > fused.max_tokens:
+            return super().mix(h, weights, experts)
+        with stage("experts_fused"):
+            return fused(h, weights, experts)
+
 
 class NativeNorm(RMSNorm):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -302,7 +302,23 @@ class TritonMoE:
         else:
             weights, experts = route(logits, k, self.renormalize)
             sorted_ids, block_expert, n_rows = align_blocks(experts, E, block_m)
-        n_blocks = block_expert.shape[0]
+        return self._experts(h, weights, sorted_ids, block_expert, n_rows, k, block_m)
+
+    def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[:, j] * expert_{experts[:, j]}(h) for routing decided elsewhere (expert parallel)."""
+        if self._reference is not None:
+            return self._reference.mix(h, weights, experts)
+        T, k = experts.shape
+        if T == 0:
+            return torch.zeros(0, self.hidden, dtype=torch.float32, device=h.device)
+        block_m = block_m_for(T * k, self.n_experts)
+        sorted_ids, block_expert, n_rows = align_blocks(experts, self.n_experts, block_m)
+        return self._experts(h, weights.float(), sorted_ids, block_expert, n_rows, k, block_m)
+
+    def _experts(self, h: torch.Tensor, weights: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                 n_rows: torch.Tensor, k: int, block_m: int) -> torch.Tensor:
+        """gate+up (SiLU·mul) and down over the expert-sorted pairs, then each token's sum over its k pairs."""
+        T, n_pairs, n_blocks = h.shape[0], h.shape[0] * k, block_expert.shape[0]
         h = activations(h)
 
         gate, up, down = self.gate, self.up, self.down

@@ -1,0 +1,227 @@
+"""Tensor and expert parallelism: which slice of every weight a rank holds, and the collectives.
+
+A model split over N ranks (processes, one per device or per core group) runs the same decoder on
+every rank; each rank holds only its part of the big weights and the layers meet in collectives
+(`torch.distributed`: gloo on CPUs, NCCL on GPUs):
+
+* **attention, tensor parallel** (Megatron): rank r holds its q heads and the KV heads they read
+  (split when there are at least N KV heads, else each rank keeps the one its q heads share), the
+  matching rows of q/k/v and columns of o_proj. Its partial o_proj outputs are summed (all-reduce).
+  Its KV pool holds only its KV heads.
+* **MoE, tensor parallel**: every expert's intermediate dimension is cut; rank r holds rows of
+  gate/up and the matching columns of down, and the partial FFN outputs are summed (all-reduce).
+* **MoE, expert parallel** (`expert_parallel`): rank r holds whole experts [e0, e1) (vLLM's expert
+  map); every rank routes every token (the router is replicated), runs only the (token, expert)
+  pairs that land on its experts, and the outputs are summed (all-reduce).
+* **vocabulary**: rank r holds rows [v0, v1) of the embedding and of the lm_head. Embedding rows
+  outside a rank's range are zero and the all-reduce fills them in; the lm_head's logit columns are
+  gathered on rank 0, which samples.
+
+Column cuts of a quantized matrix fall on its blocks (32 or 256 weights): a split is as even as
+the blocks allow, and a rank may get an empty share of an expert's columns (it then adds zero).
+When no split of the heads keeps every o_proj cut on a block, attention is replicated instead
+(every rank computes it whole; `Shard.attention_split` says which was chosen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moeserve.gguf.quants import block_info
+from moeserve.gguf.reader import PackedTensor
+from moeserve.kernels.moe import route
+from moeserve.profiler import stage
+
+
+@dataclass
+class Shard:
+    """This rank's place in the group: what it holds follows from (rank, size) and the two switches."""
+
+    rank: int = 0
+    size: int = 1
+    expert_parallel: bool = False  # MoE: whole experts per rank (else every expert's intermediate dim is cut)
+    split_attention: bool = True  # attention heads per rank (else every rank computes attention whole)
+    group: Any = None  # the torch.distributed process group of the forward's collectives
+    attention_split: bool = field(default=False, init=False)  # what the loader could do (block boundaries)
+    held_bytes: int = field(default=0, init=False)  # weight bytes this rank holds (its slices and the replicas)
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's partial result (float32; every rank gets the same bits)."""
+        with stage("all_reduce"):
+            x = x.float().contiguous()
+            dist.all_reduce(x, group=self.group)
+            return x
+
+    def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """Rank 0 gets every rank's columns side by side (the others get their own back; they drop it)."""
+        with stage("gather"):
+            x = x.float().contiguous()
+            if self.rank != 0:
+                dist.gather(x, None, dst=0, group=self.group)
+                return x
+            parts = [x.new_empty(x.shape[0], w) for w in widths]
+            dist.gather(x, parts, dst=0, group=self.group)
+            return torch.cat(parts, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def split(n: int, parts: int, unit: int = 1) -> list[int]:
+    """Boundaries [0, b1, ..., n] cutting n into `parts` nearly equal pieces, each boundary a multiple of `unit`."""
+    cuts = [min(n, round(n * i / parts / unit) * unit) for i in range(parts + 1)]
+    cuts[-1] = n
+    return cuts
+
+
+def col_unit(w: PackedTensor) -> int:
+    """The weights per block of `w`'s type: a column cut must fall on a multiple of it."""
+    return block_info(w.qtype)[0]
+
+
+def take_rows(w: PackedTensor, lo: int, hi: int, axis: int = 0) -> PackedTensor:
+    """Rows [lo, hi) along `axis` (an output dimension): whole rows of blocks, a copy of just those bytes."""
+    index = [slice(None)] * w.data.dim()
+    index[axis] = slice(lo, hi)
+    shape = list(w.shape)
+    shape[axis] = hi - lo
+    return PackedTensor(w.name, w.qtype, tuple(shape), w.data[tuple(index)].contiguous())
+
+
+def take_cols(w: PackedTensor, lo: int, hi: int) -> PackedTensor:
+    """Columns [lo, hi) of the last (input) dimension; both must be multiples of the block size."""
+    bs, ts = block_info(w.qtype)
+    if lo % bs or hi % bs:
+        raise ValueError(f"{w.name}: columns [{lo}, {hi}) do not fall on its {bs}-weight blocks")
+    data = w.data[..., lo // bs * ts: hi // bs * ts].contiguous()
+    return PackedTensor(w.name, w.qtype, (*w.shape[:-1], hi - lo), data)
+
+
+@dataclass
+class HeadPlan:
+    """The attention heads of one rank: q heads [q0, q1) and KV heads [k0, k1)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+
+def plan_heads(n_heads: int, n_kv: int, head_dim: int, o_unit: int, shard: Shard) -> HeadPlan | None:
+    """This rank's heads, or None when they cannot be split (attention is then replicated).
+
+    Ranks cut the q heads evenly; with at least `size` KV heads the cut also follows KV groups, with
+    fewer each rank keeps the one KV head its q heads share (replicated KV). Every cut of o_proj's
+    columns (head * head_dim) must fall on its blocks."""
+    size, group = shard.size, n_heads // n_kv
+    if not shard.split_attention or size == 1 or n_heads % size:
+        return None
+    per = n_heads // size
+    if n_kv >= size:
+        if n_kv % size:
+            return None
+    elif group % per:  # a rank's q heads must share one KV head
+        return None
+    if (per * head_dim) % o_unit:
+        return None
+    q0 = shard.rank * per
+    return HeadPlan(q0, q0 + per, q0 // group, (q0 + per - 1) // group + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels wrapped with their collective
+# ---------------------------------------------------------------------------------------------
+
+
+class Reduced:
+    """`all_reduce(inner(x))`: a row-parallel linear (o_proj) or an FFN of cut experts."""
+
+    def __init__(self, inner: Any, shard: Shard) -> None:
+        self.inner, self.shard = inner, shard
+        self.in_features = getattr(inner, "in_features", None)
+        self.out_features = getattr(inner, "out_features", None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.all_reduce(self.inner(x))
+
+
+class ZeroFFN:
+    """A rank whose share of every expert's columns is empty: it adds nothing before the all-reduce."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
+
+
+class VocabEmbedding:
+    """Rows [v0, v1) of the embedding; ids outside are zero here and filled in by the all-reduce."""
+
+    def __init__(self, inner: Any, v0: int, v1: int, shard: Shard) -> None:
+        self.inner, self.v0, self.v1, self.shard = inner, v0, v1, shard
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.v0) & (ids < self.v1)
+        local = torch.where(mine, ids - self.v0, torch.zeros_like(ids))
+        rows = self.inner(local).float() * mine[:, None]
+        return self.shard.all_reduce(rows)
+
+
+class VocabHead:
+    """Logit columns [v0, v1) on each rank, gathered side by side on rank 0 (which samples)."""
+
+    def __init__(self, inner: Any, widths: list[int], shard: Shard) -> None:
+        self.inner, self.widths, self.shard = inner, widths, shard
+        self.in_features, self.out_features = getattr(inner, "in_features", None), sum(widths)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.gather_columns(self.inner(x), self.widths)
+
+
+class ExpertParallelMoE:
+    """Route every token over all experts, run the pairs that land on this rank's experts [e0, e1), sum.
+
+    Each (token, expert) pair on this rank becomes one row of a top-1 call of the local MoE kernel
+    (`mix`), so a rank computes only its share of the pairs whatever backend made the kernel."""
+
+    def __init__(self, router: Any, local: Any, e0: int, e1: int, top_k: int, renormalize: bool,
+                 shard: Shard) -> None:
+        self.router, self.local, self.e0, self.e1 = router, local, e0, e1
+        self.top_k, self.renormalize, self.shard = top_k, renormalize, shard
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        with stage("router"):
+            weights, experts = route(self.router(h), self.top_k, self.renormalize)
+            mine = (experts >= self.e0) & (experts < self.e1)
+            token, slot = mine.nonzero(as_tuple=True)
+        out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
+        if token.numel():
+            y = self.local.mix(h[token], weights[token, slot][:, None], (experts[token, slot] - self.e0)[:, None])
+            out.index_add_(0, token, y.float())
+        return self.shard.all_reduce(out)
+
+
+def held_bytes(*tensors: PackedTensor | torch.Tensor | None) -> int:
+    return sum(t.nbytes if isinstance(t, PackedTensor) else t.numel() * t.element_size()
+               for t in tensors if t is not None)
+
+
+def describe(shard: Shard) -> str:
+    """One line for logs and banners: what this group splits."""
+    if not shard.parallel:
+        return "1 process"
+    attn = "attention split by heads" if shard.attention_split else "attention replicated"
+    moe = "experts split (expert parallel)" if shard.expert_parallel else "expert FFNs split (tensor parallel)"
+    return f"{shard.size} ranks: {attn}, {moe}, vocabulary split"
+
+
+__all__ = ["ExpertParallelMoE", "HeadPlan", "Reduced", "Shard", "VocabEmbedding", "VocabHead", "ZeroFFN",
+           "col_unit", "describe", "held_bytes", "plan_heads", "split", "take_cols", "take_rows"]
