@@ -102,6 +102,7 @@ def run_bench(model: str, n_prompt: int = 512, n_gen: int = 128, threads: int = 
             prof["prefill_ms_per_token"] = _profiled(lambda: _pp(llm, prompt), n_prompt)
         if n_gen:
             prof["decode_ms_per_token"] = _profiled(lambda: _tg(llm, n_gen, 0), n_gen)
+    llm.close()  # the other ranks, if any
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     return BenchResult(model=model, kernels=llm.kernels, threads=threads, n_prompt=n_prompt, n_gen=n_gen, reps=reps,
                        load_s=load_s, peak_rss_gb=_peak_rss_gb(), pp_tps=statistics.mean(pp), pp_tps_sd=sd(pp),

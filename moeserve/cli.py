@@ -151,6 +151,19 @@ BatchInvariant = Annotated[bool | None, typer.Option(
          "else off).",
     show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No loading progress or statistics on stderr.")]
+TensorParallel = Annotated[int, typer.Option(
+    "--tensor-parallel-size", min=1, envvar="MOESERVE_TENSOR_PARALLEL_SIZE", show_envvar=False,
+    help="Split the model over N processes (started here; or run under torchrun with N ranks): attention heads, "
+         "expert FFNs and the vocabulary are cut across them; -t threads are shared out among them.")]
+ExpertParallel = Annotated[bool, typer.Option(
+    "--expert-parallel", "--enable-expert-parallel",
+    help="With --tensor-parallel-size: give each rank whole experts instead of a slice of every expert.")]
+SplitAttention = Annotated[bool, typer.Option(
+    "--split-attention/--replicate-attention",
+    help="With --tensor-parallel-size: split attention heads across ranks, or compute attention whole on each.")]
+ParallelTimeout = Annotated[float, typer.Option(
+    help="With --tensor-parallel-size: seconds a collective waits for the other ranks before the group fails.",
+    min=0.1)]
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Maximum tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = greedy.")]
@@ -228,6 +241,44 @@ def _check_ctx(path: str, ctx: int | None, read_header: bool = False) -> None:
     limit = load_config(GGUFFile(path)).context_length
     if ctx is not None and ctx > limit:
         raise CLIError(f"--ctx-size {ctx} is larger than the model's context length ({limit} tokens)")
+
+
+def _parallel(size: int, expert_parallel: bool, split_attention: bool, timeout: float) -> dict[str, Any]:
+    """`LLM(...)` arguments of --tensor-parallel-size and friends (none for one process)."""
+    if size == 1:
+        if expert_parallel or not split_attention:
+            raise CLIError("--expert-parallel and --replicate-attention need --tensor-parallel-size 2 or more")
+        return {}
+    return dict(tensor_parallel_size=size, expert_parallel=expert_parallel, split_attention=split_attention,
+                parallel_timeout=timeout)
+
+
+def _torchrun_worker(model: str | None, kernels: str | None, device: str | None, max_model_len: int | None,
+                     parallel: dict[str, Any]) -> None:
+    """Under torchrun, ranks other than 0 do not run the command: they serve rank 0's steps, then exit."""
+    from moeserve.engine.distributed import ParallelConfig, WorkerSpec, torchrun_env, worker_main
+
+    env = torchrun_env()
+    if env is None or env[0] == 0:
+        return
+    rank, world = env
+    if parallel.get("tensor_parallel_size", 1) != world:
+        raise CLIError(f"torchrun started {world} ranks but --tensor-parallel-size is "
+                       f"{parallel.get('tensor_parallel_size', 1)}: they must match")
+    import torch
+
+    from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
+    from moeserve.gguf.reader import GGUFFile
+
+    path = _model_path(model)
+    ctx = max_model_len or min(load_config(GGUFFile(path)).context_length, DEFAULT_MAX_CONTEXT)
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() and kernels != "cpu" \
+            else "cpu"
+    cfg = ParallelConfig(world, parallel["expert_parallel"], parallel["split_attention"],
+                         parallel["parallel_timeout"], threads=torch.get_num_threads())
+    worker_main(WorkerSpec(path, kernels, device, ctx, cfg), rank, world, "env://")
+    sys.exit(0)
 
 
 def _load(model: str | None, max_model_len: int | None, kernels: str | None, quiet: bool, **engine: Any) -> Any:
@@ -320,6 +371,10 @@ def generate(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     batch_invariant: BatchInvariant = None,
+    tensor_parallel_size: TensorParallel = 1,
+    expert_parallel: ExpertParallel = False,
+    split_attention: SplitAttention = True,
+    parallel_timeout: ParallelTimeout = 60.0,
     quiet: Quiet = False,
 ) -> None:
     """Complete PROMPT with a model. One positional argument is the prompt; two are MODEL PROMPT.
@@ -365,8 +420,10 @@ def generate(
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
     _set_threads(threads)
+    parallel = _parallel(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+    _torchrun_worker(model, kernels, device, max_model_len, parallel)
     llm = _load(model, max_model_len, kernels, quiet, device=device, gpu_memory_utilization=gpu_memory_utilization,
-                enforce_eager=enforce_eager, batch_invariant=batch_invariant)
+                enforce_eager=enforce_eager, batch_invariant=batch_invariant, **parallel)
     show_stats = not quiet  # on stderr also when it is a file or a pipe, like llama.cpp's timings
     t0 = time.perf_counter()
     if stream:
@@ -443,6 +500,10 @@ def chat(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     batch_invariant: BatchInvariant = None,
+    tensor_parallel_size: TensorParallel = 1,
+    expert_parallel: ExpertParallel = False,
+    split_attention: SplitAttention = True,
+    parallel_timeout: ParallelTimeout = 60.0,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model: an interactive REPL (reads lines from stdin, so it can be scripted).
@@ -457,9 +518,11 @@ def chat(
     params = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                        frequency_penalty, seed, stop, ignore_eos)
     _set_threads(threads)
+    parallel = _parallel(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+    _torchrun_worker(model_arg or model, kernels, device, max_model_len, parallel)
     llm = _load(model_arg or model, max_model_len, kernels, quiet, device=device,
                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                batch_invariant=batch_invariant)
+                batch_invariant=batch_invariant, **parallel)
     if llm.tokenizer is None:
         raise CLIError(f"{llm.path} has no tokenizer; chat needs one")
     interactive = sys.stdin.isatty()
@@ -688,6 +751,10 @@ def serve(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     batch_invariant: BatchInvariant = None,
+    tensor_parallel_size: TensorParallel = 1,
+    expert_parallel: ExpertParallel = False,
+    split_attention: SplitAttention = True,
+    parallel_timeout: ParallelTimeout = 60.0,
     max_num_seqs: Annotated[int | None, typer.Option(envvar="MOESERVE_MAX_NUM_SEQS", min=1, show_default=False,
                                                      help="Sequences decoded together (default 32; env "
                                                           "MOESERVE_MAX_NUM_SEQS).")] = None,
@@ -736,8 +803,10 @@ def serve(
         extra["allowed_origins"] = origins
     if quiet:
         extra["quiet"] = True
+    parallel = _parallel(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+    _torchrun_worker(path, kernels, device, max_model_len, parallel)
     run(path, host=host, port=port, api_key=api_key, served_model_name=served_model_name, log_level=log_level,
-        **extra, **engine_kwargs)
+        **extra, **engine_kwargs, **parallel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -759,6 +828,10 @@ def bench(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     batch_invariant: BatchInvariant = None,
+    tensor_parallel_size: TensorParallel = 1,
+    expert_parallel: ExpertParallel = False,
+    split_attention: SplitAttention = True,
+    parallel_timeout: ParallelTimeout = 60.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (pp_tps, tg_tps, ...).")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Per-stage prefill and decode breakdown.")] = False,
 ) -> None:
@@ -770,10 +843,13 @@ def bench(
     from moeserve.bench import format_table, run_bench
 
     threads = threads or default_threads()
+    parallel = _parallel(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+    _set_threads(threads)
+    _torchrun_worker(model_arg or model, kernels, device, max(n_prompt, n_gen) + 8, parallel)
     result = run_bench(_model_path(model_arg or model), n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps,
                        kernels=kernels, profile=profile, progress=not json_out and sys.stderr.isatty(), device=device,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                       batch_invariant=batch_invariant)
+                       batch_invariant=batch_invariant, **parallel)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")
     else:

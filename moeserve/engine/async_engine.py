@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from moeserve.engine.distributed import ParallelError
 from moeserve.engine.engine import EngineStats, LLMEngine, OutputKind
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import SamplingParams
@@ -103,6 +104,8 @@ class AsyncLLMEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stats: EngineStats = engine.stats()
+        self.on_fatal: Callable[[BaseException], None] | None = None  # a failure the engine cannot survive
+        self.fatal: BaseException | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -155,6 +158,8 @@ class AsyncLLMEngine:
         return self._stats
 
     def _submit(self, command: Callable[[], None]) -> None:
+        if self.fatal is not None:
+            raise self.fatal
         with self._wake:
             self._commands.append(command)
             self._wake.notify()
@@ -192,13 +197,20 @@ class AsyncLLMEngine:
             try:
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
+            except ParallelError as exc:  # a rank is gone: no later step can run; the server must stop
+                log.error("%s; aborting %d requests and stopping", exc, len(self._streams))
+                self.fatal = exc
+                self._fail_all(exc)
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+                break
             except Exception as exc:  # never let one bad step kill the server
                 log.exception("engine step failed; aborting %d requests", len(self._streams))
                 self._fail_all(exc)
             # Stats first, then outputs: a caller that sees its request finish also sees its blocks freed.
             self._stats = self.engine.stats()
             self._dispatch(outputs)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        self._fail_all(self.fatal or EngineDeadError("the engine was shut down"))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

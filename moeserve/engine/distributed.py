@@ -123,6 +123,14 @@ def _wait_for(store: Any, size: int, workers: Workers | None, timeout: float) ->
         time.sleep(0.05)
 
 
+def held_by_rank(group: Group) -> list[int]:
+    """Every rank's weight bytes (after loading; every rank calls it): what `LLM.rank_weight_bytes` reports."""
+    t = torch.tensor([group.shard.held_bytes], dtype=torch.long)
+    out = [torch.zeros(1, dtype=torch.long) for _ in range(group.shard.size)]
+    dist.all_gather(out, t, group=group.control)
+    return [int(x) for x in out]
+
+
 def leave() -> None:
     with contextlib.suppress(Exception):
         if dist.is_initialized():
@@ -242,6 +250,7 @@ def run_worker(spec: WorkerSpec, rank: int, size: int, init_method: str) -> None
     backend = select_backend(spec.kernels, device)
     f = GGUFFile(spec.model)
     model = load_decoder(f, backend, load_config(f), max_positions=spec.max_model_len, shard=group.shard)
+    held_by_rank(group)
     serve_steps(model, group.control)
 
 

@@ -13,6 +13,7 @@ runner with no cache, so it is safe to call from other threads while the engine 
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from collections.abc import Sequence as Seq
@@ -27,6 +28,7 @@ from moeserve.engine.distributed import (
     Workers,
     WorkerSpec,
     free_port,
+    held_by_rank,
     join,
     leave,
     torchrun_env,
@@ -119,6 +121,9 @@ class LLM:
             shard = self._start_group(kernels) if self.parallel.tensor_parallel_size > 1 else None
             self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len,
                                       shard=shard)
+            # the packed weight bytes each rank holds (its slices and the replicated small tensors)
+            self.rank_weight_bytes = held_by_rank(self._driver.group) if self._driver \
+                else [self.model.shard.held_bytes]
         except (MoeServeError, MemoryError, KeyboardInterrupt):
             self.close()
             raise
@@ -163,6 +168,7 @@ class LLM:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
         group = join(0, size, self.parallel, self.device, init, self._workers)
         self._driver = Driver(group)
+        atexit.register(self.close)  # the workers stop, and the group is torn down before the interpreter
         return group.shard
 
     def close(self) -> None:

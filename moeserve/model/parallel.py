@@ -79,7 +79,7 @@ class Shard:
 
 def split(n: int, parts: int, unit: int = 1) -> list[int]:
     """Boundaries [0, b1, ..., n] cutting n into `parts` nearly equal pieces, each boundary a multiple of `unit`."""
-    cuts = [min(n, round(n * i / parts / unit) * unit) for i in range(parts + 1)]
+    cuts = [min(n, int(n * i / parts / unit + 0.5) * unit) for i in range(parts + 1)]
     cuts[-1] = n
     return cuts
 

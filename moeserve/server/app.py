@@ -248,6 +248,13 @@ def create_app(llm_or_engine: Servable | Callable[[], Servable], served_model_na
         engine = _as_engine(target)
         if engine.observer is None:
             engine.observer = metrics
+
+        def fatal(exc: BaseException) -> None:  # e.g. a rank of the parallel group died: the server stops
+            slot.error = exc
+            if on_error is not None:
+                on_error(exc)
+
+        engine.on_fatal = fatal
         if start:  # before it is published: AsyncLLMEngine.start is not safe to race with a request's
             engine.start()
         slot.serving = _Serving(engine, served_model_name)
@@ -504,7 +511,11 @@ def run(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000
     app = create_app(load, name, api_key=api_key, allowed_origins=allowed_origins, on_ready=ready, on_error=failed)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if isinstance(app.state.model.target, LLM):
+            app.state.model.target.close()  # the other ranks of a parallel group
     error = app.state.model.error
     if error is not None:
         raise error
