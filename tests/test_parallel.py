@@ -64,6 +64,7 @@ def test_two_ranks_match_one_process(make_model, name: str, mode: str) -> None:
         err = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         assert err <= 1e-4, f"{name} {mode}: max |Δlogits| = {err:.2e} of max|logits|"
         assert greedy(llm, PROMPT) == ref_tokens
+        assert llm.model.shard.attention_split == (mode != "ep")  # these heads fall on o_proj's blocks
         held = llm.rank_weight_bytes
         assert len(held) == 2 and all(b > 0 for b in held)
         assert max(held) < GGUFFile(path).total_bytes()  # neither rank holds the whole model

@@ -233,7 +233,7 @@ def test_unsupported_completion_fields_are_400(body: dict, field: str) -> None:
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"store": True}, "store"),
-    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])
 def test_unsupported_chat_fields_are_400(body: dict, field: str) -> None:

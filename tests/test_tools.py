@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from moeserve.chat_template import CHATML_TEMPLATE, ChatTemplate
-from moeserve.server.tools import ToolCallStream, parse_tool_calls, prepare_messages, tool_call_grammar
+from moeserve.engine.tools import ToolCallStream, parse_tool_calls, prepare_messages, tool_call_grammar
 from tests.openai_server import MODEL, shared_server
 from tests.test_chat_template import QWEN_LIKE
 
@@ -145,3 +145,35 @@ def test_tool_errors_are_400(kwargs: dict, needle: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         shared_server().client().chat.completions.create(**args)
     assert err.value.status_code == 400 and needle in err.value.message
+
+
+
+def test_llm_chat_parses_tool_calls_and_takes_template_kwargs() -> None:
+    """The Python API: forced calls come back in `tool_calls`; chat_template_kwargs reach the template."""
+    from moeserve import LLM, SamplingParams
+    from tests.openai_server import model_path
+
+    llm = LLM(str(model_path()), max_model_len=2048)
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=3,
+                            guided_grammar=tool_call_grammar(TOOLS, "get_weather", parallel=False))
+    (out,) = llm.chat(msgs, params, tools=TOOLS)
+    (call,) = out.outputs[0].tool_calls
+    assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    assert "<tool_call>" not in out.outputs[0].text
+    (plain,) = llm.chat(msgs, SamplingParams(max_tokens=4, temperature=0.0))  # without tools nothing is parsed
+    assert plain.outputs[0].tool_calls is None
+    # template variables (Qwen3's enable_thinking), as the server's chat_template_kwargs
+    llm.engine.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                                "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}")
+    llm.engine.__dict__.pop("_chat_template", None)  # compiled lazily: recompile with the new source
+    assert llm.render_chat(msgs, enable_thinking=False).endswith("<no-think>")
+    assert not llm.render_chat(msgs).endswith("<no-think>")
+
+
+def test_server_chat_template_kwargs() -> None:
+    c = shared_server().client()
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.role == "assistant"

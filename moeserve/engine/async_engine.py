@@ -116,8 +116,8 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        return self.engine.render_chat(messages, add_generation_prompt, tools)
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        return self.engine.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

@@ -202,11 +202,13 @@ class LLMEngine:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        """The conversation as prompt text, through the model's chat template (sandboxed Jinja)."""
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The conversation as prompt text, through the model's chat template (sandboxed Jinja); `template_kwargs`
+        become template variables (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking=False`)."""
         if self.tokenizer is None:
             raise RequestError(f"{self.source} has no tokenizer; chat needs one")
-        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                          **template_kwargs)
 
     @cached_property
     def _chat_template(self) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeserve.chat_template import CHATML_TEMPLATE
 from moeserve.engine.distributed import (
     Driver,
     ParallelConfig,
@@ -36,6 +37,7 @@ from moeserve.engine.distributed import (
 from moeserve.engine.engine import EngineConfig, EngineStats, LLMEngine, Prompt
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling import SamplingParams
+from moeserve.engine.tools import parse_tool_calls, prepare_messages
 from moeserve.errors import GGUFError, MoeServeError, RequestError
 from moeserve.gguf.config import DEFAULT_MAX_CONTEXT, load_config
 from moeserve.gguf.reader import GGUFFile
@@ -244,15 +246,30 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
-        """Render the GGUF's chat template (ChatML if none) and generate."""
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Render the GGUF's chat template (ChatML if none) and generate.
+
+        With `tools` (OpenAI function definitions) the template gets them (or a Hermes-style system prompt when
+        it has no tools section), and each output's `<tool_call>` blocks are parsed into `tool_calls`
+        (OpenAI's shape, arguments as a JSON string; `text` keeps the rest). `chat_template_kwargs` become
+        template variables (e.g. Qwen3's `enable_thinking=False`)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.render_chat(c, add_generation_prompt, tools) for c in convs]
-        return self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], sampling_params)
+        prompts = [self.render_chat(c, add_generation_prompt, tools, **(chat_template_kwargs or {})) for c in convs]
+        outs = self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], sampling_params)
+        if tools:
+            for out in outs:
+                for c in out.outputs:
+                    content, calls = parse_tool_calls(c.text)
+                    if calls:
+                        c.text, c.tool_calls = content or "", calls
+        return outs
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        return self.engine.render_chat(messages, add_generation_prompt, tools)
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        template = self.engine.chat_template or CHATML_TEMPLATE
+        messages, tools = prepare_messages(list(messages), tools, template)
+        return self.engine.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
 
 
 def _progress_bar(total: int) -> Any:

@@ -14,6 +14,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
     stop_reason: int | str | None = None
+    tool_calls: list[dict] | None = None  # LLM.chat(tools=...): OpenAI-style calls parsed from the text
 
 
 @dataclass

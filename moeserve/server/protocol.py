@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from moeserve.engine import tools as tool_calls
 from moeserve.engine.guided import StructuredOutputsParams
 from moeserve.engine.sampling import SamplingParams
 from moeserve.errors import RequestError
-from moeserve.server import tools as tool_calls
 
 log = logging.getLogger("moeserve.server")
 
@@ -59,7 +59,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "min_tokens": (None, 0),
     "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "truncate_prompt_tokens": (None,), "logits_processors": (None,),
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None,),
+    "chat_template": (None,), "documents": (None,),
     "continue_final_message": (None, False), "return_tokens_as_token_ids": (None, False),
     "prompt_embeds": (None,), "guided_decoding_backend": (None, "llguidance", "guidance", "auto"),
     "echo": (None, False), "skip_special_tokens": (None, False), "priority": (None, 0),
@@ -253,6 +253,17 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """`chat_template_kwargs` checked: names that are not the template's own inputs."""
+        kw = self.chat_template_kwargs or {}
+        reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+        for key in kw:
+            if key in reserved or not key.isidentifier():
+                raise RequestError(f"chat_template_kwargs: {key!r} is not a template variable a request may set "
+                                   f"(reserved: {', '.join(sorted(reserved))})")
+        return kw
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """The tools as plain dicts (what templates and the grammar see), unset fields left out."""

@@ -33,9 +33,9 @@ from moeserve.engine import embeddings
 from moeserve.engine.async_engine import AsyncLLMEngine, RequestStream
 from moeserve.engine.guided import ll_tokenizer
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
+from moeserve.engine.tools import ToolCallStream, parse_tool_calls, prepare_messages
 from moeserve.errors import RequestError
 from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from moeserve.server.tools import ToolCallStream, parse_tool_calls, prepare_messages
 
 T = TypeVar("T")
 
@@ -279,7 +279,7 @@ class OpenAIServing:
         tools = req.tool_dicts() if req.tool_mode() not in (None, "none") else None
         template = self.engine.engine.chat_template or CHATML_TEMPLATE
         messages, tools = prepare_messages([m.to_template() for m in req.messages], tools, template)
-        text = self.engine.render_chat(messages, req.add_generation_prompt, tools)
+        text = self.engine.render_chat(messages, req.add_generation_prompt, tools, **req.template_kwargs())
         return self.engine.engine.encode_text(text, add_special_tokens=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
