@@ -127,7 +127,11 @@ def held_by_rank(group: Group) -> list[int]:
     """Every rank's weight bytes (after loading; every rank calls it): what `LLM.rank_weight_bytes` reports."""
     t = torch.tensor([group.shard.held_bytes], dtype=torch.long)
     out = [torch.zeros(1, dtype=torch.long) for _ in range(group.shard.size)]
-    dist.all_gather(out, t, group=group.control)
+    try:
+        dist.all_gather(out, t, group=group.control)
+    except RuntimeError as exc:  # a rank failed to load its shard (its own error line is above)
+        raise ParallelError(f"a rank of the parallel group failed while loading: {str(exc).splitlines()[0]}") \
+            from exc
     return [int(x) for x in out]
 
 

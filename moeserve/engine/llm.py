@@ -96,13 +96,19 @@ class LLM:
         experts with `expert_parallel`; `split_attention=False` keeps attention whole on every rank;
         `parallel_timeout` bounds every collective (seconds). See `engine/distributed.py`; `close()` stops them.
         """
-        self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
-        self.parallel.validate()
         self._workers: Workers | None = None
         self._driver: Driver | None = None
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
                                           enforce_eager, batch_invariant_requested(batch_invariant))
+        self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
+        try:
+            self.parallel.validate()
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if tensor_parallel_size > 1 and self.engine_config.batch_invariant:
+            raise RequestError("batch_invariant is not available with tensor_parallel_size > 1 (the ranks' "
+                               "expert kernels change regime with the number of pairs they receive)")
         self.path = model or default_model_path()
         if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
             device = "cuda" if torch.cuda.is_available() and requested(kernels) != "cpu" else "cpu"

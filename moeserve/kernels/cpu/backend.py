@@ -107,8 +107,9 @@ class NativeMoE(GroupedMoE):
             return fused(h, weights, experts)
 
     def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        # The fused path's threshold is in (token, expert) pairs: an expert-parallel rank sends one row per pair.
         fused = self.fused
-        if fused is None or h.shape[0] > fused.max_tokens:
+        if fused is None or experts.numel() > fused.max_tokens * self.top_k:
             return super().mix(h, weights, experts)
         with stage("experts_fused"):
             return fused(h, weights, experts)
