@@ -167,13 +167,14 @@ class LLM:
                 raise MoeServeError(f"torchrun started {world} ranks (this is rank {rank}); --tensor-parallel-size "
                                     f"is {size}: they must match, and only rank 0 builds the LLM (the others run "
                                     "moeserve.engine.distributed.worker_main)")
-            init = "env://"
+            init = "env://"  # every rank is its own process with its own -t: nothing to share out
         else:
+            # the threads this process was given (-t) are shared out among the ranks started here
+            self.parallel.threads = self.parallel.threads or max(1, torch.get_num_threads() // size)
+            torch.set_num_threads(self.parallel.threads)
             init = f"tcp://127.0.0.1:{free_port()}"
             spec = WorkerSpec(self.path, kernels, str(self.device), self.max_model_len, self.parallel)
             self._workers = Workers(spec, size, init)
-        if self.parallel.threads is None and torch.get_num_threads() > 1:  # the cores are shared by the ranks
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
         group = join(0, size, self.parallel, self.device, init, self._workers)
         self._driver = Driver(group)
         atexit.register(self.close)  # the workers stop, and the group is torn down before the interpreter
