@@ -217,8 +217,8 @@ def python_docs(root: Path, held: list[Doc]) -> tuple[list[Doc], int]:
     docs, dropped = [], 0
     for path in sorted(root.rglob("*.rst.txt")):
         rel = path.relative_to(root).as_posix().removesuffix(".rst.txt")
-        if rel.startswith(("includes/", "license", "copyright", "distutils/", "install/")):
-            continue
+        if rel.startswith(("includes/", "license", "copyright", "distutils/", "install/", "c-api/", "extending/")):
+            continue  # boilerplate, and the C API (signatures and identifiers rather than English)
         keep = []
         for para in rst_to_text(path.read_text(encoding="utf-8")).split("\n\n"):
             if _shingles(para) & banned:
@@ -704,7 +704,7 @@ def _write_card(args, c, n_params, size, train_docs, held_docs, train_chars, n_t
     n_chat = sum(d.name.startswith("chat:") for d in train_docs)
     pydocs = [d for d in train_docs if d.name.startswith("pydocs:")]
     docs_line = (f"Python's documentation as Debian's `python3-doc` ships it ({len(pydocs)} reStructuredText sources: "
-                 f"tutorial, library and language reference, HOWTOs, FAQ, What's New; "
+                 f"tutorial, library and language reference, HOWTOs, FAQ, What's New; not the C API; "
                  f"{sum(len(d.text) for d in pydocs) / 1e6:.2f} M characters as plain text), minus "
                  f"{getattr(args, 'docs_dropped', 0):,} paragraphs that share an 8-word sequence with the held-out "
                  "text, so the held-out set stays unseen. The tokenizer is trained on the docstring corpus alone "

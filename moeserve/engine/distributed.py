@@ -37,6 +37,7 @@ from moeserve.errors import MoeServeError
 from moeserve.model.parallel import Shard
 
 STOP, STEP, FULL, HIDDEN, START = 0, 1, 2, 3, 4  # what rank 0 tells the workers
+MESSAGE = 1024  # ints in a step message's first broadcast: a decode step of up to ~100 sequences fits
 _KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -151,10 +152,16 @@ class Driver:
         self.closed = False
 
     def _send(self, op: int, payload: list[int]) -> None:
+        """One broadcast of [op, n, payload...] padded to MESSAGE ints (a decode step fits); the rest, if any,
+        in a second one (every collective costs a few hundred µs of latency on gloo)."""
         ctl = self.group.control
-        dist.broadcast(torch.tensor([op, len(payload)], dtype=torch.long), 0, group=ctl)
-        if payload:
-            dist.broadcast(torch.tensor(payload, dtype=torch.long), 0, group=ctl)
+        head = torch.zeros(MESSAGE, dtype=torch.long)
+        first = payload[:MESSAGE - 2]
+        head[0], head[1] = op, len(payload)
+        head[2:2 + len(first)] = torch.tensor(first, dtype=torch.long)
+        dist.broadcast(head, 0, group=ctl)
+        if len(payload) > len(first):
+            dist.broadcast(torch.tensor(payload[len(first):], dtype=torch.long), 0, group=ctl)
 
     @contextlib.contextmanager
     def step(self, op: int, payload: list[int]) -> Iterator[None]:
@@ -192,14 +199,14 @@ def serve_steps(model: Any, control: Any) -> None:
 
     runner = None
     while True:
-        head = torch.empty(2, dtype=torch.long)
+        head = torch.empty(MESSAGE, dtype=torch.long)
         dist.broadcast(head, 0, group=control)
         op, n = int(head[0]), int(head[1])
-        payload: list[int] = []
-        if n:
-            buf = torch.empty(n, dtype=torch.long)
+        payload = head[2:2 + min(n, MESSAGE - 2)].tolist()
+        if n > MESSAGE - 2:
+            buf = torch.empty(n - (MESSAGE - 2), dtype=torch.long)
             dist.broadcast(buf, 0, group=control)
-            payload = buf.tolist()
+            payload += buf.tolist()
         if op == STOP:
             return
         if op == START:

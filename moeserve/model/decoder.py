@@ -28,6 +28,7 @@ from moeserve.model.parallel import (
     col_unit,
     held_bytes,
     plan_heads,
+    resident,
     split,
     take_cols,
     take_rows,
@@ -94,6 +95,8 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
         return v
 
     def packed(w: PackedTensor) -> PackedTensor:
+        if sh.parallel and backend.device.type == "cpu":  # this rank's slice, in its own (huge-page) memory
+            w = resident(w)
         held.append(w)
         return w
 
