@@ -79,11 +79,14 @@ def test_cpu_kernels_two_ranks_batched(make_model) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
     ref = one.logits(PROMPT)
+    hidden = one.engine.runner.hidden_full(PROMPT)  # what /v1/embeddings pools
     with LLM(str(path), kernels="cpu", warmup=False, tensor_parallel_size=2, expert_parallel=True) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         err = float(np.abs(llm.logits(PROMPT) - ref).max() / np.abs(ref).max())
+        h = llm.engine.runner.hidden_full(PROMPT)
     assert err <= 1e-3
     assert got == want
+    assert h.shape == hidden.shape and float((h - hidden).abs().max() / hidden.abs().max()) <= 1e-3
 
 
 def test_rank_death_is_an_error_not_a_hang(make_model) -> None:

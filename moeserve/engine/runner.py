@@ -12,7 +12,7 @@ graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,19 +142,19 @@ class ModelRunner:
 
     def forward_full(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of one sequence from position 0, touching no cache (reentrant)."""
-        return self._full(ids, self.model.forward)
+        return self._full(ids, hidden=False)
 
     def hidden_full(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 [len(ids), hidden] final-norm hidden states of one sequence, touching no cache (embeddings)."""
-        return self._full(ids, self.model.hidden_states)
+        return self._full(ids, hidden=True)
 
-    def _full(self, ids: Sequence[int], fn: Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]) -> torch.Tensor:
+    def _full(self, ids: Sequence[int], hidden: bool) -> torch.Tensor:
         if len(ids) > self.model.max_positions:
             raise RuntimeError(f"{len(ids)} tokens are more than the model's {self.model.max_positions} positions")
         if self.driver is None:
-            return self.full(ids, fn is self.model.hidden_states)
-        with self.driver.step(HIDDEN if fn is self.model.hidden_states else FULL, list(ids)):
-            return self.full(ids, fn is self.model.hidden_states)
+            return self.full(ids, hidden)
+        with self.driver.step(HIDDEN if hidden else FULL, list(ids)):
+            return self.full(ids, hidden)
 
     def full(self, ids: Sequence[int], hidden: bool = False) -> torch.Tensor:
         """One sequence from position 0 with no cache: logits, or final hidden states when `hidden`."""
