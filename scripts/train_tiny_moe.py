@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Train moeserve's embedded default model: a tiny Qwen3-MoE on text that ships with Python.
 
-    python scripts/train_tiny_moe.py            # ~12 min on 2 CPU cores; writes moeserve/data/
+    apt install python3-doc                     # Python's documentation sources (PSF-2.0), part of the corpus
+    python scripts/train_tiny_moe.py            # ~58 min on 2 CPU cores; writes moeserve/data/
 
 Corpus (PSF-2.0, the licence of CPython and its documentation):
   * `pydoc_data.topics` — the Python Language Reference topics that `help()` shows;
   * the docstrings of the standard library's pure-Python modules (functions, classes, modules),
     each preceded by its signature, so the model learns Python-doc-like text;
   * the Zen of Python (`this`);
-  * a few hundred ChatML question/answer pairs made from the same docstrings ("What does
+  * Python's documentation sources as Debian's python3-doc ships them (tutorial, references, HOWTOs,
+    FAQ, What's New, C API), minus every paragraph sharing 8 words with the held-out text;
+  * a few thousand ChatML question/answer pairs made from the same docstrings ("What does
     `json.dumps` do?" -> its first paragraph), so `moeserve chat` has a conversation format.
 Every document is assigned to train or held-out by a hash of its name (1 in 20 held out); the
 held-out text is written to `moeserve/data/tiny-moe-heldout.txt` for `benchmarks/perplexity.py`.
@@ -217,8 +220,8 @@ def python_docs(root: Path, held: list[Doc]) -> tuple[list[Doc], int]:
     docs, dropped = [], 0
     for path in sorted(root.rglob("*.rst.txt")):
         rel = path.relative_to(root).as_posix().removesuffix(".rst.txt")
-        if rel.startswith(("includes/", "license", "copyright", "distutils/", "install/", "c-api/", "extending/")):
-            continue  # boilerplate, and the C API (signatures and identifiers rather than English)
+        if rel.startswith(("includes/", "license", "copyright", "distutils/", "install/")):
+            continue
         keep = []
         for para in rst_to_text(path.read_text(encoding="utf-8")).split("\n\n"):
             if _shingles(para) & banned:
@@ -704,7 +707,7 @@ def _write_card(args, c, n_params, size, train_docs, held_docs, train_chars, n_t
     n_chat = sum(d.name.startswith("chat:") for d in train_docs)
     pydocs = [d for d in train_docs if d.name.startswith("pydocs:")]
     docs_line = (f"Python's documentation as Debian's `python3-doc` ships it ({len(pydocs)} reStructuredText sources: "
-                 f"tutorial, library and language reference, HOWTOs, FAQ, What's New; not the C API; "
+                 f"tutorial, library and language reference, HOWTOs, FAQ, What's New, C API; "
                  f"{sum(len(d.text) for d in pydocs) / 1e6:.2f} M characters as plain text), minus "
                  f"{getattr(args, 'docs_dropped', 0):,} paragraphs that share an 8-word sequence with the held-out "
                  "text, so the held-out set stays unseen. The tokenizer is trained on the docstring corpus alone "
