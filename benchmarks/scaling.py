@@ -149,11 +149,11 @@ def main() -> None:
                                 ModelSpec(n_layers=2, hidden_size=256, n_experts=16, n_experts_used=4)))
     from moeserve.gguf.config import load_config
     from moeserve.gguf.reader import GGUFFile
+    from moeserve.kernels.cpu.build import cpu_name
 
     f = GGUFFile(model)
     c = load_config(f)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    results: dict = {"model": model, "n_prompt": args.n_prompt, "file_bytes": f.total_bytes(), "cpu": cpu,
+    results: dict = {"model": model, "n_prompt": args.n_prompt, "file_bytes": f.total_bytes(), "cpu": cpu_name(),
                      "cores": len(os.sched_getaffinity(0)), "configs": {}}
     for name in args.configs:
         cmd = [sys.executable, __file__, model, "--child", name, "-p", str(args.n_prompt), "--steps", str(args.steps)]

@@ -92,16 +92,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def write_soak_model(path: Path) -> Path:
     from gguf import GGMLQuantizationType as QT
 
@@ -416,11 +406,13 @@ async def hostile_probe(base: str, timeout: float) -> list[dict[str, Any]]:
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
+    from moeserve.kernels.cpu.build import cpu_name
+
     workdir = Path(tempfile.mkdtemp(prefix="moeserve-soak-"))
     model = Path(args.model) if args.model else write_soak_model(workdir / "soak-moe.gguf")
     server = Server(model, args, workdir)
     summary: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu_name(), "cores": os.cpu_count(),
         "python": platform.python_version(), "server_cmd": " ".join(server.cmd[1:]),
         "batch_invariant": not args.no_batch_invariant, "seconds": args.seconds, "clients": args.clients,
         "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs, "seed": args.seed,

@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moeserve.export import CHATML_TEMPLATE, SPECIAL_TOKENS, Vocab, export_qwen3moe  # noqa: E402
+from moeserve.kernels.cpu.build import cpu_name  # noqa: E402
 
 DATA = ROOT / "moeserve" / "data"
 EOT = "<|endoftext|>"
@@ -685,14 +686,6 @@ def _greedy_the(gguf: Path) -> tuple[str, int]:
     return out.text, max_ngram_repeats(list(out.token_ids), 4)
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def samples_md(samples: list[tuple[str, str]]) -> str:
     body = "\n\n".join(f"```\n$ moeserve generate {p!r} -n 48 --seed 0\n{t}\n```" for p, t in samples)
     return ("## Samples\n\nThe CLI's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition "
@@ -772,7 +765,7 @@ Training module checked against transformers: {hf_check}.
 AdamW (β=0.9/0.95, weight decay 0.1), lr {args.lr:g} with {max(1, args.steps // 20)} warm-up steps and cosine decay
 to 10 %, gradient clipping 1.0, load-balancing loss ×{args.aux_coef:g}; {steps}
 tokens ({args.steps * args.batch * args.seq_len:,} tokens); {train_seconds / 60:.1f} min of training,
-{total_seconds / 60:.1f} min in all, on {args.threads} shared CPU cores ({_cpu_name()}, torch {torch.__version__}).
+{total_seconds / 60:.1f} min in all, on {args.threads} shared CPU cores ({cpu_name()}, torch {torch.__version__}).
 
 | | |
 |---|---|

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moeserve.errors import MoeServeError
+from moeserve.errors import MoeServeError, RequestError
 from moeserve.model.parallel import Shard
 
 STOP, STEP, FULL, HIDDEN, START = 0, 1, 2, 3, 4  # what rank 0 tells the workers
@@ -57,9 +57,9 @@ class ParallelConfig:
 
     def validate(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be a whole number >= 1, got {self.tensor_parallel_size!r}")
+            raise RequestError(f"tensor_parallel_size must be a whole number >= 1, got {self.tensor_parallel_size!r}")
         if not self.timeout > 0:
-            raise ValueError(f"the collective timeout must be > 0 seconds, got {self.timeout!r}")
+            raise RequestError(f"the collective timeout must be > 0 seconds, got {self.timeout!r}")
 
 
 def torchrun_env() -> tuple[int, int] | None:

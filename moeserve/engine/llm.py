@@ -102,10 +102,7 @@ class LLM:
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
                                           enforce_eager, batch_invariant_requested(batch_invariant))
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
-        try:
-            self.parallel.validate()
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
+        self.parallel.validate()
         if tensor_parallel_size > 1 and self.engine_config.batch_invariant:
             raise RequestError("batch_invariant is not available with tensor_parallel_size > 1 (the ranks' "
                                "expert kernels change regime with the number of pairs they receive)")

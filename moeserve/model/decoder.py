@@ -86,9 +86,6 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     H, hd, nh, nkv, eps = cfg.hidden_size, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps
     held: list[PackedTensor | torch.Tensor] = []
 
-    def tensor(name: str, shape: tuple[int, ...]) -> PackedTensor:
-        return f.tensor(name, shape)
-
     def vector(name: str, size: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         v = backend.vector(f.tensor(name, (size,)))[lo:hi]
         held.append(v)
@@ -102,7 +99,7 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
 
     def rows_linear(name: str, out: int, inp: int, lo: int, hi: int, bias: bool = False) -> Linear:
         """Output rows [lo, hi) of a (out, inp) matrix (all of them when not split)."""
-        w = tensor(name, (out, inp))
+        w = f.tensor(name, (out, inp))
         b = vector(name.replace(".weight", ".bias"), out, lo, hi) if bias else None
         return backend.linear(packed(take_rows(w, lo, hi) if (lo, hi) != (0, out) else w), b)
 
@@ -111,7 +108,7 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     rope = backend.rope(cfg.rope_dim, cfg.rope_theta, cfg.rope_neox, max_positions, freq_factors)
     plan = None
     if sh.parallel:
-        plan = plan_heads(nh, nkv, hd, col_unit(tensor("blk.0.attn_output.weight", (H, nh * hd))), sh)
+        plan = plan_heads(nh, nkv, hd, col_unit(f.tensor("blk.0.attn_output.weight", (H, nh * hd))), sh)
     sh.attention_split = plan is not None
     q0, q1, k0, k1 = (plan.q0, plan.q1, plan.k0, plan.k1) if plan else (0, nh, 0, nkv)
     blocks = []
@@ -124,7 +121,7 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
             vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,
             vector(p + "attn_k_norm.weight", hd) if cfg.qk_norm else None,
             rope, q1 - q0, k1 - k0, hd, eps)
-        wo = tensor(p + "attn_output.weight", (H, nh * hd))
+        wo = f.tensor(p + "attn_output.weight", (H, nh * hd))
         o_proj: Linear = backend.linear(packed(take_cols(wo, q0 * hd, q1 * hd) if plan else wo))
         if plan:
             o_proj = Reduced(o_proj, sh)
@@ -135,7 +132,7 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     V = cfg.vocab_size
     cuts = split(V, sh.size)
     v0, v1 = cuts[sh.rank], cuts[sh.rank + 1]
-    embed_w = tensor("token_embd.weight", (V, H))
+    embed_w = f.tensor("token_embd.weight", (V, H))
     embed_local = packed(take_rows(embed_w, v0, v1)) if sh.parallel else packed(embed_w)
     embed: Embedding = backend.embedding(embed_local)
     if cfg.tied_embeddings:

@@ -69,6 +69,17 @@ _warned: set[str] = set()
 _STRUCTURED_KEYS = frozenset({"json", "regex", "choice", "grammar", "json_object", "whitespace_pattern"})
 
 
+def _as_list(value: Any, field: str) -> list[str | list[int]]:
+    """A prompt/input field (a text, token ids, or a list of either) as a list of texts and id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise RequestError(f"{field} is empty")
+    if isinstance(value[0], int):
+        return [list(value)]
+    return list(value)
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -187,15 +198,7 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            out: list[str | list[int]] = [p]
-        elif not p:
-            raise RequestError("prompt is empty")
-        elif isinstance(p[0], int):
-            out = [list(p)]  # type: ignore[arg-type]
-        else:
-            out = list(p)  # type: ignore[arg-type]
+        out = _as_list(self.prompt, "prompt")
         if any(len(x) == 0 for x in out):
             raise RequestError("prompt is empty")
         if len(out) > MAX_PROMPTS:
@@ -342,15 +345,7 @@ class EmbeddingRequest(BaseModel):
         if self.dimensions is not None and self.dimensions != hidden_size:
             raise RequestError(f"dimensions={self.dimensions} is not supported: this model's embeddings have "
                                f"{hidden_size} dimensions")
-        x = self.input
-        if isinstance(x, str):
-            out: list[str | list[int]] = [x]
-        elif not x:
-            raise RequestError("input is empty")
-        elif isinstance(x[0], int):
-            out = [list(x)]  # type: ignore[arg-type]
-        else:
-            out = list(x)  # type: ignore[arg-type]
+        out = _as_list(self.input, "input")
         if len(out) > MAX_EMBEDDING_INPUTS:
             raise RequestError(f"input holds {len(out)} items; at most {MAX_EMBEDDING_INPUTS} per request")
         for i, item in enumerate(out):

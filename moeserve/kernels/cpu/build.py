@@ -97,6 +97,19 @@ def _cpuinfo_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (benchmarks say which CPU gave each number)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def cpu_features() -> set[str]:
     """The CPU's feature flags as /proc/cpuinfo spells them ('avx2', 'fma', 'avx512_vnni', ...); empty
     where there is no /proc/cpuinfo."""
