@@ -188,3 +188,15 @@ def test_moe_mixed_gate_up_types_use_the_reference() -> None:
     ref = GroupedMoE(router, ReferenceExperts(gate), ReferenceExperts(up), ReferenceExperts(down), 2, True)
     h = torch.randn(4, H).to(DEVICE)
     assert torch.equal(moe(h), ref(h))
+
+
+def test_mix_matches_reference() -> None:
+    """`mix` (routing decided elsewhere, as an expert-parallel rank does: one row per (token, expert) pair)."""
+    triton_moe, ref = _moe(TYPE_PAIRS[0], 2, True)
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, H, generator=g).to(DEVICE)
+    experts = torch.tensor([[3], [0], [7], [3], [5], [1]], device=DEVICE)
+    weights = torch.rand(6, 1, generator=g).to(DEVICE)
+    want = ref.mix(h, weights, experts)
+    got = triton_moe.mix(h, weights, experts)
+    assert float((got - want).abs().max()) <= BOUND * float(want.abs().max())
