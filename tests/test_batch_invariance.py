@@ -80,12 +80,12 @@ def generate(llm: LLM, engine: LLMEngine, batch: list[list[int]]) -> tuple[list[
     logits: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
     runner, execute = engine.runner, engine.runner.execute
 
-    def recording(chunks):  # noqa: ANN001, ANN202
+    def recording(chunks, argmax=False):  # noqa: ANN001, ANN202  (the logits, even where only the argmax is asked)
         out = execute(chunks)
         sampled = [c.state.seq for c in chunks if c.samples]
         for row, seq in zip(out, sampled, strict=True):
             logits[(tuple(seq.prompt_ids), len(seq.output_ids))] = row.clone()
-        return out
+        return runner.model.argmax(out) if argmax else out
 
     llm.engine, saved = engine, llm.engine
     runner.execute = recording

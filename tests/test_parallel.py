@@ -20,12 +20,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.distributed import ParallelError
 from moeserve.engine.runner import HostStep
 from moeserve.gguf.reader import GGUFFile
-from moeserve.model.parallel import Shard, plan_heads, split, take_cols, take_rows
+from moeserve.model.parallel import Shard, VocabHead, plan_heads, split, take_cols, take_rows
 from tests.test_parity_hf import CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,10 @@ def test_two_ranks_match_one_process(make_model, name: str, mode: str) -> None:
         logits = llm.logits(PROMPT)
         err = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         assert err <= 1e-4, f"{name} {mode}: max |Δlogits| = {err:.2e} of max|logits|"
-        assert greedy(llm, PROMPT) == ref_tokens
+        assert greedy(llm, PROMPT) == ref_tokens  # plain greedy: each rank sends its best (logit, token)
+        with_logprobs = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+        out = llm.generate([PROMPT], with_logprobs)[0].outputs[0]  # the logit columns are gathered
+        assert out.token_ids == ref_tokens[:8] and len(out.logprobs) == 8
         assert llm.model.shard.attention_split == (mode != "ep")  # these heads fall on o_proj's blocks
         held = llm.rank_weight_bytes
         assert len(held) == 2 and all(b > 0 for b in held)
@@ -218,6 +222,29 @@ def test_host_step_round_trip() -> None:
     h = HostStep(ids=[5, 6, 7, 9], positions=[0, 1, 2, 40], slots=[0, 1, 2, 72], starts=[0, 3, 4],
                  contexts=[0, 40], lens=[3, 41], tables=[[0], [3, 4, 5]], rows=[2, 3])
     assert HostStep.unpack(h.pack()) == h
+    h.argmax = True
+    assert HostStep.unpack(h.pack()) == h
+
+
+class _TwoRanks(Shard):
+    """Rank 0 of 2, with the other rank's gathered columns given."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        super().__init__(rank=0, size=2)
+        self.other = other
+
+    def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        return torch.cat([x, self.other], dim=1)
+
+
+def test_split_vocabulary_argmax_is_the_global_first_maximum() -> None:
+    """`VocabHead.argmax` picks what torch.argmax over the whole vocabulary picks: ties go to the lower token id
+    (rank 0's range comes first), and a NaN wins."""
+    logits = torch.tensor([[1.0, 5.0, 2.0], [0.0, 3.0, 3.0], [1.0, 2.0, 0.0], [0.0, 1.0, float("nan")]])
+    # rank 1 holds tokens 3..5: its best (value, id) per row
+    other = torch.tensor([[4.0, 3.0], [3.0, 4.0], [7.0, 5.0], [9.0, 3.0]])
+    head = VocabHead(lambda x: x, [0, 3, 6], _TwoRanks(other), lambda x: torch.argmax(x, dim=-1))
+    assert head.argmax(logits).tolist() == [1, 1, 5, 2]
 
 
 def test_cli_flags_need_two_ranks() -> None:

@@ -320,13 +320,20 @@ class LLMEngine:
         for c in sched.chunks:
             n_prompt = len(c.state.seq.prompt_ids)
             self._computed_prompt_tokens += max(0, min(c.start + c.length, n_prompt) - c.start)
-        logits = self.runner.execute(sched.chunks)
-        self.scheduler.commit(sched)
         sampled = [c.state.seq for c in sched.chunks if c.samples]
+        # plain greedy rows need only the argmax: the runner returns token ids (one process: the backend's argmax
+        # of the same logits the sampler would take; several ranks: no logit columns cross between them)
+        argmax = bool(sampled) and all(s.params.argmax_only for s in sampled)
+        out = self.runner.execute(sched.chunks, argmax=argmax)
+        self.scheduler.commit(sched)
         if sampled:
-            out = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                      [s.all_ids for s in sampled], [s.output_ids for s in sampled])
-            for s, tok, lp in zip(sampled, out.token_ids.tolist(), out.logprobs, strict=True):
+            if argmax:
+                ids, lps = out.tolist(), [None] * len(sampled)
+            else:
+                res = self.sampler.sample(out, [s.params for s in sampled], [s.generator for s in sampled],
+                                          [s.all_ids for s in sampled], [s.output_ids for s in sampled])
+                ids, lps = res.token_ids.tolist(), res.logprobs
+            for s, tok, lp in zip(sampled, ids, lps, strict=True):
                 s.append(int(tok), lp, self.max_model_len)
             self._generation_tokens += len(sampled)
 

@@ -37,11 +37,12 @@ class HostStep:
     lens: list[int]  # tokens in the sequence after this step
     tables: list[list[int]]  # the KV blocks each sequence's attention reads
     rows: list[int]  # the rows whose logits are sampled
+    argmax: bool = False  # return the rows' argmax token ids instead of their logits (plain greedy)
 
     @classmethod
-    def of(cls, chunks: Sequence[Chunk], max_positions: int) -> HostStep:
+    def of(cls, chunks: Sequence[Chunk], max_positions: int, argmax: bool = False) -> HostStep:
         """Flatten the step's chunks (host loops here, none in the forward)."""
-        h = cls([], [], [], [0], [], [], [], [])
+        h = cls([], [], [], [0], [], [], [], [], argmax)
         for c in chunks:
             st, end = c.state, c.start + c.length
             if end > max_positions:
@@ -58,8 +59,8 @@ class HostStep:
         return h
 
     def pack(self) -> list[int]:
-        """One flat list of ints: [T, n, R, ids, positions, slots, starts, contexts, lens, rows, tables...]."""
-        out = [len(self.ids), len(self.lens), len(self.rows)]
+        """One flat list of ints: [T, n, R, argmax, ids, positions, slots, starts, contexts, lens, rows, tables...]."""
+        out = [len(self.ids), len(self.lens), len(self.rows), int(self.argmax)]
         for part in (self.ids, self.positions, self.slots, self.starts, self.contexts, self.lens, self.rows):
             out += part
         for t in self.tables:
@@ -68,8 +69,8 @@ class HostStep:
 
     @classmethod
     def unpack(cls, flat: list[int]) -> HostStep:
-        T, n, R = flat[:3]
-        i = 3
+        T, n, R, argmax = flat[:4]
+        i = 4
         parts = []
         for size in (T, T, T, n + 1, n, n, R):
             parts.append(flat[i:i + size])
@@ -80,7 +81,7 @@ class HostStep:
             b = blocks_for(length)
             tables.append(flat[i:i + b])
             i += b
-        return cls(*parts[:6], tables, parts[6])
+        return cls(*parts[:6], tables, parts[6], bool(argmax))
 
 
 @dataclass
@@ -128,13 +129,15 @@ class ModelRunner:
     def run(self, h: HostStep) -> torch.Tensor:
         """The forward of a flattened step (a parallel group's workers replay rank 0's steps through this)."""
         step = self.to_device(h)
-        return self.model.forward(step.ids, step.meta, step.logit_rows)
+        return self.model.forward(step.ids, step.meta, step.logit_rows, argmax=h.argmax)
 
-    def execute(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """Run one scheduled step (its k/v land in the pool); float32 logits of the sampling rows."""
+    def execute(self, chunks: Sequence[Chunk], argmax: bool = False) -> torch.Tensor:
+        """Run one scheduled step (its k/v land in the pool): float32 logits of the sampling rows, or with
+        `argmax` their greedy token ids (int64)."""
         if self.graphs is not None and self.graphs.fits(chunks):
-            return self.graphs.run(chunks)
-        h = HostStep.of(chunks, self.model.max_positions)
+            logits = self.graphs.run(chunks)
+            return self.model.argmax(logits) if argmax else logits
+        h = HostStep.of(chunks, self.model.max_positions, argmax)
         if self.driver is None:
             return self.run(h)
         with self.driver.step(STEP, h.pack()):  # the other ranks replay the same step

@@ -173,6 +173,14 @@ class SamplingParams:
         """True when sampling degenerates to argmax, so the sampler can skip the random path."""
         return self.temperature < _SAMPLING_EPS or self.top_k == 1
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing that reads or changes the logits (bias, grammar, penalties, logprobs): the token is
+        the raw logits' argmax, so a model split over ranks may send each rank's best (logit, token) instead of
+        its logit columns (`ModelRunner.execute(..., argmax=True)`)."""
+        return (self.greedy and not self.logit_bias and self.guide is None and self.logprobs is None
+                and self.repetition_penalty == 1.0 and self.frequency_penalty == 0.0 and self.presence_penalty == 0.0)
+
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
     """Return a generator on `device` (where the logits are) seeded from `params.seed`, or None for unseeded ones.

@@ -22,7 +22,6 @@ from moeserve.model.parallel import (
     ExpertParallelMoE,
     Reduced,
     Shard,
-    VocabEmbedding,
     VocabHead,
     ZeroFFN,
     col_unit,
@@ -40,8 +39,12 @@ class Decoder:
     def __init__(self, config: ModelConfig, embed: Embedding, blocks: list[Block], norm: Norm, lm_head: Linear,
                  max_positions: int, device: torch.device, argmax: Callable[[torch.Tensor], torch.Tensor],
                  graph_safe: bool = False, batch_invariant: bool = False, kv_heads: int | None = None,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None,
+                 greedy_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.config, self.embed, self.blocks, self.norm, self.lm_head = config, embed, blocks, norm, lm_head
+        # final hidden states -> greedy token ids: the argmax of the logits (a split vocabulary compares each
+        # rank's best instead of gathering its logits)
+        self.greedy_head = greedy_head or (lambda h: argmax(lm_head(h).float()))
         self.shard = shard or Shard()  # this process's place in a parallel group (rank 0 of 1 when alone)
         # the KV pool's shape: this rank's KV heads (all of them unless attention is split over ranks)
         self.cache_config = replace(config, n_kv_heads=kv_heads) if kv_heads not in (None, config.n_kv_heads) \
@@ -54,13 +57,15 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta: AttentionMetadata,
-                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [R, vocab] of `logit_rows` of the flattened step (all rows when None)."""
+                logit_rows: torch.Tensor | None = None, argmax: bool = False) -> torch.Tensor:
+        """float32 logits [R, vocab] of `logit_rows` of the flattened step (all rows when None); with `argmax`,
+        their greedy token ids [R] (int64) instead."""
         x = self._residual(ids, meta)
         if logit_rows is not None:
             x = x[logit_rows]
         with stage("lm_head"):
-            return self.lm_head(self.norm(x)).float()
+            h = self.norm(x)
+            return self.greedy_head(h) if argmax else self.lm_head(h).float()
 
     @torch.inference_mode()
     def hidden_states(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -132,20 +137,22 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     V = cfg.vocab_size
     cuts = split(V, sh.size)
     v0, v1 = cuts[sh.rank], cuts[sh.rank + 1]
-    embed_w = f.tensor("token_embd.weight", (V, H))
-    embed_local = packed(take_rows(embed_w, v0, v1)) if sh.parallel else packed(embed_w)
-    embed: Embedding = backend.embedding(embed_local)
+    # The embedding is whole on every rank: a lookup reads T rows, while splitting it would cost an all-reduce
+    # per step. The lm_head (a full read per step) is split by vocabulary rows.
+    embed_w = packed(f.tensor("token_embd.weight", (V, H)))
+    embed: Embedding = backend.embedding(embed_w)
     if cfg.tied_embeddings:
-        head: Linear = backend.linear(embed_local)
+        head: Linear = backend.linear(take_rows(embed_w, v0, v1) if sh.parallel else embed_w)
     else:
         head = rows_linear("output.weight", V, H, v0, v1)
+    greedy_head = None
     if sh.parallel:
-        embed = VocabEmbedding(embed, v0, v1, sh)
-        head = VocabHead(head, [b - a for a, b in zip(cuts, cuts[1:])], sh)
+        head = VocabHead(head, cuts, sh, backend.argmax)
+        greedy_head = head.argmax
     sh.held_bytes = held_bytes(*{id(t): t for t in held}.values())
     return Decoder(cfg, embed, blocks, backend.norm(vector("output_norm.weight", H), eps), head,
                    max_positions, backend.device, backend.argmax, backend.graph_safe and not sh.parallel,
-                   backend.batch_invariant, kv_heads=k1 - k0, shard=sh)
+                   backend.batch_invariant, kv_heads=k1 - k0, shard=sh, greedy_head=greedy_head)
 
 
 def _moe(f: GGUFFile, backend: Backend, cfg: ModelConfig, p: str, sh: Shard, packed: Callable) -> MoEBlock:

@@ -13,9 +13,13 @@ every rank; each rank holds only its part of the big weights and the layers meet
 * **MoE, expert parallel** (`expert_parallel`): rank r holds whole experts [e0, e1) (vLLM's expert
   map); every rank routes every token (the router is replicated), runs only the (token, expert)
   pairs that land on its experts, and the outputs are summed (all-reduce).
-* **vocabulary**: rank r holds rows [v0, v1) of the embedding and of the lm_head. Embedding rows
-  outside a rank's range are zero and the all-reduce fills them in; the lm_head's logit columns are
-  gathered on rank 0, which samples.
+* **vocabulary**: rank r holds rows [v0, v1) of the lm_head; its logit columns are gathered on rank 0,
+  which samples. A plain greedy step (`argmax`) gathers only each rank's best (logit, token) per row.
+  The embedding is replicated: a lookup reads T rows, a split one would cost an all-reduce per step.
+
+On CPUs (gloo) a rank waits for a forward collective by polling it and yielding its core rather than
+sleeping in it: on a VM an idle vCPU takes hundreds of µs to wake, which, at two collectives per layer,
+is a large share of a decode step.
 
 Column cuts of a quantized matrix fall on its blocks (32 or 256 weights): a split is as even as
 the blocks allow, and a rank may get an empty share of an expert's columns (it then adds zero).
@@ -25,6 +29,8 @@ When no split of the heads keeps every o_proj cut on a block, attention is repli
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +63,7 @@ class Shard:
         """Sum of every rank's partial result (float32; every rank gets the same bits)."""
         with stage("all_reduce"):
             x = x.float().contiguous()
-            dist.all_reduce(x, group=self.group)
+            _wait(dist.all_reduce(x, group=self.group, async_op=True), x)
             return x
 
     def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -65,11 +71,21 @@ class Shard:
         with stage("gather"):
             x = x.float().contiguous()
             if self.rank != 0:
-                dist.gather(x, None, dst=0, group=self.group)
+                _wait(dist.gather(x, None, dst=0, group=self.group, async_op=True), x)
                 return x
             parts = [x.new_empty(x.shape[0], w) for w in widths]
-            dist.gather(x, parts, dst=0, group=self.group)
+            _wait(dist.gather(x, parts, dst=0, group=self.group, async_op=True), x)
             return torch.cat(parts, dim=1)
+
+
+def _wait(work: Any, x: torch.Tensor) -> None:
+    """Wait for a forward collective: on a CPU by polling it with the core yielded (a waiting rank whose core
+    stays awake answers at once, where an idle vCPU of a VM takes hundreds of µs to wake; gloo's timeout still
+    ends a collective whose peer is gone), on a GPU by the stream as usual. Raises what the collective raised."""
+    if x.device.type == "cpu":
+        while not work.is_completed():
+            os.sched_yield()
+    work.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,28 +199,31 @@ class ZeroFFN:
         return torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
 
 
-class VocabEmbedding:
-    """Rows [v0, v1) of the embedding; ids outside are zero here and filled in by the all-reduce."""
-
-    def __init__(self, inner: Any, v0: int, v1: int, shard: Shard) -> None:
-        self.inner, self.v0, self.v1, self.shard = inner, v0, v1, shard
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        mine = (ids >= self.v0) & (ids < self.v1)
-        local = torch.where(mine, ids - self.v0, torch.zeros_like(ids))
-        rows = self.inner(local).float() * mine[:, None]
-        return self.shard.all_reduce(rows)
-
-
 class VocabHead:
-    """Logit columns [v0, v1) on each rank, gathered side by side on rank 0 (which samples)."""
+    """Logit columns [cuts[r], cuts[r+1]) on rank r, gathered side by side on rank 0 (which samples)."""
 
-    def __init__(self, inner: Any, widths: list[int], shard: Shard) -> None:
-        self.inner, self.widths, self.shard = inner, widths, shard
-        self.in_features, self.out_features = getattr(inner, "in_features", None), sum(widths)
+    def __init__(self, inner: Any, cuts: list[int], shard: Shard,
+                 pick: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """`pick`: the backend's row-wise argmax (first maximum, NaN wins), for `argmax`."""
+        self.inner, self.shard, self.pick = inner, shard, pick
+        self.widths = [b - a for a, b in zip(cuts, cuts[1:])]
+        self.v0 = cuts[shard.rank]
+        self.in_features, self.out_features = getattr(inner, "in_features", None), cuts[-1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shard.gather_columns(self.inner(x), self.widths)
+        return self.shard.gather_columns(self.inner(x).float(), self.widths)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Greedy token ids [R] on rank 0 from each rank's best (logit, token) per row: 2 numbers per row cross
+        instead of V/N logits. The first maximum over the whole vocabulary wins, as in one process: ranks hold
+        ascending vocabulary ranges and torch.argmax takes the first of equal maxima (a NaN counts as +inf)."""
+        logits = self.inner(x).float()
+        idx = self.pick(logits)
+        best = torch.stack([logits.gather(1, idx[:, None])[:, 0], (idx + self.v0).float()], dim=1)  # ids < 2^24
+        every = self.shard.gather_columns(best, [2] * self.shard.size)  # rank 0: [R, 2N] (value, id) pairs
+        values, ids = every[:, 0::2], every[:, 1::2]
+        winner = torch.nan_to_num(values, nan=float("inf")).argmax(dim=1, keepdim=True)
+        return ids.gather(1, winner)[:, 0].long()
 
 
 class ExpertParallelMoE:
@@ -244,5 +263,5 @@ def describe(shard: Shard) -> str:
     return f"{shard.size} ranks: {attn}, {moe}, vocabulary split"
 
 
-__all__ = ["ExpertParallelMoE", "HeadPlan", "Reduced", "Shard", "VocabEmbedding", "VocabHead", "ZeroFFN",
+__all__ = ["ExpertParallelMoE", "HeadPlan", "Reduced", "Shard", "VocabHead", "ZeroFFN",
            "col_unit", "describe", "held_bytes", "plan_heads", "resident", "split", "take_cols", "take_rows"]
