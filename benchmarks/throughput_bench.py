@@ -44,14 +44,15 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 class MoeserveStreams:
     """n streams in moeserve's continuous-batching engine, prefilled and warmed up; `run(k)` times k steps."""
 
-    def __init__(self, llm, n: int, top: int, prompt_len: int, max_len: int, steps: int, warmup: int) -> None:
+    def __init__(self, llm, n: int, top: int, prompt_len: int, max_len: int, steps: int, warmup: int,
+                 temperature: float = 0.0) -> None:
         from moeserve import SamplingParams
         from moeserve.engine.engine import EngineConfig
 
         self.engine = llm.make_engine(EngineConfig(max_num_seqs=top, max_num_batched_tokens=max(512, n * prompt_len),
                                                   num_kv_blocks=n * (-(-max_len // 16)) + 1,
                                                   enable_prefix_caching=False))
-        params = SamplingParams(max_tokens=steps + warmup + 1, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=steps + warmup + 1, temperature=temperature, ignore_eos=True)
         for p in make_prompts(n, prompt_len, llm.config.vocab_size):
             self.engine.add_request(p, params)
         states = self.engine.scheduler.running
