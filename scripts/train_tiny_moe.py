@@ -533,7 +533,7 @@ def max_ngram_repeats(ids: list[int], n: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=DATA / "moeserve-tiny-moe.gguf")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1.5e-3)
@@ -543,9 +543,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--expert-ffn", type=int, default=384)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--unlikelihood", type=float, default=0.0,
+    ap.add_argument("--unlikelihood", type=float, default=1.0,
                     help="weight of the token-level unlikelihood loss against repetition (0: off)")
-    ap.add_argument("--select", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--select", action=argparse.BooleanOptionalAction, default=True,
                     help="export the evaluated checkpoint of the last quarter with the fewest looping probes\n"
                          "(then the lowest held-out perplexity) instead of always the final weights")
     ap.add_argument("--chat-pairs", type=int, default=2000)

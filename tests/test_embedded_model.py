@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moeserve import LLM
+from moeserve import LLM, SamplingParams
 from moeserve.engine.llm import default_model_path
 from moeserve.gguf.config import load_config
 from moeserve.gguf.reader import GGUFFile
@@ -46,3 +46,13 @@ def test_held_out_perplexity(llm: LLM) -> None:
         total += float((logz - x[np.arange(len(w) - 1), w[1:]]).sum())
         n += len(w) - 1
     assert math.exp(total / n) < 132.8
+
+
+def test_greedy_the_is_not_a_loop(llm: LLM) -> None:
+    """`moeserve generate The -n 48 --temperature 0`: no 4-gram occurs 3 times in the 48 tokens."""
+    from collections import Counter
+
+    ids = llm.generate("The", SamplingParams(max_tokens=48, temperature=0.0))[0].outputs[0].token_ids
+    grams = Counter(tuple(ids[i:i + 4]) for i in range(len(ids) - 3))
+    gram, count = grams.most_common(1)[0]
+    assert count < 3, f"{llm.tokenizer.decode(list(gram))!r} occurs {count} times in {llm.tokenizer.decode(ids)!r}"
