@@ -517,9 +517,9 @@ def unlikelihood(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tens
 PROBES = ("The", "A", "In", "This function", "Return", "If the")
 
 
-def loop_check(model: TinyQwen3Moe, tok, n: int = 48) -> dict[str, int]:
-    """Each probe's most repeated 4-gram count in `n` greedy tokens (a loop: 3 or more)."""
-    return {p: max_ngram_repeats(greedy(model, tok.encode(p, add_special_tokens=False).ids, n), 4) for p in PROBES}
+def probe_greedy(model: TinyQwen3Moe, tok, n: int = 48) -> dict[str, list[int]]:
+    """Each probe's `n` greedy tokens (a loop: some 4-gram 3 or more times, `max_ngram_repeats`)."""
+    return {p: greedy(model, tok.encode(p, add_special_tokens=False).ids, n) for p in PROBES}
 
 
 def max_ngram_repeats(ids: list[int], n: int) -> int:
@@ -621,8 +621,9 @@ def main() -> None:
 
     def evaluate(step: int) -> None:
         nll, n = window_nll(model, held_ids, T)
-        loops = loop_check(model, tok)
-        sample = greedy(model, tok.encode("The", add_special_tokens=False).ids, 48)
+        samples = probe_greedy(model, tok)
+        loops = {p: max_ngram_repeats(ids, 4) for p, ids in samples.items()}
+        sample = samples["The"]
         print(f"  eval step {step}: held-out ppl {math.exp(nll / n):.2f}; 4-gram repeats per probe {loops}; "
               f"greedy 'The': {tok.decode(sample)!r}", flush=True)
         if step >= args.steps * 3 // 4:

@@ -260,7 +260,7 @@ def describe(shard: Shard) -> str:
         return "1 process"
     attn = "attention split by heads" if shard.attention_split else "attention replicated"
     moe = "experts split (expert parallel)" if shard.expert_parallel else "expert FFNs split (tensor parallel)"
-    return f"{shard.size} ranks: {attn}, {moe}, vocabulary split"
+    return f"{shard.size} ranks: {attn}, {moe}, lm_head split by vocabulary"
 
 
 __all__ = ["ExpertParallelMoE", "HeadPlan", "Reduced", "Shard", "VocabHead", "ZeroFFN",
