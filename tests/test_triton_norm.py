@@ -39,6 +39,22 @@ def test_rms_norm_matches_reference(H, dtype):
     torch.testing.assert_close(got, RMSNorm(w, 1e-6)(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H", [64, 1000])
+def test_add_norm_is_the_sum_then_the_norm(H):
+    """The fused residual add + RMSNorm: the same float32 sum as `x + delta` (bitwise) and its norm."""
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(5, H, generator=g)).to(DEVICE)
+    delta = torch.randn(5, H, generator=g).to(DEVICE)
+    w = torch.randn(H, generator=g).to(DEVICE)
+    s, h = TritonRMSNorm(w, 1e-6).add_norm(x, delta)
+    ref_s, ref_h = RMSNorm(w, 1e-6).add_norm(x, delta)
+    assert torch.equal(s, ref_s) and torch.equal(ref_s, x + delta)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    s0, h0 = TritonRMSNorm(w, 1e-6).add_norm(x, None)  # the first block: nothing pending
+    assert s0 is x
+    torch.testing.assert_close(h0, RMSNorm(w, 1e-6)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_rms_norm_of_a_strided_view_and_no_rows():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 96, generator=g).to(DEVICE)[:, :32]

@@ -79,9 +79,14 @@ class MLPBlock(Protocol):
 
 
 class Norm(Protocol):
-    """RMSNorm over the last dim, in float32."""
+    """RMSNorm over the last dim, in float32.
+
+    `add_norm(x, delta)` is the pre-norm residual step, `s = x + delta` then `(s, norm(s))` (`delta` None: `(x,
+    norm(x))`): one pass over the row where a backend fuses it, the same float32 sum either way."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Embedding(Protocol):

@@ -30,6 +30,11 @@ class RMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`s = x + delta; (s, norm(s))` (the Norm protocol)."""
+        s = x if delta is None else x + delta
+        return s, self(s)
+
 
 class QKVRope:
     """q, k, v = wq(h), wk(h), wv(h) per head; Qwen3's per-head RMSNorm of q and k; RoPE on q and k."""

@@ -60,24 +60,24 @@ class Decoder:
                 logit_rows: torch.Tensor | None = None, argmax: bool = False) -> torch.Tensor:
         """float32 logits [R, vocab] of `logit_rows` of the flattened step (all rows when None); with `argmax`,
         their greedy token ids [R] (int64) instead."""
-        x = self._residual(ids, meta)
+        x, pending = self._residual(ids, meta)
         if logit_rows is not None:
-            x = x[logit_rows]
+            x, pending = x[logit_rows], None if pending is None else pending[logit_rows]
         with stage("lm_head"):
-            h = self.norm(x)
+            _, h = self.norm.add_norm(x, pending)
             return self.greedy_head(h) if argmax else self.lm_head(h).float()
 
     @torch.inference_mode()
     def hidden_states(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """float32 [T, hidden]: every row's final hidden state after the final norm (the lm_head's input)."""
-        return self.norm(self._residual(ids, meta)).float()
+        return self.norm.add_norm(*self._residual(ids, meta))[1].float()
 
-    def _residual(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The residual stream after the last block."""
-        x = self.embed(ids)
+    def _residual(self, ids: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream after the last block, as (stream, the last block's FFN output still to add)."""
+        x, pending = self.embed(ids), None
         for block in self.blocks:
-            x = block(x, meta)
-        return x
+            x, pending = block(x, pending, meta)
+        return x, pending
 
 
 def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = None,

@@ -42,12 +42,18 @@ class Block:
     """Pre-norm transformer block: x += attn(norm(x)); x += ffn(norm(x)).
 
     The FFN is a dense `MLP` or the backend's MoE block — top-k routed SwiGLU experts,
-    sum_k w_k * down_k(silu(gate_k(x)) * up_k(x)) (reference math: `kernels/moe.py` `GroupedMoE`)."""
+    sum_k w_k * down_k(silu(gate_k(x)) * up_k(x)) (reference math: `kernels/moe.py` `GroupedMoE`).
+
+    Each residual add is left to the next norm (`Norm.add_norm`, one fused pass where the backend has it):
+    a block takes the stream and the previous block's pending FFN output and returns its own pair."""
 
     def __init__(self, attn_norm: Norm, attn: Attention, ffn_norm: Norm, ffn: MLP | MoEBlock) -> None:
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
-    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pending: torch.Tensor | None,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, pending) -> (x', ffn output): the residual stream is x' + ffn output."""
         with stage("attention"):
-            x = x + self.attn(self.attn_norm(x), meta)
-        return x + self.ffn(self.ffn_norm(x))
+            x, h = self.attn_norm.add_norm(x, pending)
+            x, h = self.ffn_norm.add_norm(x, self.attn(h, meta))
+        return x, self.ffn(h)

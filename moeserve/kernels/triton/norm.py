@@ -36,11 +36,46 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_x, stride_o, eps, H: tl.constex
     tl.store(o_ptr + row * stride_o + c, x * rstd * w, mask=ok)
 
 
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, s_ptr, o_ptr, w_ptr, stride_x, stride_d, stride_s, stride_o, eps,
+                         H: tl.constexpr, BLOCK: tl.constexpr):
+    """s = x + delta (float32, stored), o = rms_norm(s) * w: the residual add and the next norm in one pass."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    ok = c < H
+    s = tl.load(x_ptr + row * stride_x + c, mask=ok, other=0.0).to(tl.float32) + \
+        tl.load(d_ptr + row * stride_d + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(s_ptr + row * stride_s + c, s, mask=ok)
+    w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / H + eps)
+    tl.store(o_ptr + row * stride_o + c, s * rstd * w, mask=ok)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 class TritonRMSNorm:
-    """RMSNorm over the last dim: x [T, H] any float -> float32 [T, H]."""
+    """RMSNorm over the last dim: x [T, H] any float -> float32 [T, H]; `add_norm` fuses the residual add."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         self.weight, self.eps = weight.contiguous(), eps
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`s = x + delta` (float32) and `norm(s)` in one kernel (the Norm protocol)."""
+        if delta is None:
+            return x, self(x)
+        H = x.shape[-1]
+        x2, d2 = _rows(x), _rows(delta)
+        s = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+        out = torch.empty_like(s)
+        if x2.shape[0]:
+            block = _pow2(H)
+            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, s, out, self.weight, x2.stride(0), d2.stride(0), s.stride(0),
+                                                 out.stride(0), self.eps, H=H, BLOCK=block,
+                                                 num_warps=min(16, max(1, block // 256)))
+        return s.view(x.shape), out.view(x.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         H = x.shape[-1]

@@ -1,0 +1,261 @@
+"""What the triton backend's kernels cost on an H100, measured without one: compile them for sm_90 and read the SASS.
+
+    python benchmarks/sass_report.py /tmp/qwen3-30b-a3b-4l.gguf          # decode T=1 and T=16 steps
+    python benchmarks/sass_report.py FILE --tokens 1 --json out.json
+
+Triton ships `ptxas` and `cuobjdump`, so a kernel compiles to an H100 binary on a machine with no GPU. The
+script runs one forward of the model through the triton backend under Triton's interpreter with every kernel
+launch recorded and *skipped* (so it is quick, and the outputs are garbage), then, in a second process
+without the interpreter, compiles each distinct launch — the same argument types, 16-byte divisibility
+specialisations, constexprs, warps and stages the runtime would use — for `cuda:90` and reports:
+
+* registers per thread, local-memory stack (spills), shared memory: occupancy and spills;
+* each loop's body (a backward branch in the SASS): instructions, global loads and their widths;
+* for the quantized matrix kernels, warp instructions issued per weight in the K loop. An H100 (SXM) issues
+  about 132 SMs x 4 x 1.98 GHz = 1.05e12 warp instructions/s and streams 3.35e12 bytes/s, so a kernel that
+  reads Q4_K weights (0.5625 bytes each) at full bandwidth may spend at most ~0.18 warp instructions per
+  weight; above that it is bound by instruction issue, not memory (`bound_by_issue` = the share of peak
+  bandwidth it can reach at best).
+
+It is a static proxy: it says nothing of latency, caches or launch gaps, and the device's triton version may
+generate different code. Timings come from `benchmarks/gpu_bench.py` on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+H100_WARP_INSTR_PER_S = 132 * 4 * 1.98e9
+H100_BYTES_PER_S = 3.35e12
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
+           "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. record the launches of one forward (interpreter, kernels skipped)
+# --------------------------------------------------------------------------------------------
+
+
+def _arg_spec(value: Any) -> tuple[str, Any, bool]:
+    """(type, constexpr value or None, divisible by 16) of one runtime argument, as the JIT specialises it."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[str(value.dtype).removeprefix("torch.")], None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    if value is None:
+        return "constexpr", None, False
+    raise TypeError(f"argument {value!r} of type {type(value)}")
+
+
+def record(path: str, tokens: list[int]) -> list[dict]:
+    """Every distinct kernel launch of a prefill of 8 tokens per sequence and one decode step of `tokens` rows."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from moeserve import LLM, SamplingParams
+
+    seen: dict[str, dict] = {}
+    phase = {"rows": 0}
+
+    def run(self, *args, grid, warmup, **kwargs):  # noqa: ANN001, ANN202
+        fn = self.fn
+        params = inspect.signature(fn).parameters
+        names = list(params)
+        constexpr_names = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        launch = {"module": fn.__module__, "kernel": fn.__name__, "num_warps": kwargs.pop("num_warps", 4),
+                  "num_stages": kwargs.pop("num_stages", 3), "signature": {}, "constexprs": {}, "divisible": []}
+        values = dict(zip(names, args, strict=False)) | kwargs
+        for n in names:
+            if n not in values:  # a default
+                values[n] = params[n].default
+            v = values[n]
+            if n in constexpr_names:
+                launch["signature"][n] = "constexpr"
+                launch["constexprs"][n] = v
+                continue
+            t, c, div = _arg_spec(v)
+            launch["signature"][n] = t
+            if t == "constexpr":
+                launch["constexprs"][n] = c
+            elif div:
+                launch["divisible"].append(n)
+        key = json.dumps([launch[k] for k in ("module", "kernel", "num_warps", "num_stages", "signature",
+                                              "constexprs", "divisible")], sort_keys=True)
+        g = grid(values) if callable(grid) else grid
+        entry = seen.setdefault(key, launch | {"grid": list(g), "rows": phase["rows"]})
+        entry["calls"] = entry.get("calls", 0) + 1
+
+    InterpretedFunction.run = run
+    llm = LLM(path, device="cpu", kernels="triton", warmup=False, max_model_len=256, enforce_eager=True,
+              max_num_seqs=max(tokens))
+    engine = llm.engine
+    for n in tokens:
+        for i in range(n):
+            engine.add_request([1 + i, 2, 3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=2, temperature=0.0,
+                                                                             ignore_eos=True))
+        phase["rows"] = -1  # prefill launches
+        engine.step()
+        phase["rows"] = n
+        while engine.has_unfinished():
+            engine.step()
+    del torch
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 2. compile each launch for sm_90 and read its SASS
+# --------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def loops(sass: str) -> list[dict]:
+    """Each innermost-first loop (a backward branch): its body's size and global loads by width."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    out = []
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= a or int(m.group(1), 16) not in index:
+            continue
+        body = [t for _, t in ins[index[int(m.group(1), 16)]:i + 1]]
+        ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+        loads = Counter(op for op in ops.elements() if op.startswith("LDG"))
+        out.append({"instructions": len(body), "ldg": dict(loads), "spill_ld_st": ops.get("LDL", 0) + ops.get("STL", 0)
+                    + sum(v for k, v in ops.items() if k.startswith(("LDL.", "STL."))),
+                    "top": Counter(k.split(".")[0] for k in ops.elements()).most_common(8)})
+    return out
+
+
+def weights_per_iteration(launch: dict) -> int | None:
+    """Weights one program consumes per trip of its K loop, for the quantized matrix kernels (else None)."""
+    c = launch["constexprs"]
+    if not {"SH", "GPI"} <= set(c):
+        return None
+    rows = c.get("BLOCK_N", 0) * (2 if launch["kernel"].startswith("_gate_up") else 1)
+    return c["GPI"] * 2 * c["SH"] * rows
+
+
+def compile_report(launches: list[dict], keep: str | None = None) -> list[dict]:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = []
+    for n, launch in enumerate(launches):
+        fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        names = fn.arg_names
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in launch["divisible"]}
+        src = ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"], attrs=attrs)
+        row = {k: launch[k] for k in ("kernel", "rows", "grid", "num_warps", "num_stages", "constexprs")}
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
+        except Exception as exc:  # report it and go on with the other kernels
+            out.append(row | {"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(k.asm["cubin"])
+            usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                   text=True, check=True).stdout
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            Path(keep, f"{n:02d}_{launch['kernel']}.sass").write_text(sass)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+        row |= {"regs": int(m[1]), "stack": int(m[2]), "shared": int(m[3]), "loops": loops(sass)}
+        w = weights_per_iteration(launch)
+        if w and row["loops"]:
+            main = max(row["loops"], key=lambda lp: lp["instructions"])
+            per_weight = main["instructions"] * launch["num_warps"] / w
+            budget = H100_WARP_INSTR_PER_S / (H100_BYTES_PER_S / 0.5625)
+            row |= {"warp_instr_per_weight": per_weight, "bound_by_issue": min(1.0, budget / per_weight)}
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| kernel | rows | grid | warps | regs | stack | shared | main loop instr | LDG in loop | "
+             "warp instr / weight | ≤ share of HBM peak |", "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['rows']} | {r['grid']} | {r['num_warps']} | {r['error']} |")
+            continue
+        main = max(r["loops"], key=lambda lp: lp["instructions"]) if r["loops"] else {}
+        ldg = ", ".join(f"{k.removeprefix('LDG.E')or'32'}x{v}" for k, v in sorted(main.get("ldg", {}).items()))
+        per = f"{r['warp_instr_per_weight']:.3f}" if "warp_instr_per_weight" in r else ""
+        share = f"{r['bound_by_issue']:.0%}" if "bound_by_issue" in r else ""
+        lines.append(f"| {r['kernel']} | {'prefill' if r['rows'] < 0 else r['rows']} | {r['grid']} | "
+                     f"{r['num_warps']} | {r['regs']} | {r['stack']} | {r['shared']} | {main.get('instructions', '')} | "
+                     f"{ldg} | {per} | {share} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="a GGUF file (e.g. the 4-layer Qwen3-30B-A3B-shaped one of make_qwen3_30b.py)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16], help="decode rows per step to record")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--keep-sass", help="a folder for each kernel's SASS")
+    ap.add_argument("--decode-only", action="store_true", help="leave out the prefill launches")
+    ap.add_argument("--launches", help=argparse.SUPPRESS)  # internal: the recorded launches (second process)
+    args = ap.parse_args()
+    if args.launches:  # the compiling process: no interpreter here
+        rows = compile_report(json.loads(Path(args.launches).read_text()), args.keep_sass)
+        print(json.dumps(rows))
+        return
+    launches = record(args.path, args.tokens)
+    if args.decode_only:
+        launches = [lc for lc in launches if lc["rows"] >= 0]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(launches, fh)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, __file__, args.path, "--launches", fh.name] + (["--keep-sass", args.keep_sass]
+                                                                          if args.keep_sass else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    os.unlink(fh.name)
+    if done.returncode:
+        sys.exit(f"compiling failed:\n{done.stderr[-3000:]}")
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
