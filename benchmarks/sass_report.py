@@ -221,7 +221,8 @@ def table(rows: list[dict]) -> str:
         per = f"{r['warp_instr_per_weight']:.3f}" if "warp_instr_per_weight" in r else ""
         share = f"{r['bound_by_issue']:.0%}" if "bound_by_issue" in r else ""
         lines.append(f"| {r['kernel']} | {'prefill' if r['rows'] < 0 else r['rows']} | {r['grid']} | "
-                     f"{r['num_warps']} | {r['regs']} | {r['stack']} | {r['shared']} | {main.get('instructions', '')} | "
+                     f"{r['num_warps']} | {r['regs']} | {r['stack']} | {r['shared']} | "
+                     f"{main.get('instructions', '')} | "
                      f"{ldg} | {per} | {share} |")
     return "\n".join(lines)
 

@@ -185,6 +185,7 @@ def test_write_kv_is_index_copy(pool_dtype):
     slots = torch.tensor([7, 0, 39, 12, 13], device=DEVICE)
     kc = torch.zeros(slots_n, nkv, hd, dtype=pool_dtype, device=DEVICE)
     vc = torch.zeros_like(kc)
-    ref_k, ref_v = kc.clone().index_copy_(0, slots, k.to(pool_dtype)), vc.clone().index_copy_(0, slots, v.to(pool_dtype))
+    ref_k = kc.clone().index_copy_(0, slots, k.to(pool_dtype))
+    ref_v = vc.clone().index_copy_(0, slots, v.to(pool_dtype))
     write_kv(k, v, kc, vc, slots)
     assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
