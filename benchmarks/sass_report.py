@@ -105,10 +105,15 @@ def record(path: str, tokens: list[int]) -> list[dict]:
         key = json.dumps([launch[k] for k in ("module", "kernel", "num_warps", "num_stages", "signature",
                                               "constexprs", "divisible")], sort_keys=True)
         g = grid(values) if callable(grid) else grid
-        entry = seen.setdefault(key, launch | {"grid": list(g), "rows": phase["rows"]})
+        entry = seen.setdefault(key, launch | {"grid": list(g), "rows": []})
         entry["calls"] = entry.get("calls", 0) + 1
+        if phase["rows"] not in entry["rows"]:
+            entry["rows"].append(phase["rows"])
 
     InterpretedFunction.run = run
+    from moeserve.kernels.triton import qmatmul
+
+    qmatmul._sm_count = lambda device: 132  # an H100's SMs: split-K as the GPU would choose it
     llm = LLM(path, device="cpu", kernels="triton", warmup=False, max_model_len=256, enforce_eager=True,
               max_num_seqs=max(tokens))
     engine = llm.engine
@@ -220,7 +225,8 @@ def table(rows: list[dict]) -> str:
         ldg = ", ".join(f"{k.removeprefix('LDG.E')or'32'}x{v}" for k, v in sorted(main.get("ldg", {}).items()))
         per = f"{r['warp_instr_per_weight']:.3f}" if "warp_instr_per_weight" in r else ""
         share = f"{r['bound_by_issue']:.0%}" if "bound_by_issue" in r else ""
-        lines.append(f"| {r['kernel']} | {'prefill' if r['rows'] < 0 else r['rows']} | {r['grid']} | "
+        rows = "/".join("prefill" if n < 0 else str(n) for n in r["rows"])
+        lines.append(f"| {r['kernel']} | {rows} | {r['grid']} | "
                      f"{r['num_warps']} | {r['regs']} | {r['stack']} | {r['shared']} | "
                      f"{main.get('instructions', '')} | "
                      f"{ldg} | {per} | {share} |")
@@ -242,7 +248,7 @@ def main() -> None:
         return
     launches = record(args.path, args.tokens)
     if args.decode_only:
-        launches = [lc for lc in launches if lc["rows"] >= 0]
+        launches = [lc for lc in launches if max(lc["rows"]) >= 0]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(launches, fh)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -26,7 +26,7 @@ from moeserve.gguf.quants import dequantize, random_quant_bytes  # noqa: E402
 from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.qlinear import reference_matmul  # noqa: E402
 from moeserve.kernels.triton.packing import pack_weight  # noqa: E402
-from moeserve.kernels.triton.qmatmul import TritonLinear, dequantize_packed, qmatmul  # noqa: E402
+from moeserve.kernels.triton.qmatmul import _LOCKS, TritonLinear, dequantize_packed, qmatmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 80  # not a multiple of any BLOCK_N
@@ -82,7 +82,10 @@ def test_split_k_adds_up(qt: QT) -> None:
     x = torch.randn(2, 1024).to(DEVICE)
     whole = qmatmul(x, pw, split_k=1)
     for s in (2, 4):
-        assert _rel(qmatmul(x, pw, split_k=s), whole) <= 1e-5  # float32 summation order
+        y = qmatmul(x, pw, split_k=s)
+        assert _rel(y, whole) <= 1e-5  # float32 summation order
+        assert torch.equal(qmatmul(x, pw, split_k=s), y)  # the last split adds the partials in a fixed order
+        assert not _LOCKS[torch.device(DEVICE)].any()  # every tile's counter is reset for the next launch
     with pytest.raises(ValueError, match="split_k"):
         qmatmul(x, pw, split_k=3)
 

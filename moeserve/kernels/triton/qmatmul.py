@@ -161,14 +161,19 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
 
 
 @triton.jit
-def _qmatmul_kernel(x_ptr, y_ptr, M, N, stride_xm, stride_ys, stride_ym,
+def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym, stride_ps, stride_pm,
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of y (split-K part `program_id(1)` when stride_ys != 0).
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y, or with SPLIT_K > 1 its K range `program_id(1)`.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
     Out-of-range rows and columns are clamped to the last valid one (loads need no masks) and never stored.
+
+    Split-K without a second launch and without float atomics: each split stores its partial tile, then counts
+    itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
+    partials in split order — deterministic whichever arrives last — stores y and resets the lock to zero for
+    the next launch (or CUDA-graph replay). Partials are read through L2 (`.cg`): another SM wrote them.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -190,8 +195,21 @@ def _qmatmul_kernel(x_ptr, y_ptr, M, N, stride_xm, stride_ys, stride_ym,
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                              rows, kb + gi, QTYPE, SH)
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc, mask=mask)
+    else:
+        part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+        tl.store(part + pid_k * stride_ps, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the count is released
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y, total, mask=mask)
+            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -219,6 +237,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_OLD_LOCKS: list[torch.Tensor] = []  # replaced lock buffers stay alive: a captured graph may still use one
+
+
+def _locks(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters on `device`, at least `tiles` of them. Every launch leaves them at
+    zero again, so all matmuls on a stream share one buffer (kernels on a stream run one after another)."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        if locks is not None:
+            _OLD_LOCKS.append(locks)
+        locks = _LOCKS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
+    return locks
+
+
 def _split_k(chunks: int, tiles: int, device: torch.device) -> int:
     """K splits for a small-M product: enough programs for two per SM, each a whole number of K steps."""
     want = max(1, triton.cdiv(2 * _sm_count(device), tiles))
@@ -237,9 +270,9 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight.
 
     M <= 16 (decode): one BLOCK_M=16 row tile, narrow column tiles and split-K so the weight is read
-    once by enough programs to fill the GPU; the split-K partial sums are added by a deterministic
-    `sum` (no atomics). Larger M: a tiled GEMM. `split_k` overrides the automatic choice (tests); it
-    must divide the number of K steps.
+    once by enough programs to fill the GPU; the last split of each tile adds the partial sums in a fixed
+    order (the kernel's docstring), in the same launch. Larger M: a tiled GEMM. `split_k` overrides the
+    automatic choice (tests); it must divide the number of K steps.
     """
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
@@ -264,12 +297,14 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
         split_k = _split_k(chunks, tiles, x.device) if m <= _SMALL_M else 1
     if chunks % split_k:
         raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
-    y = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    locks = _locks(tiles, x.device) if split_k > 1 else y
     _qmatmul_kernel[(tiles, split_k)](
-        x, y, m, n, x.stride(0), y.stride(0), y.stride(1), *weight_args(w), n_groups // split_k,
-        QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        num_warps=warps, num_stages=3)
-    return y[0] if split_k == 1 else y.sum(0)
+        x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
+        n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
+        SPLIT_K=split_k, num_warps=warps, num_stages=3)
+    return y
 
 
 def dequantize_packed(w: PackedWeight) -> torch.Tensor:
