@@ -171,6 +171,18 @@ def test_moe_torch_routing_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _rel(unfused, fused) <= 1e-5 and _rel(unfused, ref(h)) <= BOUND
 
 
+def test_down_sums_over_k_in_the_same_launch() -> None:
+    """The down kernel's last-arriving program adds each token's k parts: same result every call (a fixed
+    order), and every (token, column tile) counter back at zero for the next launch or graph replay."""
+    from moeserve.kernels.triton.qmatmul import counters
+
+    moe, ref = _moe(TYPE_PAIRS[0], 3, True)
+    h = torch.randn(5, H, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    y = moe(h)
+    assert torch.equal(moe(h), y) and _rel(y, ref(h)) <= BOUND
+    assert not counters(0, torch.device(DEVICE), "moe_down").any()
+
+
 def test_moe_edge_inputs() -> None:
     moe, ref = _moe(TYPE_PAIRS[0], 2, True)
     assert moe(torch.empty(0, H, device=DEVICE)).shape == (0, H)

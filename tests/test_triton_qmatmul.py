@@ -26,7 +26,7 @@ from moeserve.gguf.quants import dequantize, random_quant_bytes  # noqa: E402
 from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.qlinear import reference_matmul  # noqa: E402
 from moeserve.kernels.triton.packing import pack_weight  # noqa: E402
-from moeserve.kernels.triton.qmatmul import _LOCKS, TritonLinear, dequantize_packed, qmatmul  # noqa: E402
+from moeserve.kernels.triton.qmatmul import TritonLinear, counters, dequantize_packed, qmatmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 80  # not a multiple of any BLOCK_N
@@ -85,7 +85,7 @@ def test_split_k_adds_up(qt: QT) -> None:
         y = qmatmul(x, pw, split_k=s)
         assert _rel(y, whole) <= 1e-5  # float32 summation order
         assert torch.equal(qmatmul(x, pw, split_k=s), y)  # the last split adds the partials in a fixed order
-        assert not _LOCKS[torch.device(DEVICE)].any()  # every tile's counter is reset for the next launch
+        assert not counters(0, torch.device(DEVICE), "qmatmul").any()  # every tile's counter is reset
     with pytest.raises(ValueError, match="split_k"):
         qmatmul(x, pw, split_k=3)
 

@@ -9,11 +9,10 @@
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
    `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair).
 3. Down in one kernel: the same blocks over the activations, each row scaled by its routing weight
-   into a `[T*k, H]` buffer, then summed over k (deterministic: no atomics; a block holds one expert's
-   pairs of many tokens, so folding the sum into it would need atomics).
+   into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
+   k parts in slot order (int32 arrival counters, no float atomics: deterministic).
 
-A decode step's MoE block is thus the router, route_align, gate/up, down and the sum over k: five
-launches. For a decode step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
+A decode step's MoE block is thus the router, route_align, gate/up and down: four launches. For a decode step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
 Every step runs on the device with shapes fixed by T alone: no host synchronisation, CUDA-graph
 capturable.
 """
@@ -30,7 +29,15 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE, route
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
-from moeserve.kernels.triton.qmatmul import activations, group_dot, groups_per_step, half_group, weight_args, x_group
+from moeserve.kernels.triton.qmatmul import (
+    activations,
+    counters,
+    group_dot,
+    groups_per_step,
+    half_group,
+    weight_args,
+    x_group,
+)
 
 __all__ = ["FUSED_ROUTE_MAX_PAIRS", "TritonMoE", "align_blocks", "block_m_for", "route_align"]
 
@@ -246,11 +253,19 @@ def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_
 
 
 @triton.jit
-def _down_kernel(act_ptr, out_ptr, weight_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, H, I, n_groups,
-                 qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                 QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
+def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
+                 n_pairs, H, I, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                 TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[pair, cols] = routing_weight[pair] * (act[pair] @ down[e, cols].T) for one block's pairs."""
+    """part[pair, cols] = routing_weight[pair] * (act[pair] @ down[e, cols].T) for one block's pairs; then
+    out[token, cols] = sum of the token's k parts, in slot order, by whichever program adds the token's last
+    part to this column tile.
+
+    Each valid row counts itself in its (token, column tile) counter (int32 atomic, acquire-release, after a
+    barrier: the CTA's parts are stored first). The row that brings the count to TOP_K adds the k parts — read
+    through L2 (`.cg`), other SMs wrote them — stores the sum and resets the counter for the next launch or
+    graph replay. A token appears at most once in a block (its k experts are distinct). Deterministic: the
+    order of the sum is fixed whichever program finishes it."""
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
@@ -264,8 +279,20 @@ def _down_kernel(act_ptr, out_ptr, weight_ptr, sorted_ptr, block_expert_ptr, n_r
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                              rows, kb + gi, QTYPE, SH)
     acc = acc * tl.load(weight_ptr + pair)[:, None]
-    out = out_ptr + pair[:, None] * H + offs_n[None, :]
-    tl.store(out, acc, mask=valid[:, None] & (offs_n[None, :] < H))
+    cols_ok = offs_n[None, :] < H
+    tl.store(part_ptr + pair[:, None] * H + offs_n[None, :], acc, mask=valid[:, None] & cols_ok)
+    tl.debug_barrier()  # every thread's parts are stored before the counts are released
+    token = pair // TOP_K
+    count = count_ptr + token * tl.num_programs(1) + tl.program_id(1)
+    arrived = tl.atomic_add(count, 1, mask=valid, sem="acq_rel", scope="gpu")
+    last = valid & (arrived == TOP_K - 1)
+    tl.debug_barrier()
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        total += tl.load(part_ptr + (token * TOP_K + j)[:, None] * H + offs_n[None, :], mask=last[:, None] & cols_ok,
+                         other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + token[:, None] * H + offs_n[None, :], total, mask=last[:, None] & cols_ok)
+    tl.atomic_xchg(count, 0, mask=last, sem="relaxed", scope="gpu")
 
 
 class TritonMoE:
@@ -335,10 +362,12 @@ class TritonMoE:
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)
         block_n = 64
-        out = torch.empty(n_pairs, self.hidden, dtype=torch.float32, device=h.device)
-        _down_kernel[(n_blocks, triton.cdiv(self.hidden, block_n))](
-            act, out, weights.reshape(-1).contiguous(), sorted_ids, block_expert, n_rows, n_pairs, self.hidden,
-            self.inter, n_groups, *weight_args(down),
-            QTYPE=int(down.qtype), SH=sh, GPI=groups_per_step(down.qtype, n_groups, block_m),
+        tiles = triton.cdiv(self.hidden, block_n)
+        part = torch.empty(n_pairs, self.hidden, dtype=torch.float32, device=h.device)
+        out = torch.empty(T, self.hidden, dtype=torch.float32, device=h.device)
+        _down_kernel[(n_blocks, tiles)](
+            act, part, out, counters(T * tiles, h.device, "moe_down"), weights.reshape(-1).contiguous(), sorted_ids,
+            block_expert, n_rows, n_pairs, self.hidden, self.inter, n_groups, *weight_args(down),
+            TOP_K=k, QTYPE=int(down.qtype), SH=sh, GPI=groups_per_step(down.qtype, n_groups, block_m),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
-        return out.view(T, k, self.hidden).sum(1)
+        return out

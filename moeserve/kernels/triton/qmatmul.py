@@ -237,19 +237,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-_OLD_LOCKS: list[torch.Tensor] = []  # replaced lock buffers stay alive: a captured graph may still use one
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # replaced counter buffers stay alive: a captured graph may still use one
 
 
-def _locks(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 split-K tile counters on `device`, at least `tiles` of them. Every launch leaves them at
-    zero again, so all matmuls on a stream share one buffer (kernels on a stream run one after another)."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < tiles:
-        if locks is not None:
-            _OLD_LOCKS.append(locks)
-        locks = _LOCKS[device] = torch.zeros(max(4096, tiles), dtype=torch.int32, device=device)
-    return locks
+def counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
+    """Zeroed int32 arrival counters on `device`, at least `n`, for the kernels that finish a reduction in the
+    program that arrives last (`owner` names the kernel family). Every launch leaves them at zero again, so all
+    launches of a family on a stream share one buffer (kernels on a stream run one after another)."""
+    buf = _COUNTERS.get((device, owner))
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[(device, owner)] = torch.zeros(max(4096, n), dtype=torch.int32, device=device)
+    return buf
 
 
 def _split_k(chunks: int, tiles: int, device: torch.device) -> int:
@@ -299,7 +300,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
         raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    locks = _locks(tiles, x.device) if split_k > 1 else y
+    locks = counters(tiles, x.device, "qmatmul") if split_k > 1 else y
     _qmatmul_kernel[(tiles, split_k)](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
         n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
