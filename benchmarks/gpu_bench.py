@@ -12,9 +12,11 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    16 greedy tokens;
 4. kernel timings (triton.testing.do_bench) of the decode-size operations of the 4-layer file;
 5. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
-   `LLM.generate` runs), peak GPU memory (weights, KV pool and activations);
+   `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
+   a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels);
 6. HF transformers bf16 (sdpa) built from the same dequantized weights: pp512 and decode at 1 / 16 / 64 streams;
-7. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory.
+7. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, and the decode
+   profile at 1 and 64 streams.
 
 Prints one table and writes everything as JSON (`--out`). Decode streams start from distinct random
 64-token prompts and run greedy, so every stream routes to its own experts.
@@ -87,6 +89,54 @@ def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, wa
     return streams * steps / dt
 
 
+def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int = 16, top: int = 25) -> dict:
+    """Where a decode step's device time goes: torch.profiler over `steps` engine steps of `streams` greedy
+    sequences (CUDA-graph replays included; CUPTI traces the kernels inside them). Per step: wall time, the
+    kernels' summed device time ("busy"; the rest is launch gaps and host work), kernel count, and the `top`
+    kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeserve import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for p in prompts(streams, prompt_len, llm.config.vocab_size, seed=streams + 1):
+        engine.add_request(p, params)
+    while any(s.num_computed < len(s.seq.prompt_ids) for s in engine.scheduler.running) or \
+            len(engine.scheduler.running) < streams:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    kernels = []
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", 0.0) if cuda else 0.0
+        is_kernel = cuda and dev > 0 and getattr(e, "device_type", None) is not None and \
+            str(e.device_type).endswith("CUDA")
+        if is_kernel or (not cuda and e.key.startswith("aten::")):  # off a GPU (--smoke): torch ops, CPU time
+            kernels.append({"name": e.key[:90], "calls_per_step": e.count / steps,
+                            "us_per_step": (dev if cuda else e.cpu_time_total) / steps})
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    busy = sum(k["us_per_step"] for k in kernels)
+    out = {"streams": streams, "wall_us_per_step": wall / steps * 1e6, "busy_us_per_step": busy,
+           "kernels_per_step": sum(k["calls_per_step"] for k in kernels), "top": kernels[:top]}
+    log(f"profile x{streams}: {out['wall_us_per_step']:.0f} us/step wall (profiled), {busy:.0f} us kernels, "
+        f"{out['kernels_per_step']:.0f} kernels/step")
+    for k in kernels[:top]:
+        log(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {k['name']}")
+    return out
+
+
 def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
     from moeserve import SamplingParams
 
@@ -104,18 +154,20 @@ def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
     return best
 
 
-def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False) -> dict:
+def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False,
+                   profile_streams: tuple[int, ...] = ()) -> dict:
     try:
-        return _bench_moeserve(path, streams, steps, label, enforce_eager)
+        return _bench_moeserve(path, streams, steps, label, enforce_eager, profile_streams)
     except Exception:
         if enforce_eager:
             raise
         traceback.print_exc()
         log(f"{label}: failed with CUDA graphs; again with --enforce-eager")
-        return {**_bench_moeserve(path, streams, steps, label, True), "graphs_failed": True}
+        return {**_bench_moeserve(path, streams, steps, label, True, profile_streams), "graphs_failed": True}
 
 
-def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool) -> dict:
+def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool,
+                    profile_streams: tuple[int, ...] = ()) -> dict:
     from moeserve import LLM
 
     gc.collect()
@@ -137,6 +189,12 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
         r[f"decode{n}"] = moeserve_decode(llm, n, steps)
         log(f"{label}: decode x{n}: {r[f'decode{n}']:.1f} t/s")
     r["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    for n in profile_streams:  # after the timings and the peak: the profiler costs time, not device memory
+        try:
+            r[f"profile{n}"] = decode_profile(llm, n)
+        except Exception as exc:  # a profiler problem must not lose the timings
+            traceback.print_exc()
+            r[f"profile{n}"] = {"error": f"{type(exc).__name__}: {exc}"}
     r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     del llm
     gc.collect()
@@ -301,6 +359,10 @@ def main() -> None:
 
     if args.smoke:
         res["parity"] = parity(tmp, "cpu", only=1)
+        from moeserve import LLM
+
+        res["profile"] = decode_profile(LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton",
+                                            warmup=False), streams=1, steps=2, top=8)
         print(json.dumps(res, indent=1))
         return
 
@@ -329,7 +391,7 @@ def main() -> None:
 
     phase("parity", lambda: parity(tmp, "cuda"))
     phase("kernels", lambda: kernel_timings(str(small)))
-    phase("4l", lambda: bench_moeserve(str(small), [1, 16, 64], args.steps, "moeserve 4-layer"))
+    phase("4l", lambda: bench_moeserve(str(small), [1, 16, 64], args.steps, "moeserve 4-layer", profile_streams=(1,)))
     res["moeserve_4l"] = res.get("4l", {})
     phase("hf", lambda: bench_hf(str(small), [1, 16, 64], min(args.steps, 32)))
     res["hf_4l"] = res.get("hf", {})
@@ -342,7 +404,8 @@ def main() -> None:
             if time.perf_counter() - T0 > args.budget:
                 args.skip.append("48l")
                 log("48-layer phase skipped: past the time budget")
-            phase("48l", lambda: bench_moeserve(str(full), [1, 64], args.steps, "moeserve 48-layer"))
+            phase("48l", lambda: bench_moeserve(str(full), [1, 64], args.steps, "moeserve 48-layer",
+                                                profile_streams=(1, 64)))
             res["moeserve_48l"] = res.get("48l", {})
     res["total_s"] = time.perf_counter() - T0
     with open(args.out, "w") as fh:
