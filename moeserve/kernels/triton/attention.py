@@ -14,8 +14,10 @@ can be captured in a CUDA graph.
 
 Long-context decode with few sequences would leave most SMs idle, so for `max_query_len == 1` on a GPU the
 keys of each (sequence, kv head) are split across several programs (flash-decoding): each writes its
-normalised partial output and log-sum-exp, and a second small kernel merges them. The split count follows
-only from shapes (sequences, kv heads, block-table width, SM count), never from lengths on the device.
+normalised partial output and log-sum-exp, counts itself in an int32 arrival counter (acquire-release), and
+the split that arrives last merges them in split order (deterministic) and resets the counter — no second
+launch. The split count follows only from shapes (sequences, kv heads, block-table width, SM count), never
+from lengths on the device.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import triton.language as tl
 
 from moeserve.kernels.attention import PagedAttention
 from moeserve.kernels.metadata import AttentionMetadata
+from moeserve.kernels.triton.qmatmul import counters
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 256  # a split with fewer keys costs more to merge than it saves
@@ -37,7 +40,7 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache, v_cache, o_ptr, part_o, part_lse,
+    q_ptr, k_cache, v_cache, o_ptr, part_o, part_lse, count_ptr,
     seq_lens, query_start, block_tables,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_bt,
     scale_log2, window,
@@ -115,6 +118,13 @@ def _paged_attention_kernel(
         tl.store(part_o + part[:, None] * HD_PAD + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse + part, lse, mask=row_ok)
+        # the split that arrives last merges all of them (module docstring); the others are done
+        tl.debug_barrier()
+        count = count_ptr + (b * tl.num_programs(1) + tile) * (N_HEADS // GROUP) + kvh
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            _merge_splits(part_o, part_lse, o_ptr, tok, head, row_ok, d, d_ok, stride_ot, N_HEADS, HEAD_DIM, HD_PAD,
+                          SPLITS, BLOCK_M)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -146,20 +156,26 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tenso
 
 
 @triton.jit
-def _merge_splits_kernel(part_o, part_lse, o_ptr, stride_ot, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HD_PAD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < SPLITS
-    d = tl.arange(0, HD_PAD)
-    d_ok = d < HEAD_DIM
-    part = (t * N_HEADS + h) * SPLITS + s
-    lse = tl.load(part_lse + part, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # every row has a visible key in some split, so the max is finite
-    o = tl.load(part_o + part[:, None] * HD_PAD + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(o_ptr + t * stride_ot + h * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+def _merge_splits(part_o, part_lse, o_ptr, tok, head, row_ok, d, d_ok, stride_ot, N_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[row] = sum_s o_s * 2^(lse_s - max lse) / sum_s 2^(lse_s - max lse) over the SPLITS partials of each
+    row (tok, head), in split order; partials are read through L2 (`.cg`): other SMs wrote them."""
+    base = (tok * N_HEADS + head) * SPLITS
+    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        top = tl.maximum(top, tl.load(part_lse + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+    top = tl.where(row_ok, top, 0.0)  # every real row has a visible key in some split, so its max is finite
+    num = tl.zeros((BLOCK_M, HD_PAD), tl.float32)
+    den = tl.zeros((BLOCK_M,), tl.float32)
+    for s in tl.static_range(SPLITS):
+        w = tl.exp2(tl.load(part_lse + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - top)
+        o = tl.load(part_o + (base + s)[:, None] * HD_PAD + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
+        num += o * w[:, None]
+        den += w
+    out = num / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(o_ptr + tok[:, None] * stride_ot + head[:, None] * HEAD_DIM + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @cache
@@ -208,14 +224,15 @@ class TritonPagedAttention(PagedAttention):
         block_n = 64 if hd_pad <= 128 else 32
         splits = self._splits(meta, q.device, kv.block_size)
         tables = meta.block_tables
+        grid = (meta.num_seqs, triton.cdiv(max_q, block_q), self.n_kv_heads * splits)
         if splits > 1:
             part_o = torch.empty(T, self.n_heads, splits, hd_pad, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(T, self.n_heads, splits, dtype=torch.float32, device=q.device)
+            count = counters(grid[0] * grid[1] * self.n_kv_heads, q.device, "attention")
         else:
-            part_o = part_lse = out  # unused
-        grid = (meta.num_seqs, triton.cdiv(max_q, block_q), self.n_kv_heads * splits)
+            part_o = part_lse = count = out  # unused
         _paged_attention_kernel[grid](
-            q, kc, vc, out, part_o, part_lse,
+            q, kc, vc, out, part_o, part_lse, count,
             meta.seq_lens, meta.query_start_tensor(), tables,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), out.stride(0),
             tables.stride(0),
@@ -224,11 +241,6 @@ class TritonPagedAttention(PagedAttention):
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=kv.block_size, HAS_WINDOW=self.window is not None,
             SPLITS=splits, num_warps=4 if block_m <= 64 else 8, num_stages=2,
         )
-        if splits > 1:
-            _merge_splits_kernel[(T, self.n_heads)](
-                part_o, part_lse, out, out.stride(0), N_HEADS=self.n_heads, HEAD_DIM=self.head_dim, HD_PAD=hd_pad,
-                SPLITS=splits, SPLITS_PAD=_pow2(splits), num_warps=4 if hd_pad >= 128 else 2,
-            )
         return out
 
     def _splits(self, meta: AttentionMetadata, device: torch.device, block_size: int) -> int:

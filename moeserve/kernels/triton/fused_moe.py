@@ -12,7 +12,8 @@
    into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
    k parts in slot order (int32 arrival counters, no float atomics: deterministic).
 
-A decode step's MoE block is thus the router, route_align, gate/up and down: four launches. For a decode step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
+A decode step's MoE block is thus the router, route_align, gate/up and down: four launches. For a decode
+step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
 Every step runs on the device with shapes fixed by T alone: no host synchronisation, CUDA-graph
 capturable.
 """
