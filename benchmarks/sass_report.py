@@ -50,6 +50,10 @@ _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": 
 # --------------------------------------------------------------------------------------------
 
 
+LAUNCHES: dict[int, int] = {}
+"""Triton launches per recorded phase (-1: the prefills; n: the decode step of n rows)."""
+
+
 def _arg_spec(value: Any) -> tuple[str, Any, bool]:
     """(type, constexpr value or None, divisible by 16) of one runtime argument, as the JIT specialises it."""
     import torch
@@ -106,6 +110,7 @@ def record(path: str, tokens: list[int], attention_splits: int | None = None) ->
         key = json.dumps([launch[k] for k in ("module", "kernel", "num_warps", "num_stages", "signature",
                                               "constexprs", "divisible")], sort_keys=True)
         g = grid(values) if callable(grid) else grid
+        LAUNCHES[phase["rows"]] = LAUNCHES.get(phase["rows"], 0) + 1
         entry = seen.setdefault(key, launch | {"grid": list(g), "rows": []})
         entry["calls"] = entry.get("calls", 0) + 1
         if phase["rows"] not in entry["rows"]:
@@ -265,6 +270,9 @@ def main() -> None:
         sys.exit(f"compiling failed:\n{done.stderr[-3000:]}")
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     print(table(rows))
+    for n, count in sorted(LAUNCHES.items()):
+        if n >= 0:
+            print(f"decode step of {n} rows: {count} triton launches")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
