@@ -73,9 +73,9 @@ def _arg_spec(value: Any) -> tuple[str, Any, bool]:
     raise TypeError(f"argument {value!r} of type {type(value)}")
 
 
-def record(path: str, tokens: list[int], attention_splits: int | None = None) -> list[dict]:
-    """Every distinct kernel launch of a prefill of 8 tokens per sequence and one decode step of `tokens` rows
-    (`attention_splits`: force the decode attention's key splits, which off a GPU are never chosen)."""
+def record(path: str, tokens: list[int], attention_splits: int | None = None, prompt_len: int = 8) -> list[dict]:
+    """Every distinct kernel launch of a prefill of `prompt_len` tokens per sequence and one decode step of `tokens`
+    rows (`attention_splits`: force the decode attention's key splits, which off a GPU are never chosen)."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from triton.runtime.interpreter import InterpretedFunction
@@ -120,16 +120,16 @@ def record(path: str, tokens: list[int], attention_splits: int | None = None) ->
     from moeserve.kernels.triton import qmatmul
 
     qmatmul._sm_count = lambda device: 132  # an H100's SMs: split-K as the GPU would choose it
-    llm = LLM(path, device="cpu", kernels="triton", warmup=False, max_model_len=256, enforce_eager=True,
-              max_num_seqs=max(tokens))
+    llm = LLM(path, device="cpu", kernels="triton", warmup=False, max_model_len=max(256, 2 * prompt_len),
+              enforce_eager=True, max_num_seqs=max(tokens), max_num_batched_tokens=max(512, prompt_len))
     engine = llm.engine
     if attention_splits:
         for block in llm.model.blocks:
             block.attn.attn.splits = attention_splits
     for n in tokens:
         for i in range(n):
-            engine.add_request([1 + i, 2, 3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=2, temperature=0.0,
-                                                                             ignore_eos=True))
+            engine.add_request([1 + i] + [2 + j % 50 for j in range(prompt_len - 1)],
+                               SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         phase["rows"] = -1  # prefill launches
         engine.step()
         phase["rows"] = n
@@ -250,13 +250,14 @@ def main() -> None:
     ap.add_argument("--keep-sass", help="a folder for each kernel's SASS")
     ap.add_argument("--decode-only", action="store_true", help="leave out the prefill launches")
     ap.add_argument("--attention-splits", type=int, help="force this many key splits in decode attention")
+    ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per sequence (512: prefill GEMMs)")
     ap.add_argument("--launches", help=argparse.SUPPRESS)  # internal: the recorded launches (second process)
     args = ap.parse_args()
     if args.launches:  # the compiling process: no interpreter here
         rows = compile_report(json.loads(Path(args.launches).read_text()), args.keep_sass)
         print(json.dumps(rows))
         return
-    launches = record(args.path, args.tokens, args.attention_splits)
+    launches = record(args.path, args.tokens, args.attention_splits, args.prompt_len)
     if args.decode_only:
         launches = [lc for lc in launches if max(lc["rows"]) >= 0]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:

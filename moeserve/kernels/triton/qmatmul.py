@@ -79,12 +79,15 @@ def weight_args(w: PackedWeight) -> tuple:
 @triton.jit
 def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                    QTYPE: tl.constexpr, SH: tl.constexpr):
-    """Group `g` of weight rows `rows` (int64 [BN], all valid): float32 ([SH, BN] first half, second half),
-    bit-identical to `quants.dequantize` (same float32 operations in the same order)."""
-    j = tl.arange(0, SH)[:, None]
-    r = rows[None, :]
+    """Group `g` of weight rows `rows` (int64 [BN], all valid): float32 ([BN, SH] first half, second half),
+    bit-identical to `quants.dequantize` (same float32 operations in the same order).
+
+    The tiles are [rows, k]: a row's quant bytes are contiguous in memory and stay contiguous in a thread's
+    registers (wide loads, no per-byte shared-memory traffic); the products take them transposed."""
+    j = tl.arange(0, SH)[None, :]
+    r = rows[:, None]
     if QTYPE == _Q8_0:
-        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[None, :]
+        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[:, None]
         q = qs_ptr + r * s_qs + g * 32 + j
         lo = tl.load(q).to(tl.float32) * d
         hi = tl.load(q + 16).to(tl.float32) * d
@@ -94,7 +97,7 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         shift = 2 * (j // 32)
         q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)).to(tl.float32) - 32.0
         q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)).to(tl.float32) - 32.0
-        d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[None, :]
+        d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[:, None]
         sc = sc_ptr + r * s_sc + g * 8 + j // 16
         lo = (d * tl.load(sc).to(tl.float32)) * q_lo
         hi = (d * tl.load(sc + 4).to(tl.float32)) * q_hi
@@ -111,10 +114,10 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         dmin = tl.load(dm_ptr + rows * s_d + g // 4).to(tl.float32)
         sc = sc_ptr + rows * s_sc + 2 * g
         mn = mn_ptr + rows * s_sc + 2 * g
-        dl_lo = (d * tl.load(sc).to(tl.float32))[None, :]
-        dl_hi = (d * tl.load(sc + 1).to(tl.float32))[None, :]
-        ml_lo = (dmin * tl.load(mn).to(tl.float32))[None, :]
-        ml_hi = (dmin * tl.load(mn + 1).to(tl.float32))[None, :]
+        dl_lo = (d * tl.load(sc).to(tl.float32))[:, None]
+        dl_hi = (d * tl.load(sc + 1).to(tl.float32))[:, None]
+        ml_lo = (dmin * tl.load(mn).to(tl.float32))[:, None]
+        ml_hi = (dmin * tl.load(mn + 1).to(tl.float32))[:, None]
         lo = dl_lo * q_lo.to(tl.float32) - ml_lo
         hi = dl_hi * q_hi.to(tl.float32) - ml_hi
     else:  # Q4_0, Q4_1, Q5_0, Q5_1: one 32-weight block per group
@@ -125,9 +128,9 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
             qh = qh_ptr + r * s_qh + g * 4 + j // 8
             q_lo = q_lo | (((tl.load(qh) >> (j % 8)) & 1) << 4)
             q_hi = q_hi | (((tl.load(qh + 2) >> (j % 8)) & 1) << 4)
-        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[None, :]
+        d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[:, None]
         if QTYPE == _Q4_1 or QTYPE == _Q5_1:
-            m = tl.load(dm_ptr + rows * s_d + g).to(tl.float32)[None, :]
+            m = tl.load(dm_ptr + rows * s_d + g).to(tl.float32)[:, None]
             lo = (d * q_lo.to(tl.float32)) + m
             hi = (d * q_hi.to(tl.float32)) + m
         else:
@@ -151,8 +154,8 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
     """acc += x[:, group g] @ W[rows, group g].T, the weights dequantized here and rounded to fp16."""
     w_lo, w_hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                                 QTYPE, SH)
-    acc = tl.dot(x_lo, w_lo.to(tl.float16), acc)
-    return tl.dot(x_hi, w_hi.to(tl.float16), acc)
+    acc = tl.dot(x_lo, tl.trans(w_lo.to(tl.float16)), acc)
+    return tl.dot(x_hi, tl.trans(w_hi.to(tl.float16)), acc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +223,8 @@ def _dequant_kernel(out_ptr, R, K, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr
     g = tl.program_id(1)
     lo, hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                             tl.minimum(offs, R - 1).to(tl.int64), g, QTYPE, SH)
-    p = out_ptr + offs[None, :].to(tl.int64) * K + g * (2 * SH) + tl.arange(0, SH)[:, None]
-    mask = offs[None, :] < R
+    p = out_ptr + offs[:, None].to(tl.int64) * K + g * (2 * SH) + tl.arange(0, SH)[None, :]
+    mask = offs[:, None] < R
     tl.store(p, lo, mask=mask)
     tl.store(p + SH, hi, mask=mask)
 
