@@ -31,6 +31,8 @@ from moeserve.kernels.moe import GroupedMoE, route
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.qmatmul import (
+    acc_final,
+    acc_init,
     activations,
     counters,
     group_dot,
@@ -231,7 +233,7 @@ def _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M: tl.constexpr):
 def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, stride_x, I, n_groups,
                     g_qs, g_qh, g_sc, g_mn, g_d, g_dm, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
                     TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs."""
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
@@ -239,15 +241,17 @@ def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_
     xoff = tl.where(valid, ids // TOP_K, 0).to(tl.int64) * stride_x  # padding rows read token 0, never stored
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = expert * I + tl.minimum(offs_n, I - 1)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = acc_init(BLOCK_M, BLOCK_N, SWAP)
+    acc_u = acc_init(BLOCK_M, BLOCK_N, SWAP)
     for kb in range(0, n_groups, GPI):
         for gi in tl.static_range(GPI):
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc_g = group_dot(acc_g, x_lo, x_hi, g_qs, g_qh, g_sc, g_mn, g_d, g_dm, s_qs, s_qh, s_sc, s_d,
-                               rows, kb + gi, QTYPE, SH)
+                              rows, kb + gi, QTYPE, SH, SWAP)
             acc_u = group_dot(acc_u, x_lo, x_hi, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
-                               rows, kb + gi, QTYPE, SH)
+                              rows, kb + gi, QTYPE, SH, SWAP)
+    acc_g = acc_final(acc_g, SWAP)
+    acc_u = acc_final(acc_u, SWAP)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     out = act_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
     tl.store(out, act.to(tl.float16), mask=valid[:, None] & (offs_n[None, :] < I))
@@ -257,7 +261,7 @@ def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_
 def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
                  n_pairs, H, I, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                  TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """part[pair, cols] = routing_weight[pair] * (act[pair] @ down[e, cols].T) for one block's pairs; then
     out[token, cols] = sum of the token's k parts, in slot order, by whichever program adds the token's last
     part to this column tile.
@@ -273,13 +277,13 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
     pair = tl.where(valid, ids, 0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = expert * H + tl.minimum(offs_n, H - 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_init(BLOCK_M, BLOCK_N, SWAP)
     for kb in range(0, n_groups, GPI):
         for gi in tl.static_range(GPI):
             x_lo, x_hi = x_group(act_ptr, pair * I, kb + gi, SH)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                             rows, kb + gi, QTYPE, SH)
-    acc = acc * tl.load(weight_ptr + pair)[:, None]
+                            rows, kb + gi, QTYPE, SH, SWAP)
+    acc = acc_final(acc, SWAP) * tl.load(weight_ptr + pair)[:, None]
     cols_ok = offs_n[None, :] < H
     tl.store(part_ptr + pair[:, None] * H + offs_n[None, :], acc, mask=valid[:, None] & cols_ok)
     tl.debug_barrier()  # every thread's parts are stored before the counts are released
@@ -345,7 +349,11 @@ class TritonMoE:
 
     def _experts(self, h: torch.Tensor, weights: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                  n_rows: torch.Tensor, k: int, block_m: int) -> torch.Tensor:
-        """gate+up (SiLU·mul) and down over the expert-sorted pairs, then each token's sum over its k pairs."""
+        """gate+up (SiLU·mul) and down over the expert-sorted pairs, then each token's sum over its k pairs.
+
+        Decode blocks (16 rows) run the down product transposed (`group_dot`'s SWAP: on sm_90 its K loop issues
+        1021 instead of 1091 instructions for Q4_K, 1395 instead of 1540 for Q6_K, `benchmarks/sass_report.py`);
+        gate/up stays as it is (its 32-column tiles transposed compile to 1.8x the instructions)."""
         T, n_pairs, n_blocks = h.shape[0], h.shape[0] * k, block_expert.shape[0]
         h = activations(h)
 
@@ -358,7 +366,7 @@ class TritonMoE:
             h, act, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter, n_groups,
             *weight_args(gate)[:6], *weight_args(up),
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=groups_per_step(gate.qtype, n_groups, block_m),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False, num_warps=4, num_stages=3)
 
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)
@@ -370,5 +378,5 @@ class TritonMoE:
             act, part, out, counters(T * tiles, h.device, "moe_down"), weights.reshape(-1).contiguous(), sorted_ids,
             block_expert, n_rows, n_pairs, self.hidden, self.inter, n_groups, *weight_args(down),
             TOP_K=k, QTYPE=int(down.qtype), SH=sh, GPI=groups_per_step(down.qtype, n_groups, block_m),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3)
+            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=block_m == 16, num_warps=4, num_stages=3)
         return out

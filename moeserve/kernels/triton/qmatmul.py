@@ -150,12 +150,38 @@ def x_group(x_ptr, xoff, g, SH: tl.constexpr):
 
 @triton.jit
 def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
-               QTYPE: tl.constexpr, SH: tl.constexpr):
-    """acc += x[:, group g] @ W[rows, group g].T, the weights dequantized here and rounded to fp16."""
+              QTYPE: tl.constexpr, SH: tl.constexpr, SWAP: tl.constexpr = False):
+    """acc += x[:, group g] @ W[rows, group g].T, the weights dequantized here and rounded to fp16.
+
+    SWAP: acc is the transposed tile, acc += W[rows, group g] @ x[:, group g].T — the weight rows on the MMA's
+    M side and the few activation rows on its N side (decode: fewer instructions and registers on sm_90)."""
     w_lo, w_hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                                 QTYPE, SH)
-    acc = tl.dot(x_lo, tl.trans(w_lo.to(tl.float16)), acc)
-    return tl.dot(x_hi, tl.trans(w_hi.to(tl.float16)), acc)
+    if SWAP:
+        acc = tl.dot(w_lo.to(tl.float16), tl.trans(x_lo), acc)
+        acc = tl.dot(w_hi.to(tl.float16), tl.trans(x_hi), acc)
+    else:
+        acc = tl.dot(x_lo, tl.trans(w_lo.to(tl.float16)), acc)
+        acc = tl.dot(x_hi, tl.trans(w_hi.to(tl.float16)), acc)
+    return acc
+
+
+@triton.jit
+def acc_init(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """A zero float32 accumulator for `group_dot`: [BLOCK_M, BLOCK_N], or its transpose with SWAP."""
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def acc_final(acc, SWAP: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] result of an `acc_init` accumulator."""
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +193,7 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
 def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym, stride_ps, stride_pm,
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y, or with SPLIT_K > 1 its K range `program_id(1)`.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
@@ -191,13 +217,14 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     xoff = tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = acc_init(BLOCK_M, BLOCK_N, SWAP)
     g0 = pid_k * groups_per_split
     for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                             rows, kb + gi, QTYPE, SH)
+                            rows, kb + gi, QTYPE, SH, SWAP)
+    acc = acc_final(acc, SWAP)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -273,10 +300,10 @@ def activations(x: torch.Tensor) -> torch.Tensor:
 def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> torch.Tensor:
     """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight.
 
-    M <= 16 (decode): one BLOCK_M=16 row tile, narrow column tiles and split-K so the weight is read
-    once by enough programs to fill the GPU; the last split of each tile adds the partial sums in a fixed
-    order (the kernel's docstring), in the same launch. Larger M: a tiled GEMM. `split_k` overrides the
-    automatic choice (tests); it must divide the number of K steps.
+    M <= 16 (decode): one BLOCK_M=16 row tile (on the MMA's N side: `group_dot`'s SWAP), narrow column tiles
+    and split-K so the weight is read once by enough programs to fill the GPU; the last split of each tile
+    adds the partial sums in a fixed order (the kernel's docstring), in the same launch. Larger M: a tiled
+    GEMM. `split_k` overrides the automatic choice (tests); it must divide the number of K steps.
     """
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
@@ -307,7 +334,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     _qmatmul_kernel[(tiles, split_k)](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
         n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        SPLIT_K=split_k, num_warps=warps, num_stages=3)
+        SPLIT_K=split_k, SWAP=m <= _SMALL_M, num_warps=warps, num_stages=3)
     return y
 
 
