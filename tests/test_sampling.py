@@ -18,6 +18,7 @@ from moeserve.engine.sampling import (
     apply_top_p,
     make_generator,
 )
+from moeserve.engine import sampling
 from moeserve.errors import RequestError
 
 NEG_INF = float("-inf")
@@ -159,6 +160,52 @@ def test_top_p_after_top_k_uses_renormalised_mass() -> None:
     # after top_k=2 the distribution is [4/7, 3/7]; p=0.5 -> only the first survives
     out = apply_top_p(apply_top_k(logits, 2), 0.5)
     assert _kept(out) == [True, False, False, False]
+
+
+def test_top_p_candidates_give_the_full_sort_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nucleus found among the NUCLEUS_CANDIDATES most likely tokens is the full sort's, for peaked rows
+    (decided there), a flat row whose nucleus lies past the candidates (sorted whole), and p = 1 (unchanged)."""
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    peaked = torch.randn(3, V, generator=g) * 6
+    flat = torch.randn(1, V, generator=g) * 0.1
+    logits = torch.cat([peaked, flat])
+    p = [0.9, 0.5, 1.0, 0.9]
+    fast = sampling.apply_top_p(logits, p)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", V)  # every row decided by one full-width top-k
+    assert torch.equal(fast, sampling.apply_top_p(logits, p))
+    assert torch.equal(fast[2], logits[2])
+    kept = (fast > float("-inf")).sum(1).tolist()
+    assert kept[0] < 1024 and kept[3] > 1024  # both paths were taken
+
+
+def test_draw_matches_the_distribution_across_chunks() -> None:
+    """Inverse-CDF sampling over 1024-token chunks: frequencies match, tokens of probability 0 (most of the
+    vocabulary, and the ones beside chunk edges) are never drawn, whatever the vocabulary's length."""
+    V = 3000  # not a multiple of the chunk
+    hot = [0, 1023, 1024, 2047, 2999]
+    probs = torch.zeros(2, V)
+    probs[:, hot] = torch.tensor([0.1, 0.3, 0.2, 0.15, 0.25])
+    n = 20000
+    counts = torch.zeros(V)
+    torch.manual_seed(0)
+    for _ in range(n // 2):
+        counts.index_add_(0, sampling.draw(probs, [None, None]), torch.ones(2))
+    assert counts.nonzero().flatten().tolist() == hot
+    torch.testing.assert_close(counts[hot] / n, probs[0, hot], atol=0.015, rtol=0)
+
+
+def test_draw_seeded_rows_and_bad_rows() -> None:
+    """A seeded row's draw depends on its generator alone; a row without a valid total (NaN) gets its first
+    maximum rather than an error."""
+    probs = torch.softmax(torch.randn(3, 2500, generator=torch.Generator().manual_seed(1)), -1)
+    gens = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6)]
+    a = sampling.draw(probs, gens)
+    b = sampling.draw(probs, [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(6)])
+    assert a[0] == b[0] and a[2] == b[2]
+    bad = probs.clone()
+    bad[1, 7] = float("nan")
+    assert sampling.draw(bad, [None] * 3)[1] == 7
 
 
 def test_min_p_relative_threshold() -> None:
