@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from moeserve.engine import sampling
 from moeserve.engine.sampling import (
     Sampler,
     SamplingParams,
@@ -18,7 +19,6 @@ from moeserve.engine.sampling import (
     apply_top_p,
     make_generator,
 )
-from moeserve.engine import sampling
 from moeserve.errors import RequestError
 
 NEG_INF = float("-inf")
