@@ -177,6 +177,8 @@ def test_top_p_candidates_give_the_full_sort_nucleus(monkeypatch: pytest.MonkeyP
     assert torch.equal(fast[2], logits[2])
     kept = (fast > float("-inf")).sum(1).tolist()
     assert kept[0] < 1024 and kept[3] > 1024  # both paths were taken
+    rows = [0, 1, 3]  # and the same as sorting every row
+    assert torch.equal(fast[rows], sampling._top_p_sorted(logits[rows], torch.tensor(p)[rows].reshape(-1, 1)))
 
 
 def test_draw_matches_the_distribution_across_chunks() -> None:
