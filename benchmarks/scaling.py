@@ -83,7 +83,7 @@ def _collective_worker(rank: int, port: int, hidden: int, vocab: int, q) -> None
     import torch
     import torch.distributed as dist
 
-    from moeserve.model.parallel import _wait
+    from moeserve.model.parallel import wait_collective
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -99,11 +99,11 @@ def _collective_worker(rank: int, port: int, hidden: int, vocab: int, q) -> None
             dist.all_reduce(x)
         res[f"all_reduce_T{T}_us"] = (time.perf_counter() - t) / reps * 1e6
         res[f"all_reduce_T{T}_bytes"] = x.numel() * 4
-        if T < 512:  # as the forward waits for it: polled with the core yielded (model.parallel._wait)
+        if T < 512:  # as the forward waits for it: polled with the core yielded (model.parallel.wait_collective)
             dist.barrier()
             t = time.perf_counter()
             for _ in range(reps):
-                _wait(dist.all_reduce(x, async_op=True), x)
+                wait_collective(dist.all_reduce(x, async_op=True), x)
             res[f"all_reduce_polled_T{T}_us"] = (time.perf_counter() - t) / reps * 1e6
             res[f"all_reduce_polled_T{T}_bytes"] = x.numel() * 4
     for T in (1, 16):
@@ -120,7 +120,7 @@ def _collective_worker(rank: int, port: int, hidden: int, vocab: int, q) -> None
         dist.barrier()
         t = time.perf_counter()
         for _ in range(100):
-            _wait(dist.gather(best, pairs, dst=0, async_op=True), best)
+            wait_collective(dist.gather(best, pairs, dst=0, async_op=True), best)
         res[f"gather_argmax_T{T}_us"] = (time.perf_counter() - t) / 100 * 1e6
         res[f"gather_argmax_T{T}_bytes"] = best.numel() * 4
     if rank == 0:

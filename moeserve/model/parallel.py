@@ -63,7 +63,7 @@ class Shard:
         """Sum of every rank's partial result (float32; every rank gets the same bits)."""
         with stage("all_reduce"):
             x = x.float().contiguous()
-            _wait(dist.all_reduce(x, group=self.group, async_op=True), x)
+            wait_collective(dist.all_reduce(x, group=self.group, async_op=True), x)
             return x
 
     def gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -71,14 +71,14 @@ class Shard:
         with stage("gather"):
             x = x.float().contiguous()
             if self.rank != 0:
-                _wait(dist.gather(x, None, dst=0, group=self.group, async_op=True), x)
+                wait_collective(dist.gather(x, None, dst=0, group=self.group, async_op=True), x)
                 return x
             parts = [x.new_empty(x.shape[0], w) for w in widths]
-            _wait(dist.gather(x, parts, dst=0, group=self.group, async_op=True), x)
+            wait_collective(dist.gather(x, parts, dst=0, group=self.group, async_op=True), x)
             return torch.cat(parts, dim=1)
 
 
-def _wait(work: Any, x: torch.Tensor) -> None:
+def wait_collective(work: Any, x: torch.Tensor) -> None:
     """Wait for a forward collective: on a CPU by polling it with the core yielded (a waiting rank whose core
     stays awake answers at once, where an idle vCPU of a VM takes hundreds of µs to wake; gloo's timeout still
     ends a collective whose peer is gone), on a GPU by the stream as usual. Raises what the collective raised."""
