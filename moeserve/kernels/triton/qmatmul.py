@@ -4,8 +4,12 @@ The unit of work is a *group*: 2*SH consecutive weights of a row whose quant bit
 bytes (32 weights / 16 bytes for Q4_0..Q8_0, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K). In every
 GGUF type the low nibbles of those bytes are the group's first half and the high nibbles its second
 half (Q8_0: its 32 int8s split 16 / 16), so `_dequant_group` loads each byte once and returns both
-halves as `[SH, BLOCK_N]` tiles; the product takes them as two `tl.dot`s against the matching halves
-of x. Tiles never cross a group, so a group's scales are one load per row (Q6_K: per 16 weights).
+halves as `[BLOCK_N, SH]` tiles (the rows' own layout); the product takes them, transposed, as two
+`tl.dot`s against the matching halves of x. Tiles never cross a group, so a group's scales are one load
+per row (Q6_K: per 16 weights).
+
+`benchmarks/sass_report.py` compiles these kernels for sm_90 without a GPU and counts the instructions of
+their K loops; the layout choices here (the tiles' orientation, `group_dot`'s SWAP for decode) follow it.
 
 Activations are cast to fp16 in the kernel and weights are dequantized exactly in float32 (the
 reference's operation order) then rounded to fp16: fp16 x fp16 tensor-core dots, float32 accumulation.
