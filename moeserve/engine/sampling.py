@@ -456,7 +456,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     for i, gen in enumerate(generators):
         if gen is not None:
             u[i] = torch.rand(1, dtype=torch.float64, generator=gen, device=gen.device).to(probs.device)
-    target = u * total
+    target = torch.minimum(u * total, total * (1.0 - 2.0 ** -40))  # below the total even if u * total rounds up
     chunk = torch.searchsorted(cum, target, right=True).clamp_(max=sums.shape[1] - 1)  # [R, 1]
     rest = target - (cum.gather(1, chunk) - sums.gather(1, chunk))  # u's place inside its chunk
     cols = chunk * CH + torch.arange(CH, device=probs.device)
