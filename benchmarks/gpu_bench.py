@@ -121,9 +121,9 @@ def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int =
         engine.step()
     kernels = []
     for e in prof.key_averages():
-        dev = getattr(e, "device_time_total", 0.0) if cuda else 0.0
-        is_kernel = cuda and dev > 0 and getattr(e, "device_type", None) is not None and \
-            str(e.device_type).endswith("CUDA")
+        # a kernel's own device time is its duration; a CPU op's self device time is 0 (its kernels are children)
+        dev = getattr(e, "self_device_time_total", 0.0) if cuda else 0.0
+        is_kernel = cuda and dev > 0
         if is_kernel or (not cuda and e.key.startswith("aten::")):  # off a GPU (--smoke): torch ops, CPU time
             kernels.append({"name": e.key[:90], "calls_per_step": e.count / steps,
                             "us_per_step": (dev if cuda else e.cpu_time_total) / steps})
