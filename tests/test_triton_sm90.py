@@ -40,10 +40,12 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     failed = [(r["kernel"], r["constexprs"], r["error"]) for r in rows if "error" in r]
     assert not failed
     kernels = {r["kernel"] for r in rows}
-    assert kernels >= {"_rms_norm_kernel", "_add_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel",
+    assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel",
                        "_write_kv_kernel", "_paged_attention_kernel", "_route_align_kernel", "_gate_up_kernel",
                        "_down_kernel"}
     assert any(r["constexprs"].get("SPLITS", 1) > 1 for r in rows if r["kernel"] == "_paged_attention_kernel")
+    norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}
+    assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}
     assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K,
                                                  QT.Q6_K)}
