@@ -31,7 +31,7 @@ import triton.language as tl
 
 from moeserve.kernels.attention import PagedAttention
 from moeserve.kernels.metadata import AttentionMetadata
-from moeserve.kernels.triton.qmatmul import counters
+from moeserve.kernels.triton.qmatmul import arrive_last, counters, reset_count
 
 LOG2E = 1.4426950408889634
 MIN_KEYS_PER_SPLIT = 256  # a split with fewer keys costs more to merge than it saves
@@ -119,12 +119,11 @@ def _paged_attention_kernel(
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse + part, lse, mask=row_ok)
         # the split that arrives last merges all of them (module docstring); the others are done
-        tl.debug_barrier()
         count = count_ptr + (b * tl.num_programs(1) + tile) * (N_HEADS // GROUP) + kvh
-        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        if arrive_last(count, SPLITS):
             _merge_splits(part_o, part_lse, o_ptr, tok, head, row_ok, d, d_ok, stride_ot, N_HEADS, HEAD_DIM, HD_PAD,
                           SPLITS, BLOCK_M)
-            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+            reset_count(count)
 
 
 @triton.jit

@@ -34,10 +34,12 @@ from moeserve.kernels.triton.qmatmul import (
     acc_final,
     acc_init,
     activations,
+    arrive_last,
     counters,
     group_dot,
     groups_per_step,
     half_group,
+    reset_count,
     weight_args,
     x_group,
 )
@@ -266,11 +268,10 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
     out[token, cols] = sum of the token's k parts, in slot order, by whichever program adds the token's last
     part to this column tile.
 
-    Each valid row counts itself in its (token, column tile) counter (int32 atomic, acquire-release, after a
-    barrier: the CTA's parts are stored first). The row that brings the count to TOP_K adds the k parts — read
-    through L2 (`.cg`), other SMs wrote them — stores the sum and resets the counter for the next launch or
-    graph replay. A token appears at most once in a block (its k experts are distinct). Deterministic: the
-    order of the sum is fixed whichever program finishes it."""
+    Each valid row counts itself in its (token, column tile) counter (`arrive_last`). The row that brings the
+    count to TOP_K adds the k parts — read through L2 (`.cg`), other SMs wrote them — stores the sum and resets
+    the counter for the next launch or graph replay. A token appears at most once in a block (its k experts are
+    distinct). Deterministic: the order of the sum is fixed whichever program finishes it."""
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
@@ -286,18 +287,15 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
     acc = acc_final(acc, SWAP) * tl.load(weight_ptr + pair)[:, None]
     cols_ok = offs_n[None, :] < H
     tl.store(part_ptr + pair[:, None] * H + offs_n[None, :], acc, mask=valid[:, None] & cols_ok)
-    tl.debug_barrier()  # every thread's parts are stored before the counts are released
     token = pair // TOP_K
     count = count_ptr + token * tl.num_programs(1) + tl.program_id(1)
-    arrived = tl.atomic_add(count, 1, mask=valid, sem="acq_rel", scope="gpu")
-    last = valid & (arrived == TOP_K - 1)
-    tl.debug_barrier()
+    last = valid & arrive_last(count, TOP_K, valid)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         total += tl.load(part_ptr + (token * TOP_K + j)[:, None] * H + offs_n[None, :], mask=last[:, None] & cols_ok,
                          other=0.0, cache_modifier=".cg")
     tl.store(out_ptr + token[:, None] * H + offs_n[None, :], total, mask=last[:, None] & cols_ok)
-    tl.atomic_xchg(count, 0, mask=last, sem="relaxed", scope="gpu")
+    reset_count(count, last)
 
 
 class TritonMoE:

@@ -171,6 +171,26 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
 
 
 @triton.jit
+def arrive_last(count_ptr, n: tl.constexpr, mask=None):
+    """Count this program in the arrival counter(s) at `count_ptr` (per element under `mask` for a tensor of
+    counters) and say whether it is the n-th, i.e. the last, of the programs sharing a reduction.
+
+    The CTA barrier before the atomic makes every thread's partial stores precede the count; the atomic is
+    acquire-release at GPU scope, so the last program sees every other program's partials (it reads them with
+    `.cg`, through L2). The barrier after it hands the answer to every thread. See `counters`."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, mask=mask, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    return arrived == n - 1
+
+
+@triton.jit
+def reset_count(count_ptr, mask=None):
+    """The last program's reset of its counter(s) to zero, for the next launch or CUDA-graph replay."""
+    tl.atomic_xchg(count_ptr, 0, mask=mask, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def acc_init(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """A zero float32 accumulator for `group_dot`: [BLOCK_M, BLOCK_N], or its transpose with SWAP."""
     if SWAP:
@@ -236,14 +256,12 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     else:
         part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
         tl.store(part + pid_k * stride_ps, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the count is released
-        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if arrive_last(lock_ptr + pid, SPLIT_K):
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y, total, mask=mask)
-            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
+            reset_count(lock_ptr + pid)
 
 
 @triton.jit
