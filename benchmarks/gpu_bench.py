@@ -65,13 +65,14 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------
 
 
-def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, warm: int = 4) -> float:
-    """Aggregate decode tokens/s of `streams` greedy sequences in one engine, prefill excluded."""
+def start_streams(llm: Any, streams: int, prompt_len: int, max_tokens: int, seed: int, warm: int) -> Any:
+    """`streams` greedy sequences of distinct random prompts in the engine, prefilled, then `warm` decode steps;
+    returns the engine."""
     from moeserve import SamplingParams
 
     engine = llm.engine
-    params = SamplingParams(max_tokens=warm + steps + 1, temperature=0.0, ignore_eos=True)
-    for p in prompts(streams, prompt_len, llm.config.vocab_size, seed=streams):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for p in prompts(streams, prompt_len, llm.config.vocab_size, seed=seed):
         engine.add_request(p, params)
     running = engine.scheduler.running
     while len(running) < streams or any(s.num_computed < len(s.seq.prompt_ids) for s in running):
@@ -79,6 +80,12 @@ def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, wa
         running = engine.scheduler.running
     for _ in range(warm):
         engine.step()
+    return engine
+
+
+def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, warm: int = 4) -> float:
+    """Aggregate decode tokens/s of `streams` greedy sequences in one engine, prefill excluded."""
+    engine = start_streams(llm, streams, prompt_len, warm + steps + 1, seed=streams, warm=warm)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -97,17 +104,7 @@ def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int =
     kernels by device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from moeserve import SamplingParams
-
-    engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    for p in prompts(streams, prompt_len, llm.config.vocab_size, seed=streams + 1):
-        engine.add_request(p, params)
-    while any(s.num_computed < len(s.seq.prompt_ids) for s in engine.scheduler.running) or \
-            len(engine.scheduler.running) < streams:
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    engine = start_streams(llm, streams, prompt_len, steps + 8, seed=streams + 1, warm=3)
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
