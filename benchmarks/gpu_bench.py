@@ -83,17 +83,26 @@ def start_streams(llm: Any, streams: int, prompt_len: int, max_tokens: int, seed
     return engine
 
 
-def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, warm: int = 4) -> float:
-    """Aggregate decode tokens/s of `streams` greedy sequences in one engine, prefill excluded."""
-    engine = start_streams(llm, streams, prompt_len, warm + steps + 1, seed=streams, warm=warm)
+def timed_steps(engine: Any, steps: int) -> float:
+    """Seconds for `steps` engine steps, the device synchronised before and after."""
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     sync()
-    dt = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def finish(engine: Any) -> None:
     while engine.has_unfinished():
         engine.step()
+
+
+def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, warm: int = 4) -> float:
+    """Aggregate decode tokens/s of `streams` greedy sequences in one engine, prefill excluded."""
+    engine = start_streams(llm, streams, prompt_len, warm + steps + 1, seed=streams, warm=warm)
+    dt = timed_steps(engine, steps)
+    finish(engine)
     return streams * steps / dt
 
 
@@ -107,15 +116,9 @@ def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int =
     engine = start_streams(llm, streams, prompt_len, steps + 8, seed=streams + 1, warm=3)
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync()
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        sync()
-        wall = time.perf_counter() - t0
-    while engine.has_unfinished():
-        engine.step()
+        wall = timed_steps(engine, steps)
+    finish(engine)
     kernels = []
     for e in prof.key_averages():
         # a kernel's own device time is its duration; a CPU op's self device time is 0 (its kernels are children)
