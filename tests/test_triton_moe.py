@@ -6,6 +6,8 @@
   T = 1, 3, 16, 64, 128, E = 8 and 128, top-2 and top-8, with and without renormalisation, BLOCK_M 16
   and 64 (logits without ties: ids, sorted_ids, block_expert of the used blocks and n_rows exact,
   weights within 1e-6 relative); exact ties go to the lowest expert index.
+* `router_route_align` (the router's product in the same launch, decode steps of up to 16 tokens) equal to
+  `route_align` on the router's logits, float32 and float16 routers, E = 8 and 128.
 * `TritonMoE` on random valid blocks, E = 8, gate/up and down of different types (Q4_K + Q6_K as in
   Q4_K_M, and the other types), T = 1, 5, 33 (BLOCK_M 16) and 70 (BLOCK_M 64), top-2 and top-3, with
   and without renormalisation: within 2e-3 * max |ref| of `GroupedMoE` on the same router (fp16
@@ -30,7 +32,13 @@ from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.moe import GroupedMoE, route  # noqa: E402
 from moeserve.kernels.qlinear import ReferenceExperts  # noqa: E402
 from moeserve.kernels.triton import fused_moe  # noqa: E402
-from moeserve.kernels.triton.fused_moe import TritonMoE, align_blocks, block_m_for, route_align  # noqa: E402
+from moeserve.kernels.triton.fused_moe import (  # noqa: E402
+    TritonMoE,
+    align_blocks,
+    block_m_for,
+    route_align,
+    router_route_align,
+)
 from moeserve.kernels.triton.qmatmul import TritonLinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,6 +147,32 @@ def test_route_align_ties_and_limits() -> None:
     assert [tuple(o.shape) for o in outs] == [(0, 2), (0, 2), (0,), (0,), (1,)] and outs[4].tolist() == [0]
     with pytest.raises(ValueError):
         route_align(torch.zeros(513, 8, device=DEVICE), 2, True, 64)
+
+
+@pytest.mark.parametrize("n_experts,hidden", [(8, 96), (128, 2048)])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_router_route_align_matches_route_align(T: int, n_experts: int, hidden: int) -> None:
+    """The router's product in the routing launch: the same routing as `route_align` on `h @ W.T`, logits
+    within float32 rounding, for float32 and float16 routers; the arrival counter is back at zero."""
+    from moeserve.kernels.triton.qmatmul import counters
+
+    g = torch.Generator().manual_seed(T * 100 + n_experts)
+    h = torch.randn(T, hidden, generator=g).to(DEVICE)
+    w = (torch.randn(n_experts, hidden, generator=g) / hidden ** 0.5).to(DEVICE)
+    for dtype in (torch.float32, torch.float16):
+        router = w.to(dtype)
+        for k, renormalize in ((2, True), (8, False)):
+            got = router_route_align(h, router, k, renormalize, 16)
+            want = route_align(h @ router.float().T, k, renormalize, 16)
+            case = (T, n_experts, dtype, k)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), case  # experts, sorted_ids
+            assert torch.equal(got[4], want[4]), case  # n_rows
+            used = int(want[4]) // 16
+            assert torch.equal(got[3][:used], want[3][:used]), case
+            assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-6), case
+    assert not counters(0, torch.device(DEVICE), "router").any()
+    with pytest.raises(ValueError):
+        router_route_align(torch.zeros(17, hidden, device=DEVICE), w, 2, True, 16)
 
 
 @pytest.mark.parametrize("types", TYPE_PAIRS, ids=lambda t: f"{t[0].name}-{t[1].name}")

@@ -7,6 +7,7 @@
   N not a multiple of BLOCK_N and K with both even and odd numbers of groups: within 2e-3 * max |y| of
   the float32 reference, and within 1e-5 of the same product on fp16-rounded operands (so only the
   fp16 operands the tensor cores take separate it from the reference, not a dequantization slip).
+* `TritonEmbedding` (the step's rows, one launch) equal to `PackedTensor.rows`, for every packed type.
 * `TritonLinear`: leading dims, dtypes, non-contiguous input, bias, and the F32/F16/BF16 path.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors.
@@ -26,7 +27,13 @@ from moeserve.gguf.quants import dequantize, random_quant_bytes  # noqa: E402
 from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.qlinear import reference_matmul  # noqa: E402
 from moeserve.kernels.triton.packing import pack_weight  # noqa: E402
-from moeserve.kernels.triton.qmatmul import TritonLinear, counters, dequantize_packed, qmatmul  # noqa: E402
+from moeserve.kernels.triton.qmatmul import (  # noqa: E402
+    TritonEmbedding,
+    TritonLinear,
+    counters,
+    dequantize_packed,
+    qmatmul,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 80  # not a multiple of any BLOCK_N
@@ -60,6 +67,21 @@ def test_pack_is_exact(qt: QT, shape: tuple[int, ...]) -> None:
         assert torch.equal(got, ref)
     else:
         assert _rel(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+def test_embedding_rows_match_reference(qt: QT) -> None:
+    """`TritonEmbedding`: the rows asked for (repeated, any order, a [B, T] batch) equal `PackedTensor.rows`."""
+    w = _weight(qt, (N, K[qt]), seed=4)
+    emb = TritonEmbedding(w)
+    for ids in ([0], [N - 1, 3, 3, 0, 41], list(range(N - 1, -1, -2))):
+        t = torch.tensor(ids, dtype=torch.long, device=DEVICE)
+        got, ref = emb(t), w.rows(t)
+        assert got.shape == (len(ids), K[qt])
+        assert torch.equal(got, ref) if DEVICE == "cpu" else _rel(got, ref) <= 1e-6
+    assert emb(torch.empty(0, dtype=torch.long, device=DEVICE)).shape == (0, K[qt])
+    batch = torch.tensor([[1, 2], [79, 0]], device=DEVICE)
+    assert emb(batch).shape == (2, 2, K[qt]) and torch.equal(emb(batch)[1, 0], emb(batch[1, :1])[0])
 
 
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)

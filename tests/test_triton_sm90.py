@@ -41,7 +41,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     assert not failed
     kernels = {r["kernel"] for r in rows}
     assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel",
-                       "_write_kv_kernel", "_paged_attention_kernel", "_route_align_kernel", "_gate_up_kernel",
+                       "_write_kv_kernel", "_paged_attention_kernel", "_route_align_kernel",
+                       "_router_route_align_kernel", "_gate_up_kernel",
                        "_down_kernel"}
     assert any(r["constexprs"].get("SPLITS", 1) > 1 for r in rows if r["kernel"] == "_paged_attention_kernel")
     norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}

@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from moeserve.errors import RequestError
+from moeserve.gguf.quants import block_info
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Backend, Linear
 from moeserve.kernels.reference import EmbeddingRows
@@ -89,5 +91,10 @@ class TritonBackend(Backend):
 
         return TritonRMSNorm(weight, eps)
 
-    def embedding(self, w: PackedTensor) -> EmbeddingRows:
+    def embedding(self, w: PackedTensor):  # noqa: ANN201
+        from moeserve.kernels.triton.packing import PACKED_QTYPES
+        from moeserve.kernels.triton.qmatmul import TritonEmbedding
+
+        if QT(w.qtype) in PACKED_QTYPES and w.shape[-1] % block_info(QT(w.qtype))[0] == 0:
+            return TritonEmbedding(self.upload(w))  # the step's rows from the packed copy, one launch
         return EmbeddingRows(self.place(w))  # gathers and dequantizes only the step's rows, on the device

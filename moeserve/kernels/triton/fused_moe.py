@@ -5,6 +5,8 @@
    BLOCK_M-row blocks, each expert's rows padded to whole blocks, so every block belongs to one expert.
    Up to `FUSED_ROUTE_MAX_PAIRS` pairs (decode and small batches) both are one single-program kernel
    (`route_align`); larger batches use the torch ops (~30 small kernels, negligible next to a prefill).
+   Steps of up to `ROUTER_FUSED_MAX_T` tokens with a float router also compute the router's logits in that
+   launch (`router_route_align`: ~64 programs stream the router, the last one to finish routes and aligns).
 2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
    `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair).
@@ -12,7 +14,7 @@
    into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
    k parts in slot order (int32 arrival counters, no float atomics: deterministic).
 
-A decode step's MoE block is thus the router, route_align, gate/up and down: four launches. For a decode
+A decode step's MoE block is thus router+route_align, gate/up and down: three launches. For a decode
 step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
 Every step runs on the device with shapes fixed by T alone: no host synchronisation, CUDA-graph
 capturable.
@@ -44,7 +46,8 @@ from moeserve.kernels.triton.qmatmul import (
     x_group,
 )
 
-__all__ = ["FUSED_ROUTE_MAX_PAIRS", "TritonMoE", "align_blocks", "block_m_for", "route_align"]
+__all__ = ["FUSED_ROUTE_MAX_PAIRS", "ROUTER_FUSED_MAX_T", "TritonMoE", "align_blocks", "block_m_for", "route_align",
+           "router_route_align"]
 
 FUSED_ROUTE_MAX_PAIRS = 1024
 """Up to this many (token, slot) pairs routing and alignment run as the one `route_align` kernel."""
@@ -91,12 +94,13 @@ def align_blocks(experts: torch.Tensor, n_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
-def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
-                        T, E, n_blocks,
-                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
-    """`moe.route` then `align_blocks` in one program (see `route_align`).
+def _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
+                 T, E, n_blocks,
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, CG: tl.constexpr):
+    """`moe.route` then `align_blocks` in one program (see `route_align`); `CG`: read the logits through L2
+    (other programs of the same launch wrote them).
 
     1. Per BLOCK_T tokens: a [BLOCK_T, BLOCK_E] logit tile, TOP_K rounds of (max, lowest index attaining
        it, mask it out); the weights from float64 exps (precise in compiled code too, where float32
@@ -116,8 +120,12 @@ def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_p
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        logit = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        where = logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
+        if CG:
+            logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+        else:
+            logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        logit = logit.to(tl.float32)
         logit = tl.where(col_ok[None, :], logit, float("-inf"))  # rows past T stay finite: no NaNs
         top = tl.max(logit, axis=1)
         work = logit
@@ -172,6 +180,50 @@ def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_p
         base += tl.sum(onehot, axis=0)
 
 
+@triton.jit
+def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
+                        T, E, n_blocks,
+                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Routing and alignment of given router logits, one program."""
+    _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, T, E,
+                 n_blocks, TOP_K, K_PAD, RENORMALIZE, BLOCK_M, BLOCK_E, BLOCK_T, BLOCK_P, BLOCK_B, BLOCK_S, False)
+
+
+@triton.jit
+def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_ptr, weights_ptr, experts_ptr,
+                               sorted_ptr, block_expert_ptr, n_rows_ptr, T, E, H, n_blocks,
+                               ROUTER_T: tl.constexpr, ROUTER_E: tl.constexpr, ROUTER_K: tl.constexpr,
+                               PROGRAMS: tl.constexpr,
+                               TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The router's logits, then routing and alignment, in one launch (see `router_route_align`).
+
+    Each of the PROGRAMS programs computes the logits of ROUTER_E experts for the step's (at most ROUTER_T)
+    tokens in float32 — products summed along H in ROUTER_K-wide chunks, a fixed order whatever the arrival —
+    and stores them; the program that arrives last (`arrive_last`) routes and aligns every token from them and
+    resets the counter for the next launch or graph replay."""
+    experts = tl.program_id(0) * ROUTER_E + tl.arange(0, ROUTER_E)
+    e_ok = experts < E
+    toks = tl.arange(0, ROUTER_T)
+    t_ok = toks < T
+    acc = tl.zeros((ROUTER_T, ROUTER_E), dtype=tl.float32)
+    for k0 in range(0, H, ROUTER_K):
+        k = k0 + tl.arange(0, ROUTER_K)
+        k_ok = k < H
+        x = tl.load(h_ptr + toks[:, None] * stride_h + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(router_ptr + experts[:, None].to(tl.int64) * H + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    tl.store(logits_ptr + toks[:, None] * E + experts[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+    if arrive_last(count_ptr, PROGRAMS):
+        _route_align(logits_ptr, E, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, T, E,
+                     n_blocks, TOP_K, K_PAD, RENORMALIZE, BLOCK_M, BLOCK_E, BLOCK_T, BLOCK_P, BLOCK_B, BLOCK_S, True)
+        reset_count(count_ptr)
+
+
 def _route_align_config(T: int, E: int, top_k: int, block_m: int) -> dict[str, int]:
     """The constexprs and warps of `_route_align_kernel`: one warp while the pair tile has at most 2048
     elements (decode: T=1, top-8, E=128), so every reduction is warp shuffles; 4 or 8 warps above. Tile
@@ -189,6 +241,20 @@ def _route_align_config(T: int, E: int, top_k: int, block_m: int) -> dict[str, i
                 BLOCK_S=min(32 * threads, triton.next_power_of_2(n_blocks * block_m)), num_warps=num_warps)
 
 
+def _route_outputs(T: int, E: int, top_k: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty (weights, experts, sorted_ids, block_expert, n_rows) for `route_align`'s kernels, after checking the
+    limits they take (n_rows is zero when T is: no kernel fills it)."""
+    if not 0 < top_k <= E or T * top_k > FUSED_ROUTE_MAX_PAIRS:
+        raise ValueError(f"route_align takes 1 <= top_k <= E and T*top_k <= {FUSED_ROUTE_MAX_PAIRS}, "
+                         f"got T={T}, E={E}, top_k={top_k}")
+    n_blocks = _n_blocks(T * top_k, E, block_m)
+    return (torch.empty(T, top_k, dtype=torch.float32, device=device),
+            torch.empty(T, top_k, dtype=torch.int64, device=device),
+            torch.empty(n_blocks * block_m, dtype=torch.int32, device=device),
+            torch.empty(n_blocks, dtype=torch.int32, device=device),
+            (torch.empty if T else torch.zeros)(1, dtype=torch.int64, device=device))
+
+
 def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int) -> tuple[torch.Tensor, ...]:
     """`moe.route(logits, top_k, renormalize)` then `align_blocks(experts, E, block_m)` in one kernel launch
     (one program) for up to `FUSED_ROUTE_MAX_PAIRS` pairs.
@@ -199,27 +265,48 @@ def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: in
     selected (renormalize) or of all exps, computed in float64 and rounded once.
     """
     T, E = logits.shape
-    n_pairs = T * top_k
-    if not 0 < top_k <= E or n_pairs > FUSED_ROUTE_MAX_PAIRS:
-        raise ValueError(f"route_align takes 1 <= top_k <= E and T*top_k <= {FUSED_ROUTE_MAX_PAIRS}, "
-                         f"got T={T}, E={E}, top_k={top_k}")
+    outs = _route_outputs(T, E, top_k, block_m, logits.device)
     if logits.dtype == torch.float64 or (logits.dtype == torch.bfloat16 and logits.device.type != "cuda"):
         logits = logits.float()  # the interpreter has no bfloat16
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    device = logits.device
-    n_blocks = _n_blocks(n_pairs, E, block_m)
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=device)
-    experts = torch.empty(T, top_k, dtype=torch.int64, device=device)
-    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=device)
-    n_rows = torch.empty(1, dtype=torch.int64, device=device)
+    if T:
+        _route_align_kernel[(1,)](logits, logits.stride(0), *outs, T, E, outs[3].shape[0],
+                                  RENORMALIZE=bool(renormalize), **_route_align_config(T, E, top_k, block_m))
+    return outs
+
+
+ROUTER_FUSED_MAX_T = 16
+"""Steps of up to this many tokens (decode) compute the router logits in the routing launch too."""
+
+
+def router_route_align(h: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool,
+                       block_m: int) -> tuple[torch.Tensor, ...]:
+    """`route_align(h @ router.T, ...)` with the router's product in the same launch, for up to
+    `ROUTER_FUSED_MAX_T` tokens: `h` [T, H], `router` [E, H] float32 or float16 (products and sums in float32).
+
+    The logits are spread over programs of a few experts each (every SM streams part of the router); the last
+    program to finish routes and aligns (`_router_route_align_kernel`). Returns what `route_align` returns."""
+    T, H = h.shape
+    E = router.shape[0]
+    if T > ROUTER_FUSED_MAX_T or router.shape[1] != H:
+        raise ValueError(f"router_route_align takes up to {ROUTER_FUSED_MAX_T} tokens of a [E, {H}] router, "
+                         f"got T={T}, router {tuple(router.shape)}")
+    outs = _route_outputs(T, E, top_k, block_m, h.device)
     if T == 0:
-        return weights, experts, sorted_ids, block_expert, n_rows.zero_()
-    _route_align_kernel[(1,)](
-        logits, logits.stride(0), weights, experts, sorted_ids, block_expert, n_rows, T, E, n_blocks,
-        RENORMALIZE=bool(renormalize), **_route_align_config(T, E, top_k, block_m))
-    return weights, experts, sorted_ids, block_expert, n_rows
+        return outs
+    h = activations(h)
+    config = _route_align_config(T, E, top_k, block_m)
+    rows = triton.next_power_of_2(T)
+    per_program = triton.next_power_of_2(max(1, E // 64))  # ~64 programs share the router's bytes
+    chunk = max(16, min(triton.next_power_of_2(H), 1024 * config["num_warps"] // (rows * per_program)))
+    programs = triton.cdiv(E, per_program)
+    logits = torch.empty(T, E, dtype=torch.float32, device=h.device)
+    _router_route_align_kernel[(programs,)](
+        h, h.stride(0), router, logits, counters(1, h.device, "router"), *outs, T, E, H, outs[3].shape[0],
+        ROUTER_T=rows, ROUTER_E=per_program, ROUTER_K=chunk, PROGRAMS=programs, RENORMALIZE=bool(renormalize),
+        **config)
+    return outs
 
 
 @triton.jit
@@ -308,6 +395,9 @@ class TritonMoE:
     def __init__(self, router: Linear, gate: PackedTensor, up: PackedTensor, down: PackedTensor, top_k: int,
                  renormalize: bool) -> None:
         self.router, self.top_k, self.renormalize = router, top_k, renormalize
+        # a float router's matrix, for decode steps that compute its logits in the routing launch
+        w = getattr(router, "dense_weight", None)
+        self.router_weight = None if w is None else w.float() if w.dtype == torch.bfloat16 else w.contiguous()
         self.n_experts, self.inter, self.hidden = gate.shape
         if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (self.n_experts, self.hidden, self.inter):
             raise ValueError(f"expert stacks do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
@@ -326,11 +416,13 @@ class TritonMoE:
             return torch.zeros(0, self.hidden, dtype=torch.float32, device=h.device)
         n_pairs = T * k
         block_m = block_m_for(n_pairs, E)
-        logits = self.router(h)
-        if n_pairs <= FUSED_ROUTE_MAX_PAIRS:
-            weights, _, sorted_ids, block_expert, n_rows = route_align(logits, k, self.renormalize, block_m)
+        if self.router_weight is not None and T <= ROUTER_FUSED_MAX_T and n_pairs <= FUSED_ROUTE_MAX_PAIRS:
+            weights, _, sorted_ids, block_expert, n_rows = router_route_align(h, self.router_weight, k,
+                                                                              self.renormalize, block_m)
+        elif n_pairs <= FUSED_ROUTE_MAX_PAIRS:
+            weights, _, sorted_ids, block_expert, n_rows = route_align(self.router(h), k, self.renormalize, block_m)
         else:
-            weights, experts = route(logits, k, self.renormalize)
+            weights, experts = route(self.router(h), k, self.renormalize)
             sorted_ids, block_expert, n_rows = align_blocks(experts, E, block_m)
         return self._experts(h, weights, sorted_ids, block_expert, n_rows, k, block_m)
 

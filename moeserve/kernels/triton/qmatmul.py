@@ -35,7 +35,7 @@ from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
 from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
 
-__all__ = ["TritonLinear", "dequantize_packed", "qmatmul"]
+__all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "qmatmul"]
 
 # QTYPE codes are the GGML type ids.
 _Q4_0 = tl.constexpr(int(QT.Q4_0))
@@ -265,17 +265,22 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
 
 
 @triton.jit
-def _dequant_kernel(out_ptr, R, K, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                    QTYPE: tl.constexpr, SH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Group `program_id(1)` of BLOCK_N rows, written as float32 (checks the repack and the in-register dequant)."""
+def _dequant_kernel(out_ptr, ids_ptr, R, n_out, K, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                    QTYPE: tl.constexpr, SH: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """Group `program_id(1)` of BLOCK_N output rows, written as float32: weight rows in order, or (GATHER) the
+    rows `ids` names, clamped into [0, R) (an embedding lookup; ids are checked before they get here)."""
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < n_out
+    if GATHER:
+        rows = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int64)
+    else:
+        rows = offs.to(tl.int64)
     g = tl.program_id(1)
     lo, hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                            tl.minimum(offs, R - 1).to(tl.int64), g, QTYPE, SH)
+                            tl.minimum(tl.maximum(rows, 0), R - 1), g, QTYPE, SH)
     p = out_ptr + offs[:, None].to(tl.int64) * K + g * (2 * SH) + tl.arange(0, SH)[None, :]
-    mask = offs[:, None] < R
-    tl.store(p, lo, mask=mask)
-    tl.store(p + SH, hi, mask=mask)
+    tl.store(p, lo, mask=ok[:, None])
+    tl.store(p + SH, hi, mask=ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,14 +365,29 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     return y
 
 
-def dequantize_packed(w: PackedWeight) -> torch.Tensor:
-    """float32 `[rows, K]` from the packed arrays with the kernels' own dequantizer (must equal the reference)."""
+def dequantize_packed(w: PackedWeight, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 `[rows, K]` from the packed arrays with the kernels' own dequantizer (must equal the reference):
+    every row, or the rows `ids` names, in that order (one launch either way)."""
     sh = half_group(w.qtype)
-    out = torch.empty(w.rows, w.cols, dtype=torch.float32, device=w.qs.device)
-    block_n = 32
-    _dequant_kernel[(triton.cdiv(w.rows, block_n), w.cols // (2 * sh))](
-        out, w.rows, w.cols, *weight_args(w), QTYPE=int(w.qtype), SH=sh, BLOCK_N=block_n)
+    n_out = w.rows if ids is None else ids.numel()
+    out = torch.empty(n_out, w.cols, dtype=torch.float32, device=w.qs.device)
+    if n_out:
+        block_n = min(32, triton.next_power_of_2(n_out))
+        _dequant_kernel[(triton.cdiv(n_out, block_n), w.cols // (2 * sh))](
+            out, out if ids is None else ids, w.rows, n_out, w.cols, *weight_args(w), QTYPE=int(w.qtype), SH=sh,
+            BLOCK_N=block_n, GATHER=ids is not None)
     return out
+
+
+class TritonEmbedding:
+    """`ids [T] -> rows [T, H]` float32 (the Embedding protocol): the step's rows dequantized from the packed
+    copy in one launch, bit-identical to the reference's `PackedTensor.rows`."""
+
+    def __init__(self, weight: PackedTensor) -> None:
+        self.packed = pack_weight(weight)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_packed(self.packed, ids.reshape(-1)).view(*ids.shape, self.packed.cols)
 
 
 def _dense(weight: PackedTensor) -> torch.Tensor:
@@ -393,8 +413,10 @@ class TritonLinear:
         qt = QT(weight.qtype)
         self._matmul: Callable[[torch.Tensor], torch.Tensor]
         self.packed: PackedWeight | None = None
+        self.dense_weight: torch.Tensor | None = None  # the matrix of a float type, as cuBLAS reads it
         if qt in (QT.F32, QT.F16, QT.BF16):
-            self._matmul = DenseLinear(_dense(weight))
+            self.dense_weight = _dense(weight)
+            self._matmul = DenseLinear(self.dense_weight)
         elif qt in PACKED_QTYPES and self.in_features % block_info(qt)[0] == 0:
             self.packed = pack_weight(weight)
             self._matmul = functools.partial(qmatmul, w=self.packed)
@@ -414,6 +436,7 @@ class TritonLinear:
         fused.packed = concat_rows(packed)
         fused.out_features, fused.in_features = fused.packed.shape
         fused.bias = None
+        fused.dense_weight = None
         fused._matmul = functools.partial(qmatmul, w=fused.packed)
         return fused
 
