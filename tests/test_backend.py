@@ -10,6 +10,7 @@ from moeserve import LLM
 from moeserve.errors import RequestError
 from moeserve.kernels.backend import Backend
 from moeserve.kernels.cpu.backend import CpuBackend
+from moeserve.kernels.metadata import no_cache_metadata
 from moeserve.kernels.reference import ReferenceBackend
 from moeserve.kernels.select import backend_name, select_backend
 
@@ -47,9 +48,9 @@ def test_cpu_backend_kernels_match_reference_on_one_layer(tiny_moe):
     cpu, ref = (LLM(str(tiny_moe), kernels=k, warmup=False).model for k in ("cpu", "reference"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, cpu.config.hidden_size, generator=g)
-    positions = torch.arange(5)
+    meta = no_cache_metadata([5])
     torch.testing.assert_close(cpu.blocks[0].attn_norm(x), ref.blocks[0].attn_norm(x), rtol=1e-5, atol=1e-5)
-    for a, b in zip(cpu.blocks[0].attn.qkv(x, positions), ref.blocks[0].attn.qkv(x, positions), strict=True):
+    for a, b in zip(cpu.blocks[0].attn.qkv(x, meta), ref.blocks[0].attn.qkv(x, meta), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cpu.blocks[0].ffn(x), ref.blocks[0].ffn(x), rtol=1e-4, atol=1e-4)
     ids = torch.tensor([3, 1, 4, 1, 5])

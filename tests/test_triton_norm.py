@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from moeserve.kernels.metadata import AttentionMetadata, KVCacheTensors  # noqa: E402
 from moeserve.kernels.reference import QKVRope, RMSNorm  # noqa: E402
 from moeserve.kernels.rope import Rope  # noqa: E402
 from moeserve.kernels.triton.norm import TritonQKV, TritonRMSNorm  # noqa: E402
@@ -80,17 +81,53 @@ def test_qkv_matches_reference(neox, rope_frac, norms, heads):
     rope = Rope(hd // rope_frac, 10000.0, neox, 64, DEVICE)
     args = (wq, wk, wv, qn, kn, rope, nh, nkv, hd, 1e-6)
     h = torch.randn(5, H, generator=g).to(DEVICE)
-    positions = torch.tensor([0, 3, 17, 18, 63], device=DEVICE)
-    got, want = TritonQKV(*args)(h, positions), QKVRope(*args)(h, positions)
+    meta = _meta(torch.tensor([0, 3, 17, 18, 63], device=DEVICE))
+    got, want = TritonQKV(0, *args)(h, meta), QKVRope(*args)(h, meta)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32 and a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _meta(positions: torch.Tensor, kv: KVCacheTensors | None = None,
+          slots: torch.Tensor | None = None) -> AttentionMetadata:
+    """One sequence's rows at `positions`, with a pool and the slots its k/v go to when given."""
+    T = positions.shape[0]
+    return AttentionMetadata(positions=positions, query_start=[0, T], context_lens=[0],
+                             seq_lens=torch.tensor([T], device=positions.device), slot_mapping=slots, kv=kv)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}-{h[1]}-{h[2]}")
+def test_qkv_writes_kv_into_the_pool(heads, pool_dtype):
+    """With a pool and a slot mapping, the kernel stores k (normed, rotated) and v at the rows' slots of its own
+    layer, cast to the pool's dtype, and returns them as None; every other slot and layer is untouched."""
+    nh, nkv, hd = heads
+    H, T, layers, slots_total = 40, 5, 2, 12
+    g = torch.Generator().manual_seed(4)
+    wq, wk, wv = (TorchLinear(torch.randn(n * hd, H, generator=g).to(DEVICE) / 4) for n in (nh, nkv, nkv))
+    args = (wq, wk, wv, torch.randn(hd, generator=g).to(DEVICE), torch.randn(hd, generator=g).to(DEVICE),
+            Rope(hd, 10000.0, True, 64, DEVICE), nh, nkv, hd, 1e-6)
+    h = torch.randn(T, H, generator=g).to(DEVICE)
+    positions = torch.tensor([0, 3, 17, 18, 63], device=DEVICE)
+    slots = torch.tensor([7, 0, 11, 2, 5], device=DEVICE)
+    pool_k = torch.full((layers, slots_total, nkv, hd), 9.0, dtype=pool_dtype, device=DEVICE)
+    pool_v = pool_k.clone()
+    q, k, v = TritonQKV(1, *args)(h, _meta(positions, KVCacheTensors(pool_k, pool_v, 4), slots))
+    want_q, want_k, want_v = QKVRope(*args)(h, _meta(positions))
+    assert k is None and v is None
+    torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool_k[1, slots].float(), want_k.to(pool_dtype).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(pool_v[1, slots], want_v.to(pool_dtype))
+    others = torch.ones(slots_total, dtype=torch.bool, device=DEVICE)
+    others[slots] = False
+    assert (pool_k[1, others] == 9).all() and (pool_v[1, others] == 9).all()
+    assert (pool_k[0] == 9).all() and (pool_v[0] == 9).all()
 
 
 def test_qkv_with_no_tokens():
     g = torch.Generator().manual_seed(3)
     wq, wk, wv = (TorchLinear(torch.randn(n * 16, 8, generator=g).to(DEVICE)) for n in (2, 1, 1))
     rope = Rope(16, 10000.0, True, 8, DEVICE)
-    q, k, v = TritonQKV(wq, wk, wv, None, None, rope, 2, 1, 16, 1e-6)(torch.empty(0, 8, device=DEVICE),
-                                                                      torch.empty(0, dtype=torch.long, device=DEVICE))
+    q, k, v = TritonQKV(0, wq, wk, wv, None, None, rope, 2, 1, 16, 1e-6)(
+        torch.empty(0, 8, device=DEVICE), _meta(torch.empty(0, dtype=torch.long, device=DEVICE)))
     assert q.shape == (0, 2, 16) and k.shape == v.shape == (0, 1, 16)

@@ -40,11 +40,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     failed = [(r["kernel"], r["constexprs"], r["error"]) for r in rows if "error" in r]
     assert not failed
     kernels = {r["kernel"] for r in rows}
-    assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel",
-                       "_write_kv_kernel", "_paged_attention_kernel", "_route_align_kernel",
+    assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel", "_dequant_kernel",
+                       "_paged_attention_kernel", "_route_align_kernel",
                        "_router_route_align_kernel", "_gate_up_kernel",
                        "_down_kernel"}
     assert any(r["constexprs"].get("SPLITS", 1) > 1 for r in rows if r["kernel"] == "_paged_attention_kernel")
+    # the k/v pool write rides on the QK-norm + RoPE kernel
+    assert {r["constexprs"]["WRITE_KV"] for r in rows if r["kernel"] == "_qk_norm_rope_kernel"} == {True}
     norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}
     assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}

@@ -65,19 +65,21 @@ class PagedAttention:
     """The reference attention of one layer over the paged KV pool (any device, any pool dtype).
 
     `(q [T, nh, hd], k/v [T, nkv, hd], meta) -> [T, nh * hd]`: the step's k/v are stored at their slots
-    (`meta.slot_mapping`); then every decode row (a sequence adding one token to its cache) is answered by
-    one batched call that gathers those sequences' keys through their block tables, and each prefill chunk
-    by SDPA over its keys: a chunk that starts a sequence uses its own rows, a later chunk reads its earlier
-    keys back from the pool.
+    (`meta.slot_mapping`; k/v None: the projection stored them); then every decode row (a sequence adding one
+    token to its cache) is answered by one batched call that gathers those sequences' keys through their block
+    tables, and each prefill chunk by SDPA over its keys: a chunk that starts a sequence uses its own rows (or
+    reads them from the pool when the projection stored them), a later chunk reads its earlier keys back from
+    the pool.
     """
 
     def __init__(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None) -> None:
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim, self.window = (
             layer, n_heads, n_kv_heads, head_dim, window)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 meta: AttentionMetadata) -> torch.Tensor:
         kv = meta.kv
-        if kv is not None and meta.slot_mapping is not None:
+        if kv is not None and meta.slot_mapping is not None and k is not None and v is not None:
             kc, vc = kv.k[self.layer], kv.v[self.layer]
             kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
             vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
@@ -92,7 +94,7 @@ class PagedAttention:
         for b in split.prefills:
             rows = slice(meta.query_start[b], meta.query_start[b + 1])
             ctx = meta.context_lens[b]
-            if ctx == 0:
+            if ctx == 0 and k is not None and v is not None:
                 keys, values = k[rows], v[rows]
             else:
                 assert kv is not None, "a sequence with cached context needs the KV pool"

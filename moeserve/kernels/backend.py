@@ -48,17 +48,21 @@ class Linear(Protocol):
 
 
 class QKVProjection(Protocol):
-    """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention
-    layer's q/k/v projections, per-head QK RMSNorm (Qwen3) and RoPE."""
+    """`(h [T, H], meta) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's q/k/v
+    projections, per-head QK RMSNorm (Qwen3) and RoPE at `meta.positions`.
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    k and v are None when the projection stored them in the step's pool slots itself (a step with a pool and a
+    slot mapping, where a backend fuses the store into its QK-norm/RoPE kernel); attention then reads the pool."""
+
+    def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor | None, ...]: ...
 
 
 class Attention(Protocol):
-    """`(q, k, v, meta) -> o [T, nh * hd]`: writes the step's k/v into the paged pool (slot mapping)
-    and attends every row to its sequence's keys (causal, optional sliding window)."""
+    """`(q, k, v, meta) -> o [T, nh * hd]`: writes the step's k/v into the paged pool (slot mapping; k/v None:
+    the projection did) and attends every row to its sequence's keys (causal, optional sliding window)."""
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+    def __call__(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 meta: AttentionMetadata) -> torch.Tensor: ...
 
 
 class MoEBlock(Protocol):
@@ -127,9 +131,10 @@ class Backend(ABC):
         return Rope(rope_dim, theta, neox, max_positions, self.device, freq_factors)
 
     @abstractmethod
-    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVProjection:
-        """The q/k/v projection of one layer, built from the linears this backend made."""
+    def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
+            k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
+            eps: float) -> QKVProjection:
+        """The q/k/v projection of layer `layer` (its slice of the KV pool), built from linears this backend made."""
 
     @abstractmethod
     def attention(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,

@@ -12,6 +12,7 @@ import torch
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.attention import PagedAttention
 from moeserve.kernels.backend import Backend, Linear
+from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts, ReferenceLinear
 from moeserve.kernels.rope import Rope
@@ -54,9 +55,9 @@ class QKVRope:
             x = rms_norm(x, weight, self.eps)
         return self.rope(x, positions)
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
         q, k, v = self.project(h)
-        return self.norm_rope(q, self.q_norm, positions), self.norm_rope(k, self.k_norm, positions), v
+        return self.norm_rope(q, self.q_norm, meta.positions), self.norm_rope(k, self.k_norm, meta.positions), v
 
 
 class EmbeddingRows:
@@ -73,8 +74,9 @@ class ReferenceBackend(Backend):
     def linear(self, w: PackedTensor, bias: torch.Tensor | None = None) -> Linear:
         return ReferenceLinear(self.place(w), bias)
 
-    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVRope:
+    def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
+            k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
+            eps: float) -> QKVRope:
         return QKVRope(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
 
     def attention(self, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,

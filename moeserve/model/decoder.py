@@ -120,7 +120,7 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         qkv = backend.qkv(
-            rows_linear(p + "attn_q.weight", nh * hd, H, q0 * hd, q1 * hd, cfg.qkv_bias),
+            i, rows_linear(p + "attn_q.weight", nh * hd, H, q0 * hd, q1 * hd, cfg.qkv_bias),
             rows_linear(p + "attn_k.weight", nkv * hd, H, k0 * hd, k1 * hd, cfg.qkv_bias),
             rows_linear(p + "attn_v.weight", nkv * hd, H, k0 * hd, k1 * hd, cfg.qkv_bias),
             vector(p + "attn_q_norm.weight", hd) if cfg.qk_norm else None,

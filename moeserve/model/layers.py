@@ -24,7 +24,7 @@ class Attention:
         self.qkv, self.attn, self.o_proj = qkv, attn, o_proj
 
     def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv(h, meta.positions)
+        q, k, v = self.qkv(h, meta)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

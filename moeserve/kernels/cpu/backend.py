@@ -291,8 +291,9 @@ class CpuBackend(Backend):
     def mlp(self, gate: Linear, up: Linear, down: Linear) -> Any:
         return RowMLP(gate, up, down) if self.batch_invariant else super().mlp(gate, up, down)
 
-    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> QKVRope | native.QKVRope:
+    def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
+            k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
+            eps: float) -> QKVRope | native.QKVRope:
         norm_rope = native.NormRope(rope, eps)
         if all(isinstance(p, native.NativeLinear) for p in (wq, wk, wv)):
             return native.QKVRope(native.FusedLinears([wq, wk, wv]), norm_rope, q_norm, k_norm, n_heads, n_kv_heads,

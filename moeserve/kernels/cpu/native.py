@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.cpu import build
+from moeserve.kernels.metadata import AttentionMetadata
 
 NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
@@ -204,7 +205,7 @@ class NormRope:
 
 
 class QKVRope:
-    """`(h [T, H], positions [T]) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's
+    """`(h [T, H], meta) -> (q [T, nh, hd], k [T, nkv, hd], v [T, nkv, hd])`: an attention layer's
     projections, per-head q/k RMSNorm and RoPE. At decode (< `fused.gemm_min_rows` rows) one native call
     (`qkv_rope`, per `fused.max_rows` rows) does all of it; larger inputs take `FusedLinears` (tiled GEMMs) and
     `NormRope`."""
@@ -217,8 +218,8 @@ class QKVRope:
         self.fused, self.norm_rope, self.q_norm, self.k_norm = fused, norm_rope, q_norm, k_norm
         self.nh, self.nkv, self.hd = n_heads, n_kv_heads, head_dim
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        T = h.shape[0]
+    def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+        T, positions = h.shape[0], meta.positions
         native_ok = (h.dim() == 2 and 0 < T < self.fused.gemm_min_rows and h.shape[1] == self.fused.in_features
                      and _plain(h) and positions.dtype is torch.int64
                      and positions.is_contiguous() and all(w is None or _plain(w) for w in (self.q_norm, self.k_norm)))

@@ -198,12 +198,13 @@ class TritonPagedAttention(PagedAttention):
         self.group = n_heads // n_kv_heads
         self.splits: int | None = None
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 meta: AttentionMetadata) -> torch.Tensor:
         kv = meta.kv
         if kv is None or meta.block_tables is None:
             return super().__call__(q, k, v, meta)
         kc, vc = kv.k[self.layer], kv.v[self.layer]
-        if meta.slot_mapping is not None:
+        if meta.slot_mapping is not None and k is not None and v is not None:
             write_kv(k, v, kc, vc, meta.slot_mapping)
         T = q.shape[0]
         out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32

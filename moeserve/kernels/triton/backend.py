@@ -60,12 +60,13 @@ class TritonBackend(Backend):
 
         return TritonLinear(self.upload(w), bias)
 
-    def qkv(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-            rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):  # noqa: ANN201
+    def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
+            k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
+            eps: float):  # noqa: ANN201
         from moeserve.kernels.triton.norm import TritonQKV
         from moeserve.kernels.triton.qmatmul import TritonLinear
 
-        qkv = TritonQKV(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
+        qkv = TritonQKV(layer, wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
         # q, k and v in one launch when they share a quant type; else q and k (Q4_K_M's Q6_K attn_v layers)
         fused = TritonLinear.stacked([wq, wk, wv])
         if fused is not None:

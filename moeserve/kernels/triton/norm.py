@@ -5,7 +5,9 @@
 `TritonQKV`: the three linears stay whatever the backend made them; then ONE kernel finishes q and k: each
 program takes a block of heads of one token (q heads or k heads), applies Qwen3's per-head RMSNorm when its
 weight is given and rotates the first `rope_dim` dimensions with the load-time cos/sin tables at the token's
-position (NEOX "rotate half" or interleaved pairs); the rest of each head passes through. A dimension's
+position (NEOX "rotate half" or interleaved pairs); the rest of each head passes through. In a step with a KV
+pool the k programs store their heads, and copy the token's v heads, straight into the token's pool slot (cast
+to the pool's dtype): the cache write costs no launch of its own. A dimension's
 rotation partner is read again from memory (and normalised with the same per-head scale) instead of
 shuffled in registers. Positions are read on the device: no host sync.
 """
@@ -17,6 +19,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.backend import Linear
+from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.reference import QKVRope
 from moeserve.kernels.rope import Rope
 
@@ -79,11 +82,12 @@ class TritonRMSNorm:
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, o_ptr, w_ptr, token, pos, cos_ptr, sin_ptr, first_head, stride_xt, stride_xh,
+def _norm_rope_heads(x_ptr, o_ptr, w_ptr, token, o_row, pos, cos_ptr, sin_ptr, first_head, stride_xt, stride_xh,
                      stride_ot, stride_oh, stride_cos, n_heads, eps,
                      HAS_NORM: tl.constexpr, NEOX: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
                      ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Norm + rope of heads first_head .. first_head + BLOCK_H of one token ([BLOCK_H, HD_PAD] tile)."""
+    """Norm + rope of heads first_head .. first_head + BLOCK_H of one token ([BLOCK_H, HD_PAD] tile), stored in
+    row `o_row` of the output (the token's row, or its pool slot), cast to the output's dtype."""
     HALF: tl.constexpr = ROPE_DIM // 2
     h = first_head + tl.arange(0, BLOCK_H)
     d = tl.arange(0, HD_PAD)
@@ -112,35 +116,54 @@ def _norm_rope_heads(x_ptr, o_ptr, w_ptr, token, pos, cos_ptr, sin_ptr, first_he
     sin = tl.load(sin_ptr + pos * stride_cos + freq, mask=rot, other=0.0)
     sign = tl.where(first, -1.0, 1.0)
     y = x * cos[None, :] + sign[None, :] * xp * sin[None, :]
-    tl.store(o_ptr + token * stride_ot + h[:, None] * stride_oh + d[None, :], y, mask=ok)
+    tl.store(o_ptr + o_row * stride_ot + h[:, None] * stride_oh + d[None, :], y.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                         stride_cos, n_q_heads, n_kv_heads, eps,
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, slots_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr,
+                         sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot,
+                         stride_qoh, stride_kot, stride_koh, stride_vot, stride_voh, stride_cos, n_q_heads, n_kv_heads,
+                         eps,
                          HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NEOX: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                         WRITE_KV: tl.constexpr):
+    """q and k heads of token `program_id(0)`, a block of heads per program; with WRITE_KV the k heads go
+    straight into the KV pool at the token's slot (`ko`/`vo` are the layer's k/v caches) and the k programs copy
+    the matching v heads there too."""
     token = tl.program_id(0)
     blk = tl.program_id(1)
     q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
     pos = tl.load(pos_ptr + token)
     if blk < q_blocks:
-        _norm_rope_heads(q_ptr, qo_ptr, qw_ptr, token, pos, cos_ptr, sin_ptr, blk * BLOCK_H, stride_qt, stride_qh,
-                         stride_qot, stride_qoh, stride_cos, n_q_heads, eps,
+        _norm_rope_heads(q_ptr, qo_ptr, qw_ptr, token, token, pos, cos_ptr, sin_ptr, blk * BLOCK_H, stride_qt,
+                         stride_qh, stride_qot, stride_qoh, stride_cos, n_q_heads, eps,
                          HAS_QNORM, NEOX, HEAD_DIM, HD_PAD, ROPE_DIM, BLOCK_H)
     else:
-        _norm_rope_heads(k_ptr, ko_ptr, kw_ptr, token, pos, cos_ptr, sin_ptr, (blk - q_blocks) * BLOCK_H,
-                         stride_kt, stride_kh, stride_kot, stride_koh, stride_cos, n_kv_heads, eps,
+        first = (blk - q_blocks) * BLOCK_H
+        if WRITE_KV:
+            row = tl.load(slots_ptr + token).to(tl.int64)
+        else:
+            row = token.to(tl.int64)
+        _norm_rope_heads(k_ptr, ko_ptr, kw_ptr, token, row, pos, cos_ptr, sin_ptr, first, stride_kt, stride_kh,
+                         stride_kot, stride_koh, stride_cos, n_kv_heads, eps,
                          HAS_KNORM, NEOX, HEAD_DIM, HD_PAD, ROPE_DIM, BLOCK_H)
+        if WRITE_KV:
+            h = first + tl.arange(0, BLOCK_H)[:, None]
+            d = tl.arange(0, HD_PAD)[None, :]
+            ok = (h < n_kv_heads) & (d < HEAD_DIM)
+            v = tl.load(v_ptr + token * stride_vt + h * stride_vh + d, mask=ok)
+            tl.store(vo_ptr + row * stride_vot + h * stride_voh + d, v.to(vo_ptr.dtype.element_ty), mask=ok)
 
 
 class TritonQKV(QKVRope):
-    """`QKVRope` whose QK-norm and RoPE run as one Triton kernel: (h, positions) -> float32 q, k, v per head."""
+    """`QKVRope` whose QK-norm and RoPE run as one Triton kernel, which also stores k and v into layer `layer`'s
+    pool slots when the step has a pool: (h, meta) -> float32 q (and k, v when there is no pool)."""
 
-    def __init__(self, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-                 rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int, eps: float) -> None:
+    def __init__(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
+                 eps: float) -> None:
         super().__init__(wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)
+        self.layer = layer
         assert rope.rope_dim <= head_dim and rope.rope_dim % 2 == 0
         self.cos, self.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
         self.qw = None if q_norm is None else q_norm.contiguous()
@@ -168,22 +191,32 @@ class TritonQKV(QKVRope):
         v = y[:, nq + nk:] if self.fused_v else self.wv(h)
         return q, k, v.reshape(T, self.n_kv_heads, self.head_dim)
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor | None, ...]:
+        """float32 q, k, v; in a step with a pool and a slot mapping k and v go straight into the layer's pool
+        slots instead, in the same launch, and come back as None (the QKVProjection protocol)."""
         q, k, v = self.project(h)
         T = q.shape[0]
+        kv = meta.kv
+        write = kv is not None and meta.slot_mapping is not None
         q_out = torch.empty(T, self.n_heads, self.head_dim, dtype=torch.float32, device=q.device)
-        k_out = torch.empty(T, self.n_kv_heads, self.head_dim, dtype=torch.float32, device=q.device)
+        if write:
+            k_out, v_out = kv.k[self.layer], kv.v[self.layer]
+            assert k_out.stride(-1) == 1 and v_out.stride(-1) == 1, "the pool's head_dim must be contiguous"
+        else:
+            k_out = torch.empty(T, self.n_kv_heads, self.head_dim, dtype=torch.float32, device=q.device)
+            v_out = k_out  # unused
         if T:
-            q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
             bh = self.block_h
             grid = (T, triton.cdiv(self.n_heads, bh) + triton.cdiv(self.n_kv_heads, bh))
             _qk_norm_rope_kernel[grid](
-                q, k, q_out, k_out, self.qw if self.qw is not None else q_out,
-                self.kw if self.kw is not None else k_out, positions, self.cos, self.sin,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1),
-                k_out.stride(0), k_out.stride(1), self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
+                q, k, v, q_out, k_out, v_out, meta.slot_mapping if write else meta.positions,
+                self.qw if self.qw is not None else q_out, self.kw if self.kw is not None else q_out, meta.positions,
+                self.cos, self.sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
+                self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
                 HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
-                HEAD_DIM=self.head_dim, HD_PAD=self.hd_pad, ROPE_DIM=self.rope.rope_dim, BLOCK_H=bh,
+                HEAD_DIM=self.head_dim, HD_PAD=self.hd_pad, ROPE_DIM=self.rope.rope_dim, BLOCK_H=bh, WRITE_KV=write,
                 num_warps=4 if bh * self.hd_pad >= 1024 else 2,
             )
-        return q_out, k_out, v.float()
+        return (q_out, None, None) if write else (q_out, k_out, v.float())
