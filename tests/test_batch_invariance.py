@@ -32,18 +32,12 @@ from moeserve.engine.engine import EngineConfig, LLMEngine
 from moeserve.errors import RequestError
 from moeserve.gguf.quants import random_quant_bytes
 from moeserve.gguf.reader import PackedTensor
-from moeserve.kernels.metadata import AttentionMetadata
+from moeserve.kernels.metadata import positions_metadata
 from moeserve.kernels.select import select_backend
 from moeserve.testing import ModelSpec, rewrite_gguf, write_model
 
 N_REQUESTS, N_TOKENS = 16, 24
 GREEDY = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
-
-
-def positions_only(positions: torch.Tensor) -> AttentionMetadata:
-    """Metadata of one sequence's rows at `positions`, no pool (what a q/k/v projection reads)."""
-    T = positions.shape[0]
-    return AttentionMetadata(positions=positions, query_start=[0, T], context_lens=[0], seq_lens=torch.tensor([T]))
 
 
 def near_tie_model(path: Path, spec: ModelSpec, shrink: float = 1024.0) -> Path:
@@ -212,7 +206,7 @@ def test_row_invariant_kernels_give_each_row_its_solo_result():
                       backend.linear(packed("u", QT.F16, (320, H), rng)), odd)
     norm = backend.norm(torch.rand(H) + 0.5, 1e-6)
     kernels = {**{f"linear {k}": lin for k, lin in linears.items()}, "moe": moe, "mlp": mlp, "norm": norm,
-               "qkv": lambda h, p: torch.cat([t.reshape(h.shape[0], -1) for t in qkv(h, positions_only(p))], dim=1)}
+               "qkv": lambda h, p: torch.cat([t.reshape(h.shape[0], -1) for t in qkv(h, positions_metadata(p))], dim=1)}
     for name, fn in kernels.items():
         call = fn if name == "qkv" else (lambda h, p, fn=fn: fn(h))
         batched = call(x, pos)

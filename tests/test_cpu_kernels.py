@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as QT
 from moeserve.gguf.quants import dequantize, random_quant_bytes
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.cpu import build, native
+from moeserve.kernels.metadata import positions_metadata
 from moeserve.kernels.rope import Rope
 
 QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -328,7 +329,7 @@ def test_qkv_rope_equals_projections_then_norm_rope(m: int) -> None:
     nh, nkv, hd = 4, 2, 128
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(3))
     pos = torch.arange(90, 90 + m)
-    q, k, v = fused(x, pos)
+    q, k, v = fused(x, positions_metadata(pos))
     norm_rope = native.NormRope(rope, 1e-6)
     assert torch.equal(q, norm_rope(lins[0](x).view(m, nh, hd), qn, pos))
     assert torch.equal(k, norm_rope(lins[1](x).view(m, nkv, hd), kn, pos))
@@ -338,7 +339,7 @@ def test_qkv_rope_equals_projections_then_norm_rope(m: int) -> None:
 def test_qkv_rope_rejects_positions_outside_the_table() -> None:
     fused, *_ = _qkv(1)
     with pytest.raises(RuntimeError, match="position 128 is outside the RoPE tables"):
-        fused(torch.randn(1, K), torch.tensor([128]))
+        fused(torch.randn(1, K), positions_metadata(torch.tensor([128])))
 
 
 def _hammer(fn, n_threads: int = 2, iters: int = 40) -> list[list]:
@@ -378,7 +379,7 @@ def test_kernel_objects_are_reentrant() -> None:
 
     def step(i: int):
         x, pos = xs[i % len(xs)], positions[i % len(xs)]
-        return lin(x), fl(x), qkv(x, pos)
+        return lin(x), fl(x), qkv(x, positions_metadata(pos))
 
     want = [step(i) for i in range(len(xs))]
     for per_thread in _hammer(step):

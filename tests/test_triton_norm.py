@@ -6,12 +6,14 @@ TRITON_INTERPRET=1 before triton is imported).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest  # noqa: E402
 import torch
 
 pytest.importorskip("triton")
 
-from moeserve.kernels.metadata import AttentionMetadata, KVCacheTensors  # noqa: E402
+from moeserve.kernels.metadata import AttentionMetadata, KVCacheTensors, positions_metadata  # noqa: E402
 from moeserve.kernels.reference import QKVRope, RMSNorm  # noqa: E402
 from moeserve.kernels.rope import Rope  # noqa: E402
 from moeserve.kernels.triton.norm import TritonQKV, TritonRMSNorm  # noqa: E402
@@ -91,9 +93,7 @@ def test_qkv_matches_reference(neox, rope_frac, norms, heads):
 def _meta(positions: torch.Tensor, kv: KVCacheTensors | None = None,
           slots: torch.Tensor | None = None) -> AttentionMetadata:
     """One sequence's rows at `positions`, with a pool and the slots its k/v go to when given."""
-    T = positions.shape[0]
-    return AttentionMetadata(positions=positions, query_start=[0, T], context_lens=[0],
-                             seq_lens=torch.tensor([T], device=positions.device), slot_mapping=slots, kv=kv)
+    return replace(positions_metadata(positions), slot_mapping=slots, kv=kv)
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float16, torch.float32])

@@ -108,3 +108,10 @@ def no_cache_metadata(seq_lens: list[int], device: torch.device | str = "cpu") -
     positions = torch.cat([torch.arange(n, device=device) for n in seq_lens]) if seq_lens else torch.empty(0)
     return AttentionMetadata(positions=positions.long(), query_start=starts, context_lens=[0] * len(seq_lens),
                              seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device))
+
+
+def positions_metadata(positions: torch.Tensor) -> AttentionMetadata:
+    """One sequence's rows at `positions` (any values), without a pool: what a q/k/v projection reads."""
+    T = positions.shape[0]
+    return AttentionMetadata(positions=positions, query_start=[0, T], context_lens=[0],
+                             seq_lens=torch.tensor([T], device=positions.device))
