@@ -123,6 +123,12 @@ def test_dequantize_random_quant_bytes_bit_exact(qtype: QT) -> None:
     _assert_bit_exact(ours, gq.dequantize(np.ascontiguousarray(raw[:, ::2]), qtype))
 
 
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_dequantize_no_rows(qtype: QT) -> None:
+    """Zero rows (an empty embedding lookup) give an empty [0, n] result, not a reshape error."""
+    assert dequantize(torch.zeros(0, row_bytes(qtype, 256), dtype=torch.uint8), qtype, 256).shape == (0, 256)
+
+
 def test_dequantize_1d_row() -> None:
     raw = random_quant_bytes(QT.Q4_K, (512,), np.random.default_rng(4))
     assert raw.shape == (row_bytes(QT.Q4_K, 512),)

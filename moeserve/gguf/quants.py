@@ -131,7 +131,7 @@ def _bits(qh: torch.Tensor) -> torch.Tensor:
     uint32 shifts (poorly supported in torch) or 4-byte aligned views.
     """
     shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
-    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], -1)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 8 * qh.shape[1])  # no -1: n may be 0
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
