@@ -4,12 +4,14 @@ What each operation gets:
 
 * linears: `qmatmul.TritonLinear` — the file's blocks repacked once at load (exact, about the file's size),
   dequantized in registers by a GEMV path (decode) or a tiled GEMM (prefill); float weights use cuBLAS.
-* the MoE block: `fused_moe.TritonMoE` — router softmax/top-k on the device, (token, slot) pairs sorted
-  into per-expert blocks on the device, gate+up (SiLU·mul) in one launch and down in one launch for all
-  experts, a deterministic weighted sum.
+* the MoE block: `fused_moe.TritonMoE` — router product (decode: in the routing launch), softmax/top-k on
+  the device, (token, slot) pairs sorted into per-expert blocks on the device, gate+up (SiLU·mul) in one launch
+  and down in one launch for all experts, a deterministic weighted sum.
 * attention: `attention.TritonPagedAttention` — one kernel for prefill chunks and decode rows over the
   paged pool through the block tables.
-* RMSNorm and the q/k/v projection's QK-norm + RoPE: `norm.py`, one kernel each.
+* RMSNorm and the q/k/v projection's QK-norm + RoPE: `norm.py`, one kernel each; the latter also stores the
+  step's k/v into the layer's pool slots.
+* the embedding lookup: `qmatmul.TritonEmbedding`, the step's rows dequantized from the packed copy, one launch.
 
 Nothing in a forward synchronises with the host and every shape depends only on the step's batch, so the
 model runner can capture decode steps in CUDA graphs (`graph_safe`). On a CPU the same kernels run under
