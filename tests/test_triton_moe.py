@@ -107,8 +107,9 @@ def _distinct_logits(T: int, n_experts: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n_experts", [8, 128])
-@pytest.mark.parametrize("T", [1, 3, 16, 64, 128])
+@pytest.mark.parametrize("T", [1, 3, 16, 64, 128, 200])
 def test_route_align_matches_torch(T: int, n_experts: int) -> None:
+    """Up to 1024 pairs one program; above (T=200 at top-8, 128 at top-8 is exactly 1024) the tile kernels."""
     logits = _distinct_logits(T, n_experts, seed=T * 1000 + n_experts).to(DEVICE)
     for k in (2, 8):
         for renormalize in (True, False):
@@ -129,7 +130,8 @@ def test_route_align_matches_torch(T: int, n_experts: int) -> None:
 
 
 def test_route_align_ties_and_limits() -> None:
-    """Equal logits go to the lowest expert index; empty batches; more than 1024 pairs are refused."""
+    """Equal logits go to the lowest expert index, in both the one-program and the tile kernels; empty batches;
+    top_k past E is refused."""
     logits = torch.zeros(2, 16).to(DEVICE)
     logits[1, 5:] = 1.0  # token 1: experts 5..15 tie
     w, e, ids, blocks, n_rows = route_align(logits, 4, True, 16)
@@ -145,8 +147,12 @@ def test_route_align_ties_and_limits() -> None:
     assert sorted(ids[ids < 8].tolist()) == list(range(8)) and n_rows.tolist() == [16 * 8]
     outs = route_align(torch.empty(0, 16, device=DEVICE), 2, True, 16)
     assert [tuple(o.shape) for o in outs] == [(0, 2), (0, 2), (0,), (0,), (1,)] and outs[4].tolist() == [0]
+    tied = torch.zeros(300, 16, device=DEVICE)
+    tied[::2, 5:] = 1.0  # 600 pairs at top-2 on the tile path (FUSED_ROUTE_MAX_PAIRS: 1024)
+    w, e, _, _, _ = route_align(tied.repeat(2, 1), 2, True, 16)
+    assert e[0].tolist() == [5, 6] and e[1].tolist() == [0, 1] and (e[::2] == e[0]).all() and (e[1::2] == e[1]).all()
     with pytest.raises(ValueError):
-        route_align(torch.zeros(513, 8, device=DEVICE), 2, True, 64)
+        route_align(torch.zeros(3, 8, device=DEVICE), 9, True, 64)
 
 
 @pytest.mark.parametrize("n_experts,hidden", [(8, 96), (128, 2048)])
@@ -195,14 +201,17 @@ def test_moe_prefill_blocks(types: tuple[QT, QT]) -> None:
     assert _rel(moe(h), ref(h)) <= BOUND
 
 
-def test_moe_torch_routing_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above FUSED_ROUTE_MAX_PAIRS the block routes with torch ops: the same result as the fused kernel."""
+def test_moe_routing_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block's three routing paths give the same output: the router in the routing launch (up to 16 tokens),
+    one routing program (up to FUSED_ROUTE_MAX_PAIRS pairs), the tile kernels above."""
     moe, ref = _moe(TYPE_PAIRS[0], 3, True)
     h = torch.randn(6, H, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     fused = moe(h)
+    monkeypatch.setattr(fused_moe, "ROUTER_FUSED_MAX_T", 0)
+    one_program = moe(h)
     monkeypatch.setattr(fused_moe, "FUSED_ROUTE_MAX_PAIRS", 0)
-    unfused = moe(h)
-    assert _rel(unfused, fused) <= 1e-5 and _rel(unfused, ref(h)) <= BOUND
+    tiles = moe(h)
+    assert torch.equal(tiles, one_program) and _rel(one_program, fused) <= 1e-5 and _rel(tiles, ref(h)) <= BOUND
 
 
 def test_down_sums_over_k_in_the_same_launch() -> None:

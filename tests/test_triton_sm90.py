@@ -30,11 +30,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
               "blk.1.attn_[qkv].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0, "blk.1.ffn_gate_exps*": QT.Q5_0,
               "blk.1.ffn_up_exps*": QT.Q5_0, "blk.1.ffn_down_exps*": QT.Q4_1}
     spec = ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
-                     n_experts_used=2, expert_ffn=256, ffn=512, qtype=QT.Q4_K, qtypes=qtypes)
+                     n_experts_used=4, expert_ffn=256, ffn=512, qtype=QT.Q4_K, qtypes=qtypes)
     path = write_model(tmp_path / "mixed.gguf", spec)
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/sass_report.py"), str(path), "--tokens", "1", "16",
-                           "--attention-splits", "2", "--json", str(out)], capture_output=True, text=True, timeout=900)
+                           # 16 prompts of 20 tokens at top-4: 1280 pairs, the tile routing kernels
+                           "--attention-splits", "2", "--prompt-len", "20",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     failed = [(r["kernel"], r["constexprs"], r["error"]) for r in rows if "error" in r]
@@ -42,7 +44,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     kernels = {r["kernel"] for r in rows}
     assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel", "_dequant_kernel",
                        "_paged_attention_kernel", "_route_align_kernel",
-                       "_router_route_align_kernel", "_gate_up_kernel",
+                       "_router_route_align_kernel", "_route_tiles_kernel", "_scatter_tiles_kernel", "_gate_up_kernel",
                        "_down_kernel"}
     assert any(r["constexprs"].get("SPLITS", 1) > 1 for r in rows if r["kernel"] == "_paged_attention_kernel")
     # the k/v pool write rides on the QK-norm + RoPE kernel

@@ -4,7 +4,9 @@
    (`moe.route`). Alignment (`align_blocks`): the T*k (token, slot) pairs sorted by expert into
    BLOCK_M-row blocks, each expert's rows padded to whole blocks, so every block belongs to one expert.
    Up to `FUSED_ROUTE_MAX_PAIRS` pairs (decode and small batches) both are one single-program kernel
-   (`route_align`); larger batches use the torch ops (~30 small kernels, negligible next to a prefill).
+   (`route_align`); larger steps take two launches of a program per 16 tokens (each program routes its tokens
+   and counts their pairs per expert, the last one lays out the blocks; then each places its pairs), instead of
+   the ~35 torch ops of `moe.route` + `align_blocks`, which remain the reference (and `mix`'s alignment).
    Steps of up to `ROUTER_FUSED_MAX_T` tokens with a float router also compute the router's logits in that
    launch (`router_route_align`: ~64 programs stream the router, the last one to finish routes and aligns).
 2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
@@ -29,7 +31,7 @@ from gguf import GGMLQuantizationType as QT
 
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
-from moeserve.kernels.moe import GroupedMoE, route
+from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.qmatmul import (
@@ -50,7 +52,11 @@ __all__ = ["FUSED_ROUTE_MAX_PAIRS", "ROUTER_FUSED_MAX_T", "TritonMoE", "align_bl
            "router_route_align"]
 
 FUSED_ROUTE_MAX_PAIRS = 1024
-"""Up to this many (token, slot) pairs routing and alignment run as the one `route_align` kernel."""
+"""Up to this many (token, slot) pairs routing and alignment run as one single-program launch; above, as two
+launches of a program per `ROUTE_TILE_TOKENS` tokens."""
+
+ROUTE_TILE_TOKENS = 16
+"""Tokens per program of the large-step routing kernels."""
 
 
 def block_m_for(n_pairs: int, n_experts: int) -> int:
@@ -94,69 +100,63 @@ def align_blocks(experts: torch.Tensor, n_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
-def _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
-                 T, E, n_blocks,
-                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, CG: tl.constexpr):
-    """`moe.route` then `align_blocks` in one program (see `route_align`); `CG`: read the logits through L2
-    (other programs of the same launch wrote them).
+def _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, t0, T, E,
+                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_T: tl.constexpr, CG: tl.constexpr):
+    """Route tokens t0 .. t0 + BLOCK_T: store their weights and experts; return their pairs per expert.
 
-    1. Per BLOCK_T tokens: a [BLOCK_T, BLOCK_E] logit tile, TOP_K rounds of (max, lowest index attaining
-       it, mask it out); the weights from float64 exps (precise in compiled code too, where float32
-       `exp` is an approximation); the rounds' one-hot masks give the per-expert pair counts (one
-       cross-warp reduction per tile; the rounds' reductions are along rows, within a warp).
-    2. Padded counts, their cumsum (each expert's padded end), n_rows; the sentinel fill of sorted_ids;
-       block_expert[b] = #experts whose padded end <= b * BLOCK_M (clamped to E - 1 like searchsorted).
-    3. After a barrier (the expert ids and sentinels of 1-2 are in global memory): per BLOCK_P pairs, a
-       [BLOCK_P, BLOCK_E] one-hot of their experts; a pair's row is its expert's padded start + the pairs of
-       that expert before it (earlier chunks: a running count; this chunk: an exclusive cumsum down the
-       one-hot), so the order within an expert is the pair order (stable).
-    """
+    A [BLOCK_T, BLOCK_E] logit tile (`CG`: read through L2, other programs of the launch wrote it), TOP_K rounds
+    of (max, lowest index attaining it, mask it out); the weights from float64 exps (precise in compiled code
+    too, where float32 `exp` is an approximation); the rounds' one-hot masks give the per-expert pair counts
+    (one cross-warp reduction per tile; the rounds' reductions are along rows, within a warp)."""
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
     kcols = tl.arange(0, K_PAD)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        where = logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
-        if CG:
-            logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
-        else:
-            logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        logit = logit.to(tl.float32)
-        logit = tl.where(col_ok[None, :], logit, float("-inf"))  # rows past T stay finite: no NaNs
-        top = tl.max(logit, axis=1)
-        work = logit
-        chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-        w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float64)
-        ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
-        for r in tl.static_range(TOP_K):
-            v = tl.max(work, axis=1)
-            # ties: the lowest expert; never one taken or past E (a -inf logit may equal v)
-            free = (work == v[:, None]) & (chosen == 0) & col_ok[None, :]
-            idx = tl.min(tl.where(free, cols[None, :], BLOCK_E), axis=1)
-            hit = cols[None, :] == idx[:, None]
-            work = tl.where(hit, float("-inf"), work)
-            chosen = tl.where(hit, 1, chosen)
-            slot = kcols[None, :] == r
-            w = tl.where(slot, tl.exp((v - top).to(tl.float64))[:, None], w)
-            ids = tl.where(slot, idx[:, None], ids)
-        counts += tl.sum(tl.where(row_ok[:, None], chosen, 0), axis=0)
-        if RENORMALIZE:
-            denom = tl.sum(w, axis=1)  # the selected exps (slots past TOP_K hold 0)
-        else:
-            denom = tl.sum(tl.exp((logit - top[:, None]).to(tl.float64)), axis=1)
-        off = rows[:, None] * TOP_K + kcols[None, :]
-        out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
-        tl.store(weights_ptr + off, (w / denom[:, None]).to(tl.float32), mask=out_ok)
-        tl.store(experts_ptr + off, ids.to(tl.int64), mask=out_ok)
+    rows = t0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    where = logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
+    if CG:
+        logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
+    else:
+        logit = tl.load(where, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    logit = logit.to(tl.float32)
+    logit = tl.where(col_ok[None, :], logit, float("-inf"))  # rows past T stay finite: no NaNs
+    top = tl.max(logit, axis=1)
+    work = logit
+    chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float64)
+    ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for r in tl.static_range(TOP_K):
+        v = tl.max(work, axis=1)
+        # ties: the lowest expert; never one taken or past E (a -inf logit may equal v)
+        free = (work == v[:, None]) & (chosen == 0) & col_ok[None, :]
+        idx = tl.min(tl.where(free, cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == idx[:, None]
+        work = tl.where(hit, float("-inf"), work)
+        chosen = tl.where(hit, 1, chosen)
+        slot = kcols[None, :] == r
+        w = tl.where(slot, tl.exp((v - top).to(tl.float64))[:, None], w)
+        ids = tl.where(slot, idx[:, None], ids)
+    if RENORMALIZE:
+        denom = tl.sum(w, axis=1)  # the selected exps (slots past TOP_K hold 0)
+    else:
+        denom = tl.sum(tl.exp((logit - top[:, None]).to(tl.float64)), axis=1)
+    off = rows[:, None] * TOP_K + kcols[None, :]
+    out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    tl.store(weights_ptr + off, (w / denom[:, None]).to(tl.float32), mask=out_ok)
+    tl.store(experts_ptr + off, ids.to(tl.int64), mask=out_ok)
+    return tl.sum(tl.where(row_ok[:, None], chosen, 0), axis=0)
 
+
+@triton.jit
+def _layout(counts, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, E, n_blocks,
+            BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """From the pairs per expert: padded counts, their cumsum (each expert's padded end), n_rows; the sentinel
+    fill of sorted_ids; block_expert[b] = #experts whose padded end <= b * BLOCK_M (clamped to E - 1 like
+    searchsorted). Returns each expert's first row."""
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)  # experts past E: no pairs, end = total
     tl.store(n_rows_ptr, tl.sum(padded, axis=0).to(tl.int64))
-    n_pairs = T * TOP_K
     n_slots = n_blocks * BLOCK_M
     sentinel = tl.zeros([BLOCK_S], dtype=tl.int32) + n_pairs
     for s0 in range(0, n_slots, BLOCK_S):
@@ -166,18 +166,81 @@ def _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, blo
         blocks = b0 + tl.arange(0, BLOCK_B)
         expert = tl.sum((ends[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + blocks, tl.minimum(expert, E - 1), mask=blocks < n_blocks)
-    tl.debug_barrier()
+    return ends - padded
 
-    base = ends - padded  # the next free row of each expert
-    for p0 in range(0, n_pairs, BLOCK_P):
+
+@triton.jit
+def _scatter_pairs(experts_ptr, sorted_ptr, base, p_begin, p_end, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
+    """sorted_ids[row] = pair for pairs p_begin .. p_end, `base` [BLOCK_E] being each expert's next free row: per
+    BLOCK_P pairs, a [BLOCK_P, BLOCK_E] one-hot of their experts; a pair's row is its expert's base + the pairs of
+    that expert before it in the chunk (an exclusive cumsum down the one-hot), so the order within an expert is
+    the pair order (stable)."""
+    cols = tl.arange(0, BLOCK_E)
+    for p0 in range(p_begin, p_end, BLOCK_P):
         pairs = p0 + tl.arange(0, BLOCK_P)
-        ok = pairs < n_pairs
+        ok = pairs < p_end
         e = tl.load(experts_ptr + pairs, mask=ok, other=BLOCK_E).to(tl.int32)  # BLOCK_E: matches no column
         onehot = (e[:, None] == cols[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - onehot
         row = tl.sum(onehot * (base[None, :] + before), axis=1)
         tl.store(sorted_ptr + row, pairs, mask=ok)
         base += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
+                 T, E, n_blocks,
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, CG: tl.constexpr):
+    """`moe.route` then `align_blocks` in one program (see `route_align`): route every tile of tokens, lay out
+    the blocks, then (after a barrier: the expert ids and sentinels are in global memory) scatter every pair."""
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        counts += _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, t0, T, E, TOP_K, K_PAD, RENORMALIZE,
+                              BLOCK_E, BLOCK_T, CG)
+    base = _layout(counts, sorted_ptr, block_expert_ptr, n_rows_ptr, T * TOP_K, E, n_blocks, BLOCK_M, BLOCK_B,
+                   BLOCK_S)
+    tl.debug_barrier()
+    _scatter_pairs(experts_ptr, sorted_ptr, base, 0, T * TOP_K, BLOCK_E, BLOCK_P)
+
+
+@triton.jit
+def _route_tiles_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, tile_counts_ptr, tile_base_ptr, count_ptr,
+                        sorted_ptr, block_expert_ptr, n_rows_ptr, T, E, n_blocks,
+                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Large steps, first launch: each program routes BLOCK_T tokens and stores its pairs per expert; the last
+    program to finish lays out the blocks and stores each tile's first row per expert (the tiles before it, in
+    order: stable), for `_scatter_tiles_kernel`."""
+    tile = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    counts = _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, tile * BLOCK_T, T, E, TOP_K, K_PAD,
+                         RENORMALIZE, BLOCK_E, BLOCK_T, False)
+    tl.store(tile_counts_ptr + tile * BLOCK_E + cols, counts)
+    n_tiles = tl.num_programs(0)
+    if arrive_last(count_ptr, n_tiles):
+        total = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for t in range(0, n_tiles):
+            total += tl.load(tile_counts_ptr + t * BLOCK_E + cols, cache_modifier=".cg")
+        base = _layout(total, sorted_ptr, block_expert_ptr, n_rows_ptr, T * TOP_K, E, n_blocks, BLOCK_M, BLOCK_B,
+                       BLOCK_S)
+        for t in range(0, n_tiles):
+            tl.store(tile_base_ptr + t * BLOCK_E + cols, base)
+            base += tl.load(tile_counts_ptr + t * BLOCK_E + cols, cache_modifier=".cg")
+        reset_count(count_ptr)
+
+
+@triton.jit
+def _scatter_tiles_kernel(experts_ptr, sorted_ptr, tile_base_ptr, T,
+                          TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Large steps, second launch: each program places its tile's pairs from the tile's first rows."""
+    tile = tl.program_id(0)
+    base = tl.load(tile_base_ptr + tile * BLOCK_E + tl.arange(0, BLOCK_E))
+    p_begin = tile * BLOCK_T * TOP_K
+    _scatter_pairs(experts_ptr, sorted_ptr, base, p_begin, tl.minimum(p_begin + BLOCK_T * TOP_K, T * TOP_K),
+                   BLOCK_E, BLOCK_P)
 
 
 @triton.jit
@@ -242,11 +305,10 @@ def _route_align_config(T: int, E: int, top_k: int, block_m: int) -> dict[str, i
 
 
 def _route_outputs(T: int, E: int, top_k: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Empty (weights, experts, sorted_ids, block_expert, n_rows) for `route_align`'s kernels, after checking the
-    limits they take (n_rows is zero when T is: no kernel fills it)."""
-    if not 0 < top_k <= E or T * top_k > FUSED_ROUTE_MAX_PAIRS:
-        raise ValueError(f"route_align takes 1 <= top_k <= E and T*top_k <= {FUSED_ROUTE_MAX_PAIRS}, "
-                         f"got T={T}, E={E}, top_k={top_k}")
+    """Empty (weights, experts, sorted_ids, block_expert, n_rows) for the routing kernels (n_rows is zero when T
+    is: no kernel fills it)."""
+    if not 0 < top_k <= E:
+        raise ValueError(f"routing takes 1 <= top_k <= E, got E={E}, top_k={top_k}")
     n_blocks = _n_blocks(T * top_k, E, block_m)
     return (torch.empty(T, top_k, dtype=torch.float32, device=device),
             torch.empty(T, top_k, dtype=torch.int64, device=device),
@@ -256,8 +318,9 @@ def _route_outputs(T: int, E: int, top_k: int, block_m: int, device: torch.devic
 
 
 def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int) -> tuple[torch.Tensor, ...]:
-    """`moe.route(logits, top_k, renormalize)` then `align_blocks(experts, E, block_m)` in one kernel launch
-    (one program) for up to `FUSED_ROUTE_MAX_PAIRS` pairs.
+    """`moe.route(logits, top_k, renormalize)` then `align_blocks(experts, E, block_m)` on the device: one
+    single-program launch up to `FUSED_ROUTE_MAX_PAIRS` pairs, two launches of a program per 16-token tile
+    above (`_route_tiles_kernel`, `_scatter_tiles_kernel`).
 
     Returns (weights [T, k] float32, experts [T, k] int64, sorted_ids, block_expert, n_rows) with the
     meaning, dtypes and shapes of those functions. Experts are taken by logit; ties go to the lowest
@@ -270,9 +333,27 @@ def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: in
         logits = logits.float()  # the interpreter has no bfloat16
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if T:
-        _route_align_kernel[(1,)](logits, logits.stride(0), *outs, T, E, outs[3].shape[0],
-                                  RENORMALIZE=bool(renormalize), **_route_align_config(T, E, top_k, block_m))
+    if T == 0:
+        return outs
+    n_blocks = outs[3].shape[0]
+    if T * top_k <= FUSED_ROUTE_MAX_PAIRS:
+        _route_align_kernel[(1,)](logits, logits.stride(0), *outs, T, E, n_blocks, RENORMALIZE=bool(renormalize),
+                                  **_route_align_config(T, E, top_k, block_m))
+        return outs
+    config = _route_align_config(ROUTE_TILE_TOKENS, E, top_k, block_m)
+    config["BLOCK_S"] = 32 * 32 * config["num_warps"]  # the sentinel fill of every block, by one program
+    tiles = triton.cdiv(T, config["BLOCK_T"])
+    block_e = config["BLOCK_E"]
+    tile_counts = torch.empty(tiles, block_e, dtype=torch.int32, device=logits.device)
+    tile_base = torch.empty_like(tile_counts)
+    weights, experts, sorted_ids, block_expert, n_rows = outs
+    _route_tiles_kernel[(tiles,)](
+        logits, logits.stride(0), weights, experts, tile_counts, tile_base, counters(1, logits.device, "route"),
+        sorted_ids, block_expert, n_rows, T, E, n_blocks, RENORMALIZE=bool(renormalize),
+        **{k: v for k, v in config.items() if k != "BLOCK_P"})
+    _scatter_tiles_kernel[(tiles,)](experts, sorted_ids, tile_base, T, TOP_K=top_k, BLOCK_E=block_e,
+                                    BLOCK_T=config["BLOCK_T"], BLOCK_P=config["BLOCK_P"],
+                                    num_warps=config["num_warps"])
     return outs
 
 
@@ -419,11 +500,8 @@ class TritonMoE:
         if self.router_weight is not None and T <= ROUTER_FUSED_MAX_T and n_pairs <= FUSED_ROUTE_MAX_PAIRS:
             weights, _, sorted_ids, block_expert, n_rows = router_route_align(h, self.router_weight, k,
                                                                               self.renormalize, block_m)
-        elif n_pairs <= FUSED_ROUTE_MAX_PAIRS:
-            weights, _, sorted_ids, block_expert, n_rows = route_align(self.router(h), k, self.renormalize, block_m)
         else:
-            weights, experts = route(self.router(h), k, self.renormalize)
-            sorted_ids, block_expert, n_rows = align_blocks(experts, E, block_m)
+            weights, _, sorted_ids, block_expert, n_rows = route_align(self.router(h), k, self.renormalize, block_m)
         return self._experts(h, weights, sorted_ids, block_expert, n_rows, k, block_m)
 
     def mix(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,7 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
 
 
 @triton.jit
-def arrive_last(count_ptr, n: tl.constexpr, mask=None):
+def arrive_last(count_ptr, n, mask=None):
     """Count this program in the arrival counter(s) at `count_ptr` (per element under `mask` for a tensor of
     counters) and say whether it is the n-th, i.e. the last, of the programs sharing a reduction.
 
