@@ -12,9 +12,10 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    16 greedy tokens;
 4. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
    `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
-   a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels);
+   a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
+   one 512-token prefill (`prefill_profile`);
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, and the decode
-   profile at 1 and 64 streams (then the file is deleted);
+   profiles at 1 and 64 streams and of a 512-token prefill (then the file is deleted);
 6. HF transformers bf16 (sdpa) built from the same dequantized weights: pp512 and decode at 1 / 16 / 64 streams;
 7. kernel timings (triton.testing.do_bench, eager, so host launch time included) of decode-size operations.
 Phases 6 and 7 are skipped once the run is past `--budget` seconds.
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +108,17 @@ def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, wa
     return streams * steps / dt
 
 
-def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int = 16, top: int = 25) -> dict:
-    """Where a decode step's device time goes: torch.profiler over `steps` engine steps of `streams` greedy
-    sequences (CUDA-graph replays included; CUPTI traces the kernels inside them). Per step: wall time, the
-    kernels' summed device time ("busy"; the rest is launch gaps and host work), kernel count, and the `top`
-    kernels by device time."""
+def device_profile(run: Callable[[], float], steps: int, label: str, top: int = 25) -> dict:
+    """Where the device time of `run` (which returns its wall seconds for `steps` steps) goes, per step:
+    torch.profiler's wall time, the kernels' summed device time ("busy"; the rest is launch gaps and host work),
+    kernel count, and the `top` kernels by device time (CUDA-graph replays included: CUPTI traces the kernels
+    inside them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = start_streams(llm, streams, prompt_len, steps + 8, seed=streams + 1, warm=3)
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        wall = timed_steps(engine, steps)
-    finish(engine)
+        wall = run()
     kernels = []
     for e in prof.key_averages():
         # a kernel's own device time is its duration; a CPU op's self device time is 0 (its kernels are children)
@@ -129,30 +129,47 @@ def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int =
                             "us_per_step": (dev if cuda else e.cpu_time_total) / steps})
     kernels.sort(key=lambda k: -k["us_per_step"])
     busy = sum(k["us_per_step"] for k in kernels)
-    out = {"streams": streams, "wall_us_per_step": wall / steps * 1e6, "busy_us_per_step": busy,
+    out = {"wall_us_per_step": wall / steps * 1e6, "busy_us_per_step": busy,
            "kernels_per_step": sum(k["calls_per_step"] for k in kernels), "top": kernels[:top]}
-    log(f"profile x{streams}: {out['wall_us_per_step']:.0f} us/step wall (profiled), {busy:.0f} us kernels, "
+    log(f"profile {label}: {out['wall_us_per_step']:.0f} us/step wall (profiled), {busy:.0f} us kernels, "
         f"{out['kernels_per_step']:.0f} kernels/step")
     for k in kernels[:top]:
         log(f"  {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {k['name']}")
     return out
 
 
-def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
+def decode_profile(llm: Any, streams: int = 1, steps: int = 8, prompt_len: int = 16, top: int = 25) -> dict:
+    """`device_profile` of `steps` engine decode steps of `streams` greedy sequences."""
+    engine = start_streams(llm, streams, prompt_len, steps + 8, seed=streams + 1, warm=3)
+    out = device_profile(lambda: timed_steps(engine, steps), steps, f"decode x{streams}", top)
+    finish(engine)
+    return {"streams": streams, **out}
+
+
+def prefill_profile(llm: Any, n: int = 512, top: int = 25) -> dict:
+    """`device_profile` of one n-token prefill (eager: prefill steps are not captured in graphs)."""
+    moeserve_prefill(llm, n, reps=0)  # compiled and warm
+    return {"tokens": n, **device_profile(lambda: _prefill_once(llm, n, seed=7), 1, f"prefill {n}", top)}
+
+
+def _prefill_once(llm: Any, n: int, seed: int) -> float:
+    """Seconds for one n-token prompt through the engine (one output token: the prefill alone)."""
     from moeserve import SamplingParams
 
-    best = 0.0
-    for r in range(reps + 1):
-        p = prompts(1, n, llm.config.vocab_size, seed=100 + r)[0]
-        sync()
-        t0 = time.perf_counter()
-        llm.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        while llm.engine.has_unfinished():
-            llm.engine.step()
-        sync()
-        if r:  # the first run compiles
-            best = max(best, n / (time.perf_counter() - t0))
-    return best
+    p = prompts(1, n, llm.config.vocab_size, seed=seed)[0]
+    sync()
+    t0 = time.perf_counter()
+    llm.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    sync()
+    return time.perf_counter() - t0
+
+
+def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
+    """Best n-token prefill tokens/s of `reps` runs after one that compiles (0 when reps is 0)."""
+    times = [_prefill_once(llm, n, seed=100 + r) for r in range(reps + 1)][1:]
+    return n / min(times) if times else 0.0
 
 
 def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False,
@@ -196,6 +213,12 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
         except Exception as exc:  # a profiler problem must not lose the timings
             traceback.print_exc()
             r[f"profile{n}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if profile_streams:
+        try:
+            r["profile_pp512"] = prefill_profile(llm, 512)
+        except Exception as exc:
+            traceback.print_exc()
+            r["profile_pp512"] = {"error": f"{type(exc).__name__}: {exc}"}
     r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     del llm
     gc.collect()
@@ -363,8 +386,9 @@ def main() -> None:
         res["parity"] = parity(tmp, "cpu", only=1)
         from moeserve import LLM
 
-        res["profile"] = decode_profile(LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton",
-                                            warmup=False), streams=1, steps=2, top=8)
+        llm = LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton", warmup=False)
+        res["profile"] = decode_profile(llm, streams=1, steps=2, top=8)
+        res["profile_prefill"] = prefill_profile(llm, 32, top=8)
         print(json.dumps(res, indent=1))
         return
 
