@@ -102,9 +102,12 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)).to(tl.float32) - 32.0
         q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)).to(tl.float32) - 32.0
         d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[:, None]
-        sc = sc_ptr + r * s_sc + g * 8 + j // 16
-        lo = (d * tl.load(sc).to(tl.float32)) * q_lo
-        hi = (d * tl.load(sc + 4).to(tl.float32)) * q_hi
+        BN: tl.constexpr = rows.shape[0]
+        sc = sc_ptr + r * s_sc + g * 8 + tl.arange(0, 4)[None, :]
+        ds_lo = tl.reshape(tl.broadcast_to((d * tl.load(sc).to(tl.float32))[:, :, None], (BN, 4, 16)), (BN, 64))
+        ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 4).to(tl.float32))[:, :, None], (BN, 4, 16)), (BN, 64))
+        lo = ds_lo * q_lo
+        hi = ds_hi * q_hi
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
         q = tl.load(qs_ptr + r * s_qs + g * 32 + j)
         q_lo = q & 15
