@@ -16,6 +16,10 @@ specialisations, constexprs, warps and stages the runtime would use — for `cud
   reads Q4_K weights (0.5625 bytes each) at full bandwidth may spend at most ~0.18 warp instructions per
   weight; above that it is bound by instruction issue, not memory (`bound_by_issue` = the share of peak
   bandwidth it can reach at best).
+* type conversions in the K loop (I2F, F2F, F2FP, F2I): sm_90 converts 16 values per clock per SM, an eighth of
+  its issue rate of 4 warp instructions (CUDA guide, arithmetic instruction throughput: "all other type
+  conversions"), so a loop is held to max(instructions, 8 x conversions) issue slots; `bound_by_issue` uses
+  that.
 
 It is a static proxy: it says nothing of latency, caches or launch gaps, and the device's triton version may
 generate different code. Timings come from `benchmarks/gpu_bench.py` on the device.
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 H100_WARP_INSTR_PER_S = 132 * 4 * 1.98e9
+CONVERSION_COST = 8  # issue slots a warp's type conversion occupies on sm_90 (16 per clock per SM, not 128)
+CONVERSIONS = {"I2F", "I2FP", "F2F", "F2FP", "F2I", "F2IP", "I2I", "I2IP"}
 H100_BYTES_PER_S = 3.35e12
 
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int32": "i32",
@@ -168,6 +174,7 @@ def loops(sass: str) -> list[dict]:
         loads = Counter(op for op in ops.elements() if op.startswith("LDG"))
         out.append({"instructions": len(body), "ldg": dict(loads), "spill_ld_st": ops.get("LDL", 0) + ops.get("STL", 0)
                     + sum(v for k, v in ops.items() if k.startswith(("LDL.", "STL."))),
+                    "conversions": sum(v for k, v in ops.items() if k.split(".")[0] in CONVERSIONS),
                     "top": Counter(k.split(".")[0] for k in ops.elements()).most_common(8)})
     return out
 
@@ -217,15 +224,18 @@ def compile_report(launches: list[dict], keep: str | None = None) -> list[dict]:
         if w and row["loops"]:
             main = max(row["loops"], key=lambda lp: lp["instructions"])
             per_weight = main["instructions"] * launch["num_warps"] / w
+            slots = max(main["instructions"], CONVERSION_COST * main["conversions"]) * launch["num_warps"] / w
             budget = H100_WARP_INSTR_PER_S / (H100_BYTES_PER_S / 0.5625)
-            row |= {"warp_instr_per_weight": per_weight, "bound_by_issue": min(1.0, budget / per_weight)}
+            row |= {"warp_instr_per_weight": per_weight, "issue_slots_per_weight": slots,
+                    "bound_by_issue": min(1.0, budget / slots)}
         out.append(row)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | rows | grid | warps | regs | stack | shared | main loop instr | LDG in loop | "
-             "warp instr / weight | ≤ share of HBM peak |", "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| kernel | rows | grid | warps | regs | stack | shared | main loop instr | conversions | "
+             "LDG in loop | warp instr / weight | ≤ share of HBM peak |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['rows']} | {r['grid']} | {r['num_warps']} | {r['error']} |")
@@ -237,7 +247,7 @@ def table(rows: list[dict]) -> str:
         rows = "/".join("prefill" if n < 0 else str(n) for n in r["rows"])
         lines.append(f"| {r['kernel']} | {rows} | {r['grid']} | "
                      f"{r['num_warps']} | {r['regs']} | {r['stack']} | {r['shared']} | "
-                     f"{main.get('instructions', '')} | "
+                     f"{main.get('instructions', '')} | {main.get('conversions', '')} | "
                      f"{ldg} | {per} | {share} |")
     return "\n".join(lines)
 

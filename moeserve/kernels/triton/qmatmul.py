@@ -81,6 +81,32 @@ def weight_args(w: PackedWeight) -> tuple:
 
 
 @triton.jit
+def _int_f32(q, offset: tl.constexpr):
+    """float32(q) - offset for integers 0 <= q < 2^23, exactly, without an int -> float conversion (sm_90 converts
+    16 values per clock per SM, an eighth of its float32 rate): q's bits under the exponent of 2^23 make the
+    float 2^23 + q, and subtracting 2^23 + offset from it is exact (both are integers below 2^24)."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+
+@triton.jit
+def _i8_f32(q):
+    """float32(q) for int8 q, exactly and without a conversion: its byte XOR 0x80 is q + 128, and XOR-ing in the
+    exponent of 2^23 as well (no bits in common) makes the float 2^23 + 128 + q in one operation."""
+    biased = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+    return biased.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _nibbles_f32(q):
+    """(low nibble, 16 x high nibble) of bytes q (int32 in [0, 256)) as exact float32s, in four integer/float
+    operations per byte and no conversion: 2^23 + q and 2^23 + (q & 0xF0) by bits, then two exact subtractions."""
+    full = q | 0x4B000000
+    high = full & -16
+    f_high = high.to(tl.float32, bitcast=True)
+    return full.to(tl.float32, bitcast=True) - f_high, f_high - 8388608.0
+
+
+@triton.jit
 def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                    QTYPE: tl.constexpr, SH: tl.constexpr):
     """Group `g` of weight rows `rows` (int64 [BN], all valid): float32 ([BN, SH] first half, second half),
@@ -93,14 +119,14 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
     if QTYPE == _Q8_0:
         d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[:, None]
         q = qs_ptr + r * s_qs + g * 32 + j
-        lo = tl.load(q).to(tl.float32) * d
-        hi = tl.load(q + 16).to(tl.float32) * d
+        lo = _i8_f32(tl.load(q)) * d
+        hi = _i8_f32(tl.load(q + 16)) * d
     elif QTYPE == _Q6_K:
         ql = tl.load(qs_ptr + r * s_qs + g * 64 + j)
         qh = tl.load(qh_ptr + r * s_qh + g * 32 + j % 32)
         shift = 2 * (j // 32)
-        q_lo = ((ql & 15) | (((qh >> shift) & 3) << 4)).to(tl.float32) - 32.0
-        q_hi = ((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4)).to(tl.float32) - 32.0
+        q_lo = _int_f32((ql & 15) | (((qh >> shift) & 3) << 4), 32.0)
+        q_hi = _int_f32((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4), 32.0)
         d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[:, None]
         BN: tl.constexpr = rows.shape[0]
         sc = sc_ptr + r * s_sc + g * 8 + tl.arange(0, 4)[None, :]
@@ -109,41 +135,43 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         lo = ds_lo * q_lo
         hi = ds_hi * q_hi
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
-        q = tl.load(qs_ptr + r * s_qs + g * 32 + j)
-        q_lo = q & 15
-        q_hi = q >> 4
+        # the high nibble stays 16x (not shifted down): its scale is divided by 16 instead, exactly
+        q = tl.load(qs_ptr + r * s_qs + g * 32 + j).to(tl.int32)
         if QTYPE == _Q5_K:
-            qh = tl.load(qh_ptr + r * s_qh + (g // 4) * 32 + j)
+            qh = tl.load(qh_ptr + r * s_qh + (g // 4) * 32 + j).to(tl.int32)
             bit = 2 * (g % 4)
-            q_lo = q_lo | (((qh >> bit) & 1) << 4)
-            q_hi = q_hi | (((qh >> (bit + 1)) & 1) << 4)
+            f_lo = _int_f32((q & 15) | (((qh >> bit) & 1) << 4), 0.0)
+            f_hi = _int_f32((q & 0xF0) | (((qh >> (bit + 1)) & 1) << 8), 0.0)
+        else:
+            f_lo, f_hi = _nibbles_f32(q)
         d = tl.load(d_ptr + rows * s_d + g // 4).to(tl.float32)
         dmin = tl.load(dm_ptr + rows * s_d + g // 4).to(tl.float32)
         sc = sc_ptr + rows * s_sc + 2 * g
         mn = mn_ptr + rows * s_sc + 2 * g
         dl_lo = (d * tl.load(sc).to(tl.float32))[:, None]
-        dl_hi = (d * tl.load(sc + 1).to(tl.float32))[:, None]
+        dl_hi = (d * tl.load(sc + 1).to(tl.float32) * 0.0625)[:, None]
         ml_lo = (dmin * tl.load(mn).to(tl.float32))[:, None]
         ml_hi = (dmin * tl.load(mn + 1).to(tl.float32))[:, None]
-        lo = dl_lo * q_lo.to(tl.float32) - ml_lo
-        hi = dl_hi * q_hi.to(tl.float32) - ml_hi
+        lo = dl_lo * f_lo - ml_lo
+        hi = dl_hi * f_hi - ml_hi
     else:  # Q4_0, Q4_1, Q5_0, Q5_1: one 32-weight block per group
-        q = tl.load(qs_ptr + r * s_qs + g * 16 + j)
-        q_lo = q & 15
-        q_hi = q >> 4
+        # the high nibble stays 16x (not shifted down): its scale is divided by 16 instead, exactly
+        q = tl.load(qs_ptr + r * s_qs + g * 16 + j).to(tl.int32)
         if QTYPE == _Q5_0 or QTYPE == _Q5_1:
             qh = qh_ptr + r * s_qh + g * 4 + j // 8
-            q_lo = q_lo | (((tl.load(qh) >> (j % 8)) & 1) << 4)
-            q_hi = q_hi | (((tl.load(qh + 2) >> (j % 8)) & 1) << 4)
+            f_lo = _int_f32((q & 15) | (((tl.load(qh).to(tl.int32) >> (j % 8)) & 1) << 4), 0.0)
+            f_hi = _int_f32((q & 0xF0) | (((tl.load(qh + 2).to(tl.int32) >> (j % 8)) & 1) << 8), 0.0)
+        else:
+            f_lo, f_hi = _nibbles_f32(q)
         d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[:, None]
         if QTYPE == _Q4_1 or QTYPE == _Q5_1:
             m = tl.load(dm_ptr + rows * s_d + g).to(tl.float32)[:, None]
-            lo = (d * q_lo.to(tl.float32)) + m
-            hi = (d * q_hi.to(tl.float32)) + m
+            lo = (d * f_lo) + m
+            hi = ((d * 0.0625) * f_hi) + m
         else:
-            offset = 8.0 if QTYPE == _Q4_0 else 16.0
-            lo = d * (q_lo.to(tl.float32) - offset)
-            hi = d * (q_hi.to(tl.float32) - offset)
+            offset: tl.constexpr = 8.0 if QTYPE == _Q4_0 else 16.0
+            lo = d * (f_lo - offset)
+            hi = (d * 0.0625) * (f_hi - 16.0 * offset)
     return lo, hi
 
 
