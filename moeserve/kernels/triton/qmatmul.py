@@ -13,6 +13,9 @@ their K loops; the layout choices here (the tiles' orientation, `group_dot`'s SW
 
 Activations are cast to fp16 in the kernel and weights are dequantized exactly in float32 (the
 reference's operation order) then rounded to fp16: fp16 x fp16 tensor-core dots, float32 accumulation.
+The quant integers become floats without a conversion instruction (`_int_f32`, `_nibbles_f32`, `_i8_f32`: the
+integer's bits under the exponent of 2^23, then an exact subtraction): sm_90 converts at an eighth of its
+issue rate, and one conversion per weight made the K loops conversion-bound.
 
 A call never synchronises with the host and its launch shapes depend only on the input's shape, so it
 can be captured in a CUDA graph.
