@@ -125,16 +125,19 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         lo = _i8_f32(tl.load(q)) * d
         hi = _i8_f32(tl.load(q + 16)) * d
     elif QTYPE == _Q6_K:
-        ql = tl.load(qs_ptr + r * s_qs + g * 64 + j)
-        qh = tl.load(qh_ptr + r * s_qh + g * 32 + j % 32)
-        shift = 2 * (j // 32)
-        q_lo = _int_f32((ql & 15) | (((qh >> shift) & 3) << 4), 32.0)
-        q_hi = _int_f32((ql >> 4) | (((qh >> (shift + 4)) & 3) << 4), 32.0)
+        ql = tl.load(qs_ptr + r * s_qs + g * 64 + j).to(tl.int32)
+        qh = tl.load(qh_ptr + r * s_qh + g * 32 + j % 32).to(tl.int32)
+        # the 2-bit pairs for weight j (bits 2(j//32)..) and j+64 (4 higher) moved to bits 4-5 and 8-9: beside the
+        # low nibble, and 16x beside the high one (kept 16x, its scale divided by 16 below: exact)
+        u = qh << (4 - 2 * (j // 32))
+        q_lo = _int_f32((ql & 0x0F) | (u & 0x30), 32.0)
+        q_hi = _int_f32((ql & 0xF0) | (u & 0x300), 512.0)
         d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[:, None]
         BN: tl.constexpr = rows.shape[0]
         sc = sc_ptr + r * s_sc + g * 8 + tl.arange(0, 4)[None, :]
         ds_lo = tl.reshape(tl.broadcast_to((d * tl.load(sc).to(tl.float32))[:, :, None], (BN, 4, 16)), (BN, 64))
-        ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 4).to(tl.float32))[:, :, None], (BN, 4, 16)), (BN, 64))
+        ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 4).to(tl.float32) * 0.0625)[:, :, None], (BN, 4, 16)),
+                           (BN, 64))
         lo = ds_lo * q_lo
         hi = ds_hi * q_hi
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
