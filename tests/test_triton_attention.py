@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from moeserve.kernels.attention import PagedAttention  # noqa: E402
 from moeserve.kernels.metadata import AttentionMetadata, KVCacheTensors, no_cache_metadata  # noqa: E402
-from moeserve.kernels.triton.attention import TritonPagedAttention, write_kv  # noqa: E402
+from moeserve.kernels.triton.attention import TritonPagedAttention  # noqa: E402
 from moeserve.kernels.triton.qmatmul import counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,21 +174,3 @@ def test_decode_step_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert (out - want).abs().max() / want.abs().max() <= 2e-3
     torch.testing.assert_close(kv.k, ref_kv.k, equal_nan=True, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float16])
-def test_write_kv_is_index_copy(pool_dtype):
-    """One kernel writes the step's k and v (strided views of a projection, as the q/k/v kernel hands them
-    over) into the pool at their slots, cast to its dtype: what index_copy_ of the cast rows does."""
-    g = torch.Generator().manual_seed(0)
-    T, nkv, hd, slots_n = 5, 3, 24, 40
-    y = torch.randn(T, 4 * nkv * hd, generator=g).to(DEVICE)
-    k = y[:, nkv * hd:2 * nkv * hd].view(T, nkv, hd)
-    v = y[:, 3 * nkv * hd:].reshape(T, nkv, hd)
-    slots = torch.tensor([7, 0, 39, 12, 13], device=DEVICE)
-    kc = torch.zeros(slots_n, nkv, hd, dtype=pool_dtype, device=DEVICE)
-    vc = torch.zeros_like(kc)
-    ref_k = kc.clone().index_copy_(0, slots, k.to(pool_dtype))
-    ref_v = vc.clone().index_copy_(0, slots, v.to(pool_dtype))
-    write_kv(k, v, kc, vc, slots)
-    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)

@@ -76,13 +76,19 @@ class PagedAttention:
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim, self.window = (
             layer, n_heads, n_kv_heads, head_dim, window)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                 meta: AttentionMetadata) -> torch.Tensor:
+    def store(self, k: torch.Tensor | None, v: torch.Tensor | None, meta: AttentionMetadata) -> None:
+        """The step's k/v into this layer's pool at their slots, cast to its dtype (nothing when the step has no
+        pool, or when k/v are None: the projection stored them)."""
         kv = meta.kv
         if kv is not None and meta.slot_mapping is not None and k is not None and v is not None:
             kc, vc = kv.k[self.layer], kv.v[self.layer]
             kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
             vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        kv = meta.kv
+        self.store(k, v, meta)
         if meta.decode_only:
             return self.decode(q, meta.block_tables, meta.seq_lens, max(meta.seq_lens_host), meta)
         out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)

@@ -127,34 +127,6 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slots, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_ks, stride_kh_c, stride_vs, stride_vh_c,
-                     N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, NKV_PAD: tl.constexpr, HD_PAD: tl.constexpr):
-    """Token `program_id(0)`'s k and v rows [N_KV, HEAD_DIM] into the pool at its slot, cast to the pool's dtype."""
-    t = tl.program_id(0)
-    slot = tl.load(slots + t).to(tl.int64)
-    h = tl.arange(0, NKV_PAD)[:, None]
-    d = tl.arange(0, HD_PAD)[None, :]
-    ok = (h < N_KV) & (d < HEAD_DIM)
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=ok)
-    tl.store(k_cache + slot * stride_ks + h * stride_kh_c + d, k.to(k_cache.dtype.element_ty), mask=ok)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=ok)
-    tl.store(v_cache + slot * stride_vs + h * stride_vh_c + d, v.to(v_cache.dtype.element_ty), mask=ok)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor) -> None:
-    """`kc[slots] = k; vc[slots] = v` (k, v [T, n_kv, hd] any strides with unit last stride), cast to the
-    pool's dtype: one launch for what is otherwise two casts and two index copies."""
-    T, n_kv, hd = k.shape
-    if T == 0:
-        return
-    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-    _write_kv_kernel[(T,)](k, v, kc, vc, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), N_KV=n_kv, HEAD_DIM=hd,
-                           NKV_PAD=_pow2(n_kv), HD_PAD=_pow2(hd), num_warps=1 if n_kv * hd <= 1024 else 4)
-
-
-@triton.jit
 def _merge_splits(part_o, part_lse, o_ptr, tok, head, row_ok, d, d_ok, stride_ot, N_HEADS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr):
     """out[row] = sum_s o_s * 2^(lse_s - max lse) / sum_s 2^(lse_s - max lse) over the SPLITS partials of each
@@ -204,8 +176,7 @@ class TritonPagedAttention(PagedAttention):
         if kv is None or meta.block_tables is None:
             return super().__call__(q, k, v, meta)
         kc, vc = kv.k[self.layer], kv.v[self.layer]
-        if meta.slot_mapping is not None and k is not None and v is not None:
-            write_kv(k, v, kc, vc, meta.slot_mapping)
+        self.store(k, v, meta)  # triton's q/k/v projection stores them itself and hands over None
         T = q.shape[0]
         out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
         out = torch.empty(T, self.n_heads * self.head_dim, dtype=out_dtype, device=q.device)
