@@ -59,10 +59,12 @@ def _weight(qt: QT, shape: tuple[int, ...], seed: int) -> PackedTensor:
     return PackedTensor(f"w{seed}", qt, shape, raw.to(DEVICE))
 
 
-def _moe(types: tuple[QT, QT], top_k: int, renormalize: bool) -> tuple[TritonMoE, GroupedMoE]:
+def _moe(types: tuple[QT, QT], top_k: int, renormalize: bool, hidden: int = H,
+         inter: int = I) -> tuple[TritonMoE, GroupedMoE]:
     gq, dq = types
-    router = TritonLinear(_weight(QT.F32, (E, H), 0))
-    gate, up, down = _weight(gq, (E, I, H), 1), _weight(gq, (E, I, H), 2), _weight(dq, (E, H, I), 3)
+    router = TritonLinear(_weight(QT.F32, (E, hidden), 0))
+    gate, up = _weight(gq, (E, inter, hidden), 1), _weight(gq, (E, inter, hidden), 2)
+    down = _weight(dq, (E, hidden, inter), 3)
     ref = GroupedMoE(router, ReferenceExperts(gate), ReferenceExperts(up), ReferenceExperts(down), top_k, renormalize)
     return TritonMoE(router, gate, up, down, top_k, renormalize), ref
 
@@ -224,6 +226,28 @@ def test_down_sums_over_k_in_the_same_launch() -> None:
     y = moe(h)
     assert torch.equal(moe(h), y) and _rel(y, ref(h)) <= BOUND
     assert not counters(0, torch.device(DEVICE), "moe_down").any()
+
+
+def test_gate_up_split_k() -> None:
+    """Decode blocks split gate/up's K range over programs (as qmatmul does), the last split adding the partials
+    and applying SiLU·mul: the output of one split up to the float32 summation order, every call the same, and
+    the (block, column tile) counters back at zero. (A different float32 order may flip an fp16 rounding of act:
+    ~1e-4 of the output.)"""
+    from moeserve.kernels.triton.qmatmul import counters
+
+    hidden, inter = 1024, 256  # 4 K steps of 256 weights
+    moe, ref = _moe(TYPE_PAIRS[0], 2, True, hidden, inter)
+    for T in (1, 5):
+        h = torch.randn(T, hidden, generator=torch.Generator().manual_seed(T)).to(DEVICE)
+        moe.split_k = None  # off the GPU: one split
+        one = moe(h)
+        moe.split_k = 4
+        y = moe(h)
+        assert torch.equal(moe(h), y) and _rel(y, one) <= 1e-3 and _rel(y, ref(h)) <= BOUND, T
+        assert not counters(0, torch.device(DEVICE), "moe_gate_up").any()
+    moe.split_k = 3
+    with pytest.raises(ValueError, match="split_k=3"):
+        moe(h)
 
 
 def test_moe_edge_inputs() -> None:

@@ -11,7 +11,9 @@
    launch (`router_route_align`: ~64 programs stream the router, the last one to finish routes and aligns).
 2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
-   `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair).
+   `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair). Decode steps (a few blocks) also split K over
+   programs, as `qmatmul` does, so every SM has work: T=1 is 8 blocks x 24 column tiles, 192 programs of eight
+   K steps each for 132 SMs without it.
 3. Down in one kernel: the same blocks over the activations, each row scaled by its routing weight
    into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
    k parts in slot order (int32 arrival counters, no float atomics: deterministic).
@@ -43,6 +45,7 @@ from moeserve.kernels.triton.qmatmul import (
     group_dot,
     groups_per_step,
     half_group,
+    k_splits,
     reset_count,
     weight_args,
     x_group,
@@ -400,11 +403,17 @@ def _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, stride_x, I, n_groups,
+def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, stride_x,
+                    I, groups_per_split,
                     g_qs, g_qh, g_sc, g_mn, g_d, g_dm, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
                     TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
-    """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs,
+    or with SPLIT_K > 1 the K range `program_id(2)` of both products.
+
+    Split-K as in `qmatmul`: each split stores its two partial tiles (the block's real rows only) and counts
+    itself in the (block, column tile) counter; the split that arrives last adds the partials in split order
+    (deterministic), applies SiLU·mul, stores act and resets the counter."""
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
@@ -413,7 +422,8 @@ def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_
     rows = expert * I + tl.minimum(offs_n, I - 1)
     acc_g = acc_init(BLOCK_M, BLOCK_N, SWAP)
     acc_u = acc_init(BLOCK_M, BLOCK_N, SWAP)
-    for kb in range(0, n_groups, GPI):
+    g0 = tl.program_id(2) * groups_per_split
+    for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc_g = group_dot(acc_g, x_lo, x_hi, g_qs, g_qh, g_sc, g_mn, g_d, g_dm, s_qs, s_qh, s_sc, s_d,
@@ -422,9 +432,26 @@ def _gate_up_kernel(x_ptr, act_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_
                               rows, kb + gi, QTYPE, SH, SWAP)
     acc_g = acc_final(acc_g, SWAP)
     acc_u = acc_final(acc_u, SWAP)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    out = act_ptr + ids[:, None].to(tl.int64) * I + offs_n[None, :]
-    tl.store(out, act.to(tl.float16), mask=valid[:, None] & (offs_n[None, :] < I))
+    mask = valid[:, None] & (offs_n[None, :] < I)
+    cell = ids[:, None].to(tl.int64) * I + offs_n[None, :]
+    if SPLIT_K > 1:
+        split = n_pairs.to(tl.int64) * I  # part is [SPLIT_K, 2, n_pairs, I]
+        mine = part_ptr + tl.program_id(2) * 2 * split + cell
+        tl.store(mine, acc_g, mask=mask)
+        tl.store(mine + split, acc_u, mask=mask)
+        count = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if arrive_last(count, SPLIT_K):
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc_g += tl.load(part_ptr + 2 * s * split + cell, mask=mask, other=0.0, cache_modifier=".cg")
+                acc_u += tl.load(part_ptr + (2 * s + 1) * split + cell, mask=mask, other=0.0, cache_modifier=".cg")
+            act = acc_g * tl.sigmoid(acc_g) * acc_u
+            tl.store(act_ptr + cell, act.to(tl.float16), mask=mask)
+            reset_count(count)
+    else:
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(act_ptr + cell, act.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -482,6 +509,7 @@ class TritonMoE:
         self.n_experts, self.inter, self.hidden = gate.shape
         if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (self.n_experts, self.hidden, self.inter):
             raise ValueError(f"expert stacks do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
+        self.split_k: int | None = None  # gate/up K splits: None picks them (decode blocks only); tests force them
         self._reference: GroupedMoE | None = None
         if QT(gate.qtype) != QT(up.qtype) or not {QT(gate.qtype), QT(down.qtype)} <= PACKED_QTYPES:
             self._reference = GroupedMoE(router, ReferenceExperts(gate), ReferenceExperts(up),
@@ -528,13 +556,20 @@ class TritonMoE:
         gate, up, down = self.gate, self.up, self.down
         sh = half_group(gate.qtype)
         n_groups = self.hidden // (2 * sh)
+        gpi = groups_per_step(gate.qtype, n_groups, block_m)
         block_n = 32 if block_m == 16 else 64  # decode: two weight tiles per program, and programs for every SM
+        col_tiles = triton.cdiv(self.inter, block_n)
+        splits = self.split_k or (k_splits(n_groups // gpi, n_blocks * col_tiles, h.device) if block_m == 16 else 1)
+        if (n_groups // gpi) % splits:
+            raise ValueError(f"split_k={splits} does not divide the {n_groups // gpi} K steps")
         act = torch.empty(n_pairs, self.inter, dtype=torch.float16, device=h.device)
-        _gate_up_kernel[(n_blocks, triton.cdiv(self.inter, block_n))](
-            h, act, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter, n_groups,
-            *weight_args(gate)[:6], *weight_args(up),
-            TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=groups_per_step(gate.qtype, n_groups, block_m),
-            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False, num_warps=4, num_stages=3)
+        part = torch.empty(splits, 2, n_pairs, self.inter, dtype=torch.float32, device=h.device) if splits > 1 else act
+        locks = counters(n_blocks * col_tiles, h.device, "moe_gate_up") if splits > 1 else act
+        _gate_up_kernel[(n_blocks, col_tiles, splits)](
+            h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
+            n_groups // splits, *weight_args(gate)[:6], *weight_args(up),
+            TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
+            SPLIT_K=splits, num_warps=4, num_stages=3)
 
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)

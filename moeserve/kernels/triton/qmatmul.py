@@ -38,7 +38,7 @@ from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
 from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
 
-__all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "qmatmul"]
+__all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "k_splits", "qmatmul"]
 
 # QTYPE codes are the GGML type ids.
 _Q4_0 = tl.constexpr(int(QT.Q4_0))
@@ -347,7 +347,7 @@ def counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
     return buf
 
 
-def _split_k(chunks: int, tiles: int, device: torch.device) -> int:
+def k_splits(chunks: int, tiles: int, device: torch.device) -> int:
     """K splits for a small-M product: enough programs for two per SM, each a whole number of K steps."""
     want = max(1, triton.cdiv(2 * _sm_count(device), tiles))
     return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
@@ -389,7 +389,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     chunks = n_groups // gpi
     if split_k is None:
-        split_k = _split_k(chunks, tiles, x.device) if m <= _SMALL_M else 1
+        split_k = k_splits(chunks, tiles, x.device) if m <= _SMALL_M else 1
     if chunks % split_k:
         raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
