@@ -15,10 +15,12 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
    one 512-token prefill (`prefill_profile`);
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, and the decode
-   profiles at 1 and 64 streams and of a 512-token prefill (then the file is deleted);
+   profiles at 1 and 64 streams and of a 512-token prefill; then once more with programmatic dependent launch
+   off (`MOESERVE_PDL=0`, `moeserve.kernels.triton.pdl`): pp512 and single-stream decode, the A/B of that
+   prologue (then the file is deleted);
 6. HF transformers bf16 (sdpa) built from the same dequantized weights: pp512 and decode at 1 / 16 / 64 streams;
 7. kernel timings (triton.testing.do_bench, eager, so host launch time included) of decode-size operations.
-Phases 6 and 7 are skipped once the run is past `--budget` seconds.
+Phases 6 and 7 and the PDL-off run of phase 5 are skipped once the run is past `--budget` seconds.
 
 Prints one table and writes everything as JSON (`--out`). Decode streams start from distinct random
 64-token prompts and run greedy, so every stream routes to its own experts.
@@ -198,7 +200,10 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
               num_kv_blocks=max_seqs * 64, enforce_eager=enforce_eager)
     load_s = time.perf_counter() - t0
     log(f"{label}: loaded in {load_s:.1f} s ({llm.kernels} kernels, graphs: {llm.engine.runner.graphs is not None})")
+    from moeserve.kernels.triton.pdl import pdl_enabled
+
     r: dict[str, Any] = {"load_s": load_s, "kernels": llm.kernels, "graphs": llm.engine.runner.graphs is not None,
+                         "pdl": pdl_enabled(torch.device("cuda")),
                          "file_gb": os.path.getsize(path) / 1e9,
                          "kv_pool_gb": 2 * llm.engine.pool.k.numel() * llm.engine.pool.k.element_size() / 1e9}
     r["pp512"] = moeserve_prefill(llm, 512)
@@ -339,6 +344,15 @@ def kernel_timings(path: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def without_pdl(run: Callable[[], dict]) -> dict:
+    """`run()` with programmatic dependent launch off (the kernels' other specialisation, compiled anew)."""
+    os.environ["MOESERVE_PDL"] = "0"
+    try:
+        return run()
+    finally:
+        os.environ.pop("MOESERVE_PDL", None)
+
+
 def table(res: dict) -> str:
     rows = ["| | moeserve 4-layer | HF bf16 4-layer | ratio | moeserve 48-layer |", "|---|---:|---:|---:|---:|"]
     m, h, f = res.get("moeserve_4l", {}), res.get("hf_4l", {}), res.get("moeserve_48l", {})
@@ -350,6 +364,9 @@ def table(res: dict) -> str:
                     ("decode16", "decode 16 streams, tokens/s"), ("decode64", "decode 64 streams, tokens/s")):
         ratio = f"{m[k] / h[k]:.2f}x" if k in m and k in h else "–"
         rows.append(f"| {name} | {cell(m, k)} | {cell(h, k)} | {ratio} | {cell(f, k)} |")
+    off = res.get("48l_nopdl", {})
+    for k, name in (("pp512", "prompt 512, PDL off"), ("decode1", "decode 1 stream, PDL off")):
+        rows.append(f"| {name}, tokens/s | | | | {cell(off, k)} |")
     rows.append(f"| peak GPU memory, GB | {cell(m, 'peak_gb', '{:.2f}')} | {cell(h, 'peak_gb', '{:.2f}')} | | "
                 f"{cell(f, 'peak_gb', '{:.2f}')} |")
     rows.append(f"| file + KV pool, GB | {m['file_gb'] + m['kv_pool_gb']:.2f} | | | "
@@ -367,7 +384,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per stream count")
     ap.add_argument("--budget", type=float, default=400,
                     help="seconds after which the HF and kernel-timing phases (the last ones) are skipped")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "kernels", "4l", "hf", "48l"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "kernels", "4l", "hf", "48l", "48l_nopdl"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU + TRITON_INTERPRET=1: checks the script")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="gpu_bench-"))
@@ -435,6 +452,9 @@ def main() -> None:
             phase("48l", lambda: bench_moeserve(str(full), [1, 64], args.steps, "moeserve 48-layer",
                                                 profile_streams=(1, 64)))
             res["moeserve_48l"] = res.get("48l", {})
+            if within_budget("48l_nopdl"):
+                phase("48l_nopdl", lambda: without_pdl(lambda: bench_moeserve(str(full), [1], args.steps,
+                                                                              "moeserve 48-layer, PDL off")))
             full.unlink()  # 18.6 GB of disk back before HF loads
     if within_budget("hf"):
         phase("hf", lambda: bench_hf(str(small), [1, 16, 64], min(args.steps, 32)))

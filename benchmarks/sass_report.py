@@ -123,9 +123,10 @@ def record(path: str, tokens: list[int], attention_splits: int | None = None, pr
             entry["rows"].append(phase["rows"])
 
     InterpretedFunction.run = run
-    from moeserve.kernels.triton import qmatmul
+    from moeserve.kernels.triton import pdl, qmatmul
 
     qmatmul._sm_count = lambda device: 132  # an H100's SMs: split-K as the GPU would choose it
+    pdl._capable = lambda device: True  # and the kernels' programmatic-dependent-launch prologue, as on sm_90
     llm = LLM(path, device="cpu", kernels="triton", warmup=False, max_model_len=max(256, 2 * prompt_len),
               enforce_eager=True, max_num_seqs=max(tokens), max_num_batched_tokens=max(512, prompt_len))
     engine = llm.engine
@@ -179,6 +180,23 @@ def loops(sass: str) -> list[dict]:
     return out
 
 
+_MEMORY_OPS = ("LDG", "STG", "ATOMG", "ATOM", "RED", "LDGSTS")  # global; local memory (spills) is per thread
+
+
+def waits_before_memory(sass: str) -> bool | None:
+    """With the PDL prologue (`moeserve.kernels.triton.pdl`): whether `griddepcontrol.wait` (ACQBULK) comes before
+    the first global memory instruction, so that nothing overlaps the previous kernel. None without it."""
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if not m:
+            continue
+        if m.group(1) == "ACQBULK":
+            return True
+        if m.group(1).startswith(_MEMORY_OPS):
+            return False if "ACQBULK" in sass else None
+    return None
+
+
 def weights_per_iteration(launch: dict) -> int | None:
     """Weights one program consumes per trip of its K loop, for the quantized matrix kernels (else None)."""
     c = launch["constexprs"]
@@ -219,7 +237,8 @@ def compile_report(launches: list[dict], keep: str | None = None) -> list[dict]:
             Path(keep).mkdir(parents=True, exist_ok=True)
             Path(keep, f"{n:02d}_{launch['kernel']}.sass").write_text(sass)
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
-        row |= {"regs": int(m[1]), "stack": int(m[2]), "shared": int(m[3]), "loops": loops(sass)}
+        row |= {"regs": int(m[1]), "stack": int(m[2]), "shared": int(m[3]), "loops": loops(sass),
+                "pdl_waits_first": waits_before_memory(sass)}
         w = weights_per_iteration(launch)
         if w and row["loops"]:
             main = max(row["loops"], key=lambda lp: lp["instructions"])

@@ -4,7 +4,9 @@ The interpreter runs kernels on CPU tensors but never compiles them, so a kernel
 rejects (a layout it cannot lower, a type it lacks) would pass every other test. `benchmarks/sass_report.py`
 records each launch of a prefill and two decode steps — with the same argument types, specialisations and
 constexprs — and compiles it with Triton's bundled ptxas for `cuda:90`. The model mixes every packed type
-the kernels take, and decode attention is forced to split its keys (the GPU's long-context path).
+the kernels take, and decode attention is forced to split its keys (the GPU's long-context path). Launches are
+recorded as on an H100 (132 SMs for the split-K choices, the PDL prologue on), and the SASS must show each
+kernel waiting for its predecessor (ACQBULK) before its first global memory instruction.
 """
 
 from __future__ import annotations
@@ -55,3 +57,5 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K,
                                                  QT.Q6_K)}
     assert all(r["stack"] == 0 for r in rows if r["kernel"] == "_qmatmul_kernel")  # no register spills
+    # programmatic dependent launch: every kernel waits for the previous one before its first global memory access
+    assert all(r["constexprs"]["PDL"] and r["pdl_waits_first"] for r in rows)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from moeserve.kernels.attention import PagedAttention
 from moeserve.kernels.metadata import AttentionMetadata
+from moeserve.kernels.triton.pdl import pdl, pdl_enter
 from moeserve.kernels.triton.qmatmul import arrive_last, counters, reset_count
 
 LOG2E = 1.4426950408889634
@@ -46,8 +47,9 @@ def _paged_attention_kernel(
     scale_log2, window,
     N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     b = tl.program_id(0)
     tile = tl.program_id(1)
@@ -210,7 +212,7 @@ class TritonPagedAttention(PagedAttention):
             LOG2E / math.sqrt(self.head_dim), self.window or 0,
             N_HEADS=self.n_heads, HEAD_DIM=self.head_dim, HD_PAD=hd_pad, GROUP=self.group, GROUP_PAD=group_pad,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=kv.block_size, HAS_WINDOW=self.window is not None,
-            SPLITS=splits, num_warps=4 if block_m <= 64 else 8, num_stages=2,
+            SPLITS=splits, num_warps=4 if block_m <= 64 else 8, num_stages=2, **pdl(q.device),
         )
         return out
 

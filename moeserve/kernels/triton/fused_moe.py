@@ -36,6 +36,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
+from moeserve.kernels.triton.pdl import pdl, pdl_enter
 from moeserve.kernels.triton.qmatmul import (
     acc_final,
     acc_init,
@@ -213,10 +214,11 @@ def _route_tiles_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, tile_cou
                         sorted_ptr, block_expert_ptr, n_rows_ptr, T, E, n_blocks,
                         TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Large steps, first launch: each program routes BLOCK_T tokens and stores its pairs per expert; the last
     program to finish lays out the blocks and stores each tile's first row per expert (the tiles before it, in
     order: stable), for `_scatter_tiles_kernel`."""
+    pdl_enter(PDL)
     tile = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     counts = _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, tile * BLOCK_T, T, E, TOP_K, K_PAD,
@@ -237,8 +239,10 @@ def _route_tiles_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, tile_cou
 
 @triton.jit
 def _scatter_tiles_kernel(experts_ptr, sorted_ptr, tile_base_ptr, T,
-                          TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+                          TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                          PDL: tl.constexpr):
     """Large steps, second launch: each program places its tile's pairs from the tile's first rows."""
+    pdl_enter(PDL)
     tile = tl.program_id(0)
     base = tl.load(tile_base_ptr + tile * BLOCK_E + tl.arange(0, BLOCK_E))
     p_begin = tile * BLOCK_T * TOP_K
@@ -251,8 +255,9 @@ def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_p
                         T, E, n_blocks,
                         TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Routing and alignment of given router logits, one program."""
+    pdl_enter(PDL)
     _route_align(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, T, E,
                  n_blocks, TOP_K, K_PAD, RENORMALIZE, BLOCK_M, BLOCK_E, BLOCK_T, BLOCK_P, BLOCK_B, BLOCK_S, False)
 
@@ -264,13 +269,14 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
                                PROGRAMS: tl.constexpr,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+                               BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """The router's logits, then routing and alignment, in one launch (see `router_route_align`).
 
     Each of the PROGRAMS programs computes the logits of ROUTER_E experts for the step's (at most ROUTER_T)
     tokens in float32 — products summed along H in ROUTER_K-wide chunks, a fixed order whatever the arrival —
     and stores them; the program that arrives last (`arrive_last`) routes and aligns every token from them and
     resets the counter for the next launch or graph replay."""
+    pdl_enter(PDL)
     experts = tl.program_id(0) * ROUTER_E + tl.arange(0, ROUTER_E)
     e_ok = experts < E
     toks = tl.arange(0, ROUTER_T)
@@ -341,7 +347,7 @@ def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: in
     n_blocks = outs[3].shape[0]
     if T * top_k <= FUSED_ROUTE_MAX_PAIRS:
         _route_align_kernel[(1,)](logits, logits.stride(0), *outs, T, E, n_blocks, RENORMALIZE=bool(renormalize),
-                                  **_route_align_config(T, E, top_k, block_m))
+                                  **_route_align_config(T, E, top_k, block_m), **pdl(logits.device))
         return outs
     config = _route_align_config(ROUTE_TILE_TOKENS, E, top_k, block_m)
     config["BLOCK_S"] = 32 * 32 * config["num_warps"]  # the sentinel fill of every block, by one program
@@ -353,10 +359,10 @@ def route_align(logits: torch.Tensor, top_k: int, renormalize: bool, block_m: in
     _route_tiles_kernel[(tiles,)](
         logits, logits.stride(0), weights, experts, tile_counts, tile_base, counters(1, logits.device, "route"),
         sorted_ids, block_expert, n_rows, T, E, n_blocks, RENORMALIZE=bool(renormalize),
-        **{k: v for k, v in config.items() if k != "BLOCK_P"})
+        **{k: v for k, v in config.items() if k != "BLOCK_P"}, **pdl(logits.device))
     _scatter_tiles_kernel[(tiles,)](experts, sorted_ids, tile_base, T, TOP_K=top_k, BLOCK_E=block_e,
                                     BLOCK_T=config["BLOCK_T"], BLOCK_P=config["BLOCK_P"],
-                                    num_warps=config["num_warps"])
+                                    num_warps=config["num_warps"], **pdl(logits.device))
     return outs
 
 
@@ -389,7 +395,7 @@ def router_route_align(h: torch.Tensor, router: torch.Tensor, top_k: int, renorm
     _router_route_align_kernel[(programs,)](
         h, h.stride(0), router, logits, counters(1, h.device, "router"), *outs, T, E, H, outs[3].shape[0],
         ROUTER_T=rows, ROUTER_E=per_program, ROUTER_K=chunk, PROGRAMS=programs, RENORMALIZE=bool(renormalize),
-        **config)
+        **config, **pdl(h.device))
     return outs
 
 
@@ -407,13 +413,15 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
                     I, groups_per_split,
                     g_qs, g_qh, g_sc, g_mn, g_d, g_dm, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
                     TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
+                    PDL: tl.constexpr):
     """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs,
     or with SPLIT_K > 1 the K range `program_id(2)` of both products.
 
     Split-K as in `qmatmul`: each split stores its two partial tiles (the block's real rows only) and counts
     itself in the (block, column tile) counter; the split that arrives last adds the partials in split order
     (deterministic), applies SiLU·mul, stores act and resets the counter."""
+    pdl_enter(PDL)
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
@@ -458,7 +466,7 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
 def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr,
                  n_pairs, H, I, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                  TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
     """part[pair, cols] = routing_weight[pair] * (act[pair] @ down[e, cols].T) for one block's pairs; then
     out[token, cols] = sum of the token's k parts, in slot order, by whichever program adds the token's last
     part to this column tile.
@@ -467,6 +475,7 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
     count to TOP_K adds the k parts — read through L2 (`.cg`), other SMs wrote them — stores the sum and resets
     the counter for the next launch or graph replay. A token appears at most once in a block (its k experts are
     distinct). Deterministic: the order of the sum is fixed whichever program finishes it."""
+    pdl_enter(PDL)
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
@@ -569,7 +578,7 @@ class TritonMoE:
             h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
             n_groups // splits, *weight_args(gate)[:6], *weight_args(up),
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
-            SPLIT_K=splits, num_warps=4, num_stages=3)
+            SPLIT_K=splits, num_warps=4, num_stages=3, **pdl(h.device))
 
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)
@@ -581,5 +590,5 @@ class TritonMoE:
             act, part, out, counters(T * tiles, h.device, "moe_down"), weights.reshape(-1).contiguous(), sorted_ids,
             block_expert, n_rows, n_pairs, self.hidden, self.inter, n_groups, *weight_args(down),
             TOP_K=k, QTYPE=int(down.qtype), SH=sh, GPI=groups_per_step(down.qtype, n_groups, block_m),
-            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=block_m == 16, num_warps=4, num_stages=3)
+            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=block_m == 16, num_warps=4, num_stages=3, **pdl(h.device))
         return out

@@ -22,6 +22,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.reference import QKVRope
 from moeserve.kernels.rope import Rope
+from moeserve.kernels.triton.pdl import pdl, pdl_enter
 
 
 def _pow2(n: int) -> int:
@@ -30,9 +31,10 @@ def _pow2(n: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, s_ptr, o_ptr, w_ptr, stride_x, stride_d, stride_s, stride_o, eps,
-                     H: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+                     H: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
     """o = rms_norm(s) * w for one row, s = x, or with HAS_DELTA s = x + delta (float32, also stored): the residual
     add and the next norm in one pass."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     ok = c < H
@@ -77,7 +79,7 @@ class TritonRMSNorm:
             block = _pow2(H)
             _rms_norm_kernel[(x2.shape[0],)](x2, d2, s, out, self.weight, x2.stride(0), d2.stride(0), s.stride(0),
                                              out.stride(0), self.eps, H=H, BLOCK=block, HAS_DELTA=delta is not None,
-                                             num_warps=min(16, max(1, block // 256)))
+                                             num_warps=min(16, max(1, block // 256)), **pdl(x.device))
         return (x if delta is None else s.view(x.shape)), out.view(x.shape)
 
 
@@ -126,10 +128,11 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, slots_ptr,
                          eps,
                          HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NEOX: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                         WRITE_KV: tl.constexpr):
+                         WRITE_KV: tl.constexpr, PDL: tl.constexpr):
     """q and k heads of token `program_id(0)`, a block of heads per program; with WRITE_KV the k heads go
     straight into the KV pool at the token's slot (`ko`/`vo` are the layer's k/v caches) and the k programs copy
     the matching v heads there too."""
+    pdl_enter(PDL)
     token = tl.program_id(0)
     blk = tl.program_id(1)
     q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
@@ -217,6 +220,6 @@ class TritonQKV(QKVRope):
                 self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
                 HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
                 HEAD_DIM=self.head_dim, HD_PAD=self.hd_pad, ROPE_DIM=self.rope.rope_dim, BLOCK_H=bh, WRITE_KV=write,
-                num_warps=4 if bh * self.hd_pad >= 1024 else 2,
+                num_warps=4 if bh * self.hd_pad >= 1024 else 2, **pdl(q.device),
             )
         return (q_out, None, None) if write else (q_out, k_out, v.float())

@@ -37,6 +37,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
 from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
+from moeserve.kernels.triton.pdl import pdl, pdl_enter
 
 __all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "k_splits", "qmatmul"]
 
@@ -254,7 +255,8 @@ def acc_final(acc, SWAP: tl.constexpr):
 def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym, stride_ps, stride_pm,
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                    PDL: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y, or with SPLIT_K > 1 its K range `program_id(1)`.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
@@ -265,6 +267,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     partials in split order — deterministic whichever arrives last — stores y and resets the lock to zero for
     the next launch (or CUDA-graph replay). Partials are read through L2 (`.cg`): another SM wrote them.
     """
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -303,9 +306,11 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
 
 @triton.jit
 def _dequant_kernel(out_ptr, ids_ptr, R, n_out, K, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                    QTYPE: tl.constexpr, SH: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+                    QTYPE: tl.constexpr, SH: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+                    PDL: tl.constexpr):
     """Group `program_id(1)` of BLOCK_N output rows, written as float32: weight rows in order, or (GATHER) the
     rows `ids` names, clamped into [0, R) (an embedding lookup; ids are checked before they get here)."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < n_out
     if GATHER:
@@ -398,7 +403,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     _qmatmul_kernel[(tiles, split_k)](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
         n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        SPLIT_K=split_k, SWAP=m <= _SMALL_M, num_warps=warps, num_stages=3)
+        SPLIT_K=split_k, SWAP=m <= _SMALL_M, num_warps=warps, num_stages=3, **pdl(x.device))
     return y
 
 
@@ -412,7 +417,7 @@ def dequantize_packed(w: PackedWeight, ids: torch.Tensor | None = None) -> torch
         block_n = min(32, triton.next_power_of_2(n_out))
         _dequant_kernel[(triton.cdiv(n_out, block_n), w.cols // (2 * sh))](
             out, out if ids is None else ids, w.rows, n_out, w.cols, *weight_args(w), QTYPE=int(w.qtype), SH=sh,
-            BLOCK_N=block_n, GATHER=ids is not None)
+            BLOCK_N=block_n, GATHER=ids is not None, **pdl(out.device))
     return out
 
 
