@@ -111,7 +111,9 @@ def _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, t0, T, E,
 
     A [BLOCK_T, BLOCK_E] logit tile (`CG`: read through L2, other programs of the launch wrote it), TOP_K rounds
     of (max, lowest index attaining it, mask it out); the weights from float64 exps (precise in compiled code
-    too, where float32 `exp` is an approximation); the rounds' one-hot masks give the per-expert pair counts
+    too, where float32 `exp` is an approximation), taken after the rounds on the [BLOCK_T, K_PAD] tile of the
+    chosen logits (a slot per lane, instead of each round's exp on every lane: ~280 of the ~1,750 instructions of
+    a decode step's routing on sm_90 were those exps); the rounds' one-hot masks give the per-expert pair counts
     (one cross-warp reduction per tile; the rounds' reductions are along rows, within a warp)."""
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -128,7 +130,7 @@ def _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, t0, T, E,
     top = tl.max(logit, axis=1)
     work = logit
     chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
-    w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float64)
+    vals = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     for r in tl.static_range(TOP_K):
         v = tl.max(work, axis=1)
@@ -139,8 +141,9 @@ def _route_tile(logits_ptr, stride_l, weights_ptr, experts_ptr, t0, T, E,
         work = tl.where(hit, float("-inf"), work)
         chosen = tl.where(hit, 1, chosen)
         slot = kcols[None, :] == r
-        w = tl.where(slot, tl.exp((v - top).to(tl.float64))[:, None], w)
+        vals = tl.where(slot, v[:, None], vals)
         ids = tl.where(slot, idx[:, None], ids)
+    w = tl.where(kcols[None, :] < TOP_K, tl.exp((vals - top[:, None]).to(tl.float64)), 0.0)
     if RENORMALIZE:
         denom = tl.sum(w, axis=1)  # the selected exps (slots past TOP_K hold 0)
     else:
