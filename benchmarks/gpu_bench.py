@@ -176,12 +176,18 @@ def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
 
 def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False,
                    profile_streams: tuple[int, ...] = ()) -> dict:
+    """`_bench_moeserve`, falling back (so that a run still gives numbers) first to programmatic dependent launch
+    off, then to eager decode; the result says which fallback it took."""
     try:
         return _bench_moeserve(path, streams, steps, label, enforce_eager, profile_streams)
     except Exception:
+        traceback.print_exc()
+        if os.environ.get("MOESERVE_PDL") != "0":
+            log(f"{label}: failed; again with programmatic dependent launch off")
+            return {**without_pdl(lambda: bench_moeserve(path, streams, steps, label, enforce_eager,
+                                                         profile_streams)), "pdl_failed": True}
         if enforce_eager:
             raise
-        traceback.print_exc()
         log(f"{label}: failed with CUDA graphs; again with --enforce-eager")
         return {**_bench_moeserve(path, streams, steps, label, True, profile_streams), "graphs_failed": True}
 
