@@ -95,12 +95,14 @@ def test_qmatmul_matches_reference(qt: QT, m: int) -> None:
     assert _rel(y, x.half().float() @ w16.T) <= 1e-5
 
 
+@pytest.mark.parametrize("m", [2, 37])
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q8_0], ids=lambda q: q.name)
-def test_split_k_adds_up(qt: QT) -> None:
-    """Split-K partial sums (one per K range) add up to the unsplit product; a split that does not divide
-    the K steps is refused rather than silently dropping columns."""
+def test_split_k_adds_up(qt: QT, m: int) -> None:
+    """Split-K partial sums (one per K range) add up to the unsplit product, for the decode tiles (2 rows) and
+    the GEMM tiles of batched decode (37 rows); a split that does not divide the K steps is refused rather than
+    silently dropping columns."""
     pw = pack_weight(_weight(qt, (N, 1024), seed=3))
-    x = torch.randn(2, 1024).to(DEVICE)
+    x = torch.randn(m, 1024).to(DEVICE)
     whole = qmatmul(x, pw, split_k=1)
     for s in (2, 4):
         y = qmatmul(x, pw, split_k=s)

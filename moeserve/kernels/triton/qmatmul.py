@@ -54,6 +54,10 @@ _Q6_K = tl.constexpr(int(QT.Q6_K))
 _SMALL_M = 16
 """Up to this many rows one BLOCK_M=16 tile holds every row: the weight is streamed once (decode)."""
 
+_SPLIT_MAX_M = 256
+"""Up to this many rows a product whose tiles leave SMs idle splits K (`k_splits`): 64 decode streams make one
+row tile, so o_proj (2048 columns) would otherwise run 32 programs on 132 SMs, each walking all of K."""
+
 
 def half_group(qtype: QT) -> int:
     """SH: bytes of quant bits per group = weights per half group (module docstring)."""
@@ -372,7 +376,8 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     M <= 16 (decode): one BLOCK_M=16 row tile (on the MMA's N side: `group_dot`'s SWAP), narrow column tiles
     and split-K so the weight is read once by enough programs to fill the GPU; the last split of each tile
     adds the partial sums in a fixed order (the kernel's docstring), in the same launch. Larger M: a tiled
-    GEMM. `split_k` overrides the automatic choice (tests); it must divide the number of K steps.
+    GEMM, also split over K up to `_SPLIT_MAX_M` rows while its tiles are too few for the SMs. `split_k`
+    overrides the automatic choice (tests); it must divide the number of K steps.
     """
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
@@ -393,8 +398,8 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     gpi = groups_per_step(w.qtype, n_groups, block_m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     chunks = n_groups // gpi
-    if split_k is None:
-        split_k = k_splits(chunks, tiles, x.device) if m <= _SMALL_M else 1
+    if split_k is None:  # decode and batched decode (up to 256 rows): fill the SMs; prefill tiles already do
+        split_k = k_splits(chunks, tiles, x.device) if m <= _SPLIT_MAX_M else 1
     if chunks % split_k:
         raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
