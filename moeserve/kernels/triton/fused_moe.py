@@ -36,7 +36,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
-from moeserve.kernels.triton.pdl import pdl, pdl_enter
+from moeserve.kernels.triton.pdl import pdl, pdl_enter, pdl_release, pdl_wait, prefetch_span
 from moeserve.kernels.triton.qmatmul import (
     acc_final,
     acc_init,
@@ -278,8 +278,13 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
     Each of the PROGRAMS programs computes the logits of ROUTER_E experts for the step's (at most ROUTER_T)
     tokens in float32 — products summed along H in ROUTER_K-wide chunks, a fixed order whatever the arrival —
     and stores them; the program that arrives last (`arrive_last`) routes and aligns every token from them and
-    resets the counter for the next launch or graph replay."""
-    pdl_enter(PDL)
+    resets the counter for the next launch or graph replay. With PDL its router rows are asked of L2 before it
+    waits for the previous kernel (the norm that makes h)."""
+    pdl_release(PDL)
+    if PDL:
+        e0 = tl.program_id(0) * ROUTER_E
+        prefetch_span(router_ptr, e0 * H, tl.minimum(e0 + ROUTER_E, E) * H - 1)
+    pdl_wait(PDL)
     experts = tl.program_id(0) * ROUTER_E + tl.arange(0, ROUTER_E)
     e_ok = experts < E
     toks = tl.arange(0, ROUTER_T)

@@ -14,8 +14,14 @@ induction every earlier kernel has finished too: the previous one waited for its
 anything). Only the launch latency is hidden. A kernel that is not launched with PDL (a torch op) is simply
 waited for in full, as always; CUDA graphs keep the launch attribute as programmatic edges.
 
+Between the two a kernel may touch what no earlier kernel writes: the matrix kernels whose rows are known from
+their program ids (q/k/v, o_proj, lm_head, the router) ask L2 for their weight bytes (`prefetch_span`,
+`prefetch.global.L2`), so the weights stream in while the small kernel before them (a norm, the attention of
+one sequence) still runs, and their first loads hit L2. A prefetch moves no data into registers and is no
+memory access in the ordering sense; the weights are never written.
+
 On by default on sm_90+ GPUs; `MOESERVE_PDL=0` turns it off (A/B in `benchmarks/gpu_bench.py`). Off the GPU
-(Triton's interpreter) `PDL` is False and the branch is compiled out.
+(Triton's interpreter) `PDL` is False and the branches are compiled out.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["pdl", "pdl_enter", "pdl_enabled"]
+__all__ = ["pdl", "pdl_enabled", "pdl_enter", "pdl_release", "pdl_wait", "prefetch", "prefetch_row_range",
+           "prefetch_span"]
 
 
 @functools.cache
@@ -52,6 +59,48 @@ def pdl(device: torch.device) -> dict[str, bool]:
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """A kernel's first statement (module docstring): allow the next launch, then wait for the previous kernel."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """The next kernel may be launched (`pdl_enter`'s first half, for kernels that prefetch before they wait)."""
     if PDL:
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel to finish, its writes visible (`pdl_enter`'s second half)."""
+    if PDL:
         gdc_wait()
+
+
+_LANES: tl.constexpr = tl.constexpr(128)
+
+
+@triton.jit
+def prefetch(p):
+    """Ask L2 for the 128-byte line of each address in `p` (`prefetch.global.L2`). GPU only: inline PTX, which
+    the interpreter cannot run (callers are under a `PDL` branch)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_span(ptr, first, last):
+    """The lines that hold elements `first`..`last` of `ptr`'s array, one line per lane per trip."""
+    ESIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    start = (ptr + first).to(tl.pointer_type(tl.uint8))
+    nbytes = (last - first + 1) * ESIZE
+    for i in range(0, nbytes, _LANES * 128):
+        prefetch(start + tl.minimum(i + tl.arange(0, _LANES) * 128, nbytes - 1))
+
+
+@triton.jit
+def prefetch_row_range(ptr, rows, stride, lo, hi):
+    """The lines that hold bytes `lo`..`hi - 1` of each row in `rows` (a byte array with `stride` bytes a row)."""
+    base = ptr + rows * stride
+    for b in range(lo, hi, 128):
+        prefetch(base + b)
+    prefetch(base + hi - 1)  # the last line, when lo is not at a line start

@@ -37,7 +37,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
 from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
-from moeserve.kernels.triton.pdl import pdl, pdl_enter
+from moeserve.kernels.triton.pdl import pdl, pdl_enter, pdl_release, pdl_wait, prefetch_row_range, prefetch_span
 
 __all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "k_splits", "qmatmul"]
 
@@ -187,6 +187,28 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
 
 
 @triton.jit
+def prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, r0, r1, g0, g1,
+                     QTYPE: tl.constexpr, SH: tl.constexpr):
+    """Ask L2 for what groups g0..g1-1 of weight rows `rows` (r0..r1) read (`pdl`): the quant bytes of that K range
+    row by row, and the scale arrays of the whole rows (a few lines: the K splits of a tile share them)."""
+    QSB: tl.constexpr = 2 * SH if QTYPE == _Q8_0 else SH  # quant bytes per group
+    prefetch_row_range(qs_ptr, rows, s_qs, g0 * QSB, g1 * QSB)
+    if QTYPE == _Q6_K:
+        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
+    elif QTYPE == _Q5_K:
+        prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
+    elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
+        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
+    prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
+    if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K:
+        prefetch_span(sc_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
+    if QTYPE == _Q4_K or QTYPE == _Q5_K:
+        prefetch_span(mn_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
+    if QTYPE == _Q4_1 or QTYPE == _Q5_1 or QTYPE == _Q4_K or QTYPE == _Q5_K:
+        prefetch_span(dm_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
+
+
+@triton.jit
 def x_group(x_ptr, xoff, g, SH: tl.constexpr):
     """The columns of x that group `g` multiplies, for rows at element offsets `xoff` ([BM] int64): fp16
     ([BM, SH] first half, second half)."""
@@ -260,7 +282,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y, or with SPLIT_K > 1 its K range `program_id(1)`.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
@@ -270,8 +292,11 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
     partials in split order — deterministic whichever arrives last — stores y and resets the lock to zero for
     the next launch (or CUDA-graph replay). Partials are read through L2 (`.cg`): another SM wrote them.
+
+    With PDL and PREFETCH (few rows: a weight-streaming product) the program asks L2 for its weight bytes before
+    it waits for the previous kernel (`pdl`); everything it computes before the wait is program-id arithmetic.
     """
-    pdl_enter(PDL)
+    pdl_release(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -287,6 +312,11 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     acc = acc_init(BLOCK_M, BLOCK_N, SWAP)
     g0 = pid_k * groups_per_split
+    if PDL and PREFETCH:
+        prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows,
+                         tl.minimum(pid_n * BLOCK_N, N - 1), tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1, N - 1),
+                         g0, g0 + groups_per_split, QTYPE, SH)
+    pdl_wait(PDL)
     for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
@@ -408,7 +438,8 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     _qmatmul_kernel[(tiles, split_k)](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
         n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        SPLIT_K=split_k, SWAP=m <= _SMALL_M, num_warps=warps, num_stages=3, **pdl(x.device))
+        SPLIT_K=split_k, SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M, num_warps=warps, num_stages=3,
+        **pdl(x.device))
     return y
 
 
