@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (`moeserve.kernels.triton.pdl`): on only for sm_90+ GPUs, off by `MOESERVE_PDL=0`.
+"""Programmatic dependent launch (`moeserve.kernels.triton.pdl`): on only for sm_90+ GPUs that pass the start-up
+probe, off by `MOESERVE_PDL=0`.
 
 That every kernel waits for its predecessor before touching global memory is checked on the compiled SASS
 (`test_triton_sm90.py`); off the GPU the prologue is compiled out and every other triton test runs without it."""
@@ -24,3 +25,12 @@ def test_on_for_sm90_unless_the_environment_says_no(monkeypatch: pytest.MonkeyPa
     assert pdl.pdl(torch.device("cpu")) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv("MOESERVE_PDL", "0")
     assert pdl.pdl(torch.device("cpu")) == {"PDL": False}
+
+
+def test_a_failing_probe_turns_it_off(caplog: pytest.LogCaptureFixture) -> None:
+    """The start-up probe (a counted chain of PDL launches, eager and in a CUDA graph) reports failure as False
+    with a warning, never as an exception: here there is no CUDA device at all."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert pdl._probe(torch.device("cuda")) is False
+    assert "programmatic dependent launch off" in caplog.text

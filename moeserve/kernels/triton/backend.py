@@ -51,6 +51,9 @@ class TritonBackend(Backend):
     def __init__(self, device: torch.device | str = "cuda") -> None:
         super().__init__(device)
         check_runtime(self.device)
+        from moeserve.kernels.triton.pdl import pdl_enabled
+
+        pdl_enabled(self.device)  # probes PDL once, now: not inside a later CUDA-graph capture
 
     def upload(self, w: PackedTensor) -> PackedTensor:
         """The file's bytes on the device for one kernel to repack: not kept (unlike `place`), so a weight

@@ -20,13 +20,16 @@ their program ids (q/k/v, o_proj, lm_head, the router) ask L2 for their weight b
 one sequence) still runs, and their first loads hit L2. A prefetch moves no data into registers and is no
 memory access in the ordering sense; the weights are never written.
 
-On by default on sm_90+ GPUs; `MOESERVE_PDL=0` turns it off (A/B in `benchmarks/gpu_bench.py`). Off the GPU
-(Triton's interpreter) `PDL` is False and the branches are compiled out.
+On by default on sm_90+ GPUs whose driver passes a probe at the backend's start (`_probe`: a chain of PDL
+launches, eager and captured in a CUDA graph, must count to the right number; otherwise PDL stays off with a
+warning and the kernels run as before); `MOESERVE_PDL=0` turns it off (A/B in `benchmarks/gpu_bench.py`). Off
+the GPU (Triton's interpreter) `PDL` is False and the branches are compiled out.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -38,15 +41,48 @@ __all__ = ["pdl", "pdl_enabled", "pdl_enter", "pdl_release", "pdl_wait", "prefet
            "prefetch_span"]
 
 
+log = logging.getLogger("moeserve")
+
+
 @functools.cache
 def _capable(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9.0 or later (griddepcontrol is an sm_90 instruction)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """A CUDA device of compute capability 9.0 or later (griddepcontrol is an sm_90 instruction) on which
+    PDL launches work (`_probe`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and _probe(device)
+
+
+_PROBE_CHAIN = 32
+
+
+def _probe(device: torch.device) -> bool:
+    """Whether a chain of PDL launches, each adding one to a counter after its predecessor, counts right: two
+    eager launches, then a CUDA graph of `_PROBE_CHAIN` replayed once. Any error or a lost update turns PDL off
+    (with a warning) instead of failing every forward."""
+    try:
+        with torch.cuda.device(device):
+            x = torch.zeros(1, dtype=torch.int32, device=device)
+            for _ in range(2):
+                _probe_kernel[(4,)](x, PDL=True, launch_pdl=True)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(_PROBE_CHAIN):
+                    _probe_kernel[(4,)](x, PDL=True, launch_pdl=True)
+            graph.replay()
+            torch.cuda.synchronize(device)
+            got = int(x.item())
+        if got == 4 * (2 + _PROBE_CHAIN):
+            return True
+        log.warning("programmatic dependent launch off on %s: the probe counted %d, not %d", device, got,
+                    4 * (2 + _PROBE_CHAIN))
+    except Exception as exc:  # an old driver, a capture that rejects the launch attribute, ...
+        log.warning("programmatic dependent launch off on %s: %s: %s", device, type(exc).__name__, exc)
+    return False
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether launches on `device` use PDL: an sm_90+ GPU, unless the environment says `MOESERVE_PDL=0`."""
-    return _capable(torch.device(device)) and os.environ.get("MOESERVE_PDL", "1") != "0"
+    return os.environ.get("MOESERVE_PDL", "1") != "0" and _capable(torch.device(device))
 
 
 def pdl(device: torch.device) -> dict[str, bool]:
@@ -61,6 +97,13 @@ def pdl_enter(PDL: tl.constexpr):
     """A kernel's first statement (module docstring): allow the next launch, then wait for the previous kernel."""
     pdl_release(PDL)
     pdl_wait(PDL)
+
+
+@triton.jit
+def _probe_kernel(x_ptr, PDL: tl.constexpr):
+    """x += 1 per program after the previous kernel (an atomic: the programs of one launch share x)."""
+    pdl_enter(PDL)
+    tl.atomic_add(x_ptr, 1)
 
 
 @triton.jit
