@@ -36,7 +36,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
-from moeserve.kernels.triton.pdl import pdl, pdl_enter, pdl_release, pdl_wait, prefetch_span
+from moeserve.kernels.triton.pdl import pdl, pdl_enabled, pdl_enter, pdl_release, pdl_wait, prefetch_span
 from moeserve.kernels.triton.qmatmul import (
     acc_final,
     acc_init,
@@ -47,6 +47,7 @@ from moeserve.kernels.triton.qmatmul import (
     groups_per_step,
     half_group,
     k_splits,
+    prefetch_rows,
     reset_count,
     weight_args,
     x_group,
@@ -420,19 +421,31 @@ def _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M: tl.constexpr):
 def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_expert_ptr, n_rows_ptr, n_pairs, stride_x,
                     I, groups_per_split,
                     g_qs, g_qh, g_sc, g_mn, g_d, g_dm, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
+                    dn_qs, dn_qh, dn_sc, dn_mn, dn_d, dn_dm, dn_s_qs, dn_s_qh, dn_s_sc, dn_s_d, H,
                     TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
-                    PDL: tl.constexpr):
+                    DOWN_QTYPE: tl.constexpr, PREFETCH_DOWN: tl.constexpr, PDL: tl.constexpr):
     """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs,
     or with SPLIT_K > 1 the K range `program_id(2)` of both products.
 
     Split-K as in `qmatmul`: each split stores its two partial tiles (the block's real rows only) and counts
     itself in the (block, column tile) counter; the split that arrives last adds the partials in split order
-    (deterministic), applies SiLU·mul, stores act and resets the counter."""
+    (deterministic), applies SiLU·mul, stores act and resets the counter.
+
+    PREFETCH_DOWN (decode, on a GPU with `pdl`): the block's programs first ask L2 for the down rows of their
+    expert (`dn_*`, an even share each), which no kernel can know before routing: the down kernel then reads them
+    from L2, fetched while gate/up streams its own weights."""
     pdl_enter(PDL)
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
     ids, valid, expert = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, BLOCK_M)
+    if PREFETCH_DOWN:
+        share = tl.cdiv(H, tl.num_programs(1) * tl.num_programs(2))
+        first = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)) * share
+        last = tl.minimum(first + share, H) - 1
+        if first <= last:
+            prefetch_rows(dn_qs, dn_qh, dn_sc, dn_mn, dn_d, dn_dm, dn_s_qs, dn_s_qh, dn_s_sc, dn_s_d,
+                          expert * H + first, expert * H + last, DOWN_QTYPE)
     xoff = tl.where(valid, ids // TOP_K, 0).to(tl.int64) * stride_x  # padding rows read token 0, never stored
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = expert * I + tl.minimum(offs_n, I - 1)
@@ -584,9 +597,10 @@ class TritonMoE:
         locks = counters(n_blocks * col_tiles, h.device, "moe_gate_up") if splits > 1 else act
         _gate_up_kernel[(n_blocks, col_tiles, splits)](
             h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
-            n_groups // splits, *weight_args(gate)[:6], *weight_args(up),
+            n_groups // splits, *weight_args(gate)[:6], *weight_args(up), *weight_args(down), self.hidden,
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
-            SPLIT_K=splits, num_warps=4, num_stages=3, **pdl(h.device))
+            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=block_m == 16 and pdl_enabled(h.device),
+            num_warps=4, num_stages=3, **pdl(h.device))
 
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)

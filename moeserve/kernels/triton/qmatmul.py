@@ -199,6 +199,22 @@ def prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, 
         prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
     elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
         prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
+    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+
+
+@triton.jit
+def prefetch_rows(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, r0, r1,
+                  QTYPE: tl.constexpr):
+    """Ask L2 for every array's bytes of whole weight rows r0..r1 (contiguous spans)."""
+    prefetch_span(qs_ptr, r0 * s_qs, (r1 + 1) * s_qs - 1)
+    if QTYPE == _Q5_0 or QTYPE == _Q5_1 or QTYPE == _Q5_K or QTYPE == _Q6_K:
+        prefetch_span(qh_ptr, r0 * s_qh, (r1 + 1) * s_qh - 1)
+    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+
+
+@triton.jit
+def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl.constexpr):
+    """The scale arrays (those `QTYPE` has) of whole rows r0..r1."""
     prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
     if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K:
         prefetch_span(sc_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
