@@ -35,7 +35,21 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # triton before 3.3 has no grid dependency control: PDL stays off, the branches compile out
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_launch_dependents():  # noqa: D103
+        pass
+
+    @triton.jit
+    def gdc_wait():  # noqa: D103
+        pass
 
 __all__ = ["pdl", "pdl_enabled", "pdl_enter", "pdl_release", "pdl_wait", "prefetch", "prefetch_row_range",
            "prefetch_span"]
@@ -48,7 +62,8 @@ log = logging.getLogger("moeserve")
 def _capable(device: torch.device) -> bool:
     """A CUDA device of compute capability 9.0 or later (griddepcontrol is an sm_90 instruction) on which
     PDL launches work (`_probe`)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and _probe(device)
+    return (_HAS_GDC and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+            and _probe(device))
 
 
 _PROBE_CHAIN = 32
