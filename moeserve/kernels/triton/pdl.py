@@ -97,7 +97,12 @@ def _probe(device: torch.device) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether launches on `device` use PDL: an sm_90+ GPU, unless the environment says `MOESERVE_PDL=0`."""
-    return os.environ.get("MOESERVE_PDL", "1") != "0" and _capable(torch.device(device))
+    if os.environ.get("MOESERVE_PDL", "1") == "0":
+        return False
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one probe per card, however the device is named
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _capable(device)
 
 
 def pdl(device: torch.device) -> dict[str, bool]:
