@@ -21,6 +21,7 @@ def test_off_without_a_hopper_gpu() -> None:
 
 def test_on_for_sm90_unless_the_environment_says_no(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pdl, "_capable", lambda device: True)
+    monkeypatch.setattr(pdl, "_LAUNCH_ARGS", {})  # the per-device answers cached by earlier launches
     monkeypatch.delenv("MOESERVE_PDL", raising=False)
     assert pdl.pdl(torch.device("cpu")) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv("MOESERVE_PDL", "0")

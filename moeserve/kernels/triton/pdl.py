@@ -105,11 +105,17 @@ def pdl_enabled(device: torch.device) -> bool:
     return _capable(device)
 
 
+_LAUNCH_ARGS: dict[tuple[torch.device, str | None], dict[str, bool]] = {}
+
+
 def pdl(device: torch.device) -> dict[str, bool]:
-    """The keyword arguments of a launch on `device`: the kernels' `PDL` constexpr and, when on, `launch_pdl`."""
-    if pdl_enabled(device):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+    """The keyword arguments of a launch on `device`: the kernels' `PDL` constexpr and, when on, `launch_pdl`
+    (looked up once per device and setting: eager prefill launches hundreds of kernels per forward)."""
+    key = (device, os.environ.get("MOESERVE_PDL"))
+    args = _LAUNCH_ARGS.get(key)
+    if args is None:
+        args = _LAUNCH_ARGS[key] = {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+    return args
 
 
 @triton.jit
