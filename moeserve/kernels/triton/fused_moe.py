@@ -36,7 +36,15 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
-from moeserve.kernels.triton.pdl import pdl, pdl_enabled, pdl_enter, pdl_release, pdl_wait, prefetch_span
+from moeserve.kernels.triton.pdl import (
+    PREFETCH_MAX_BYTES,
+    pdl,
+    pdl_enabled,
+    pdl_enter,
+    pdl_release,
+    pdl_wait,
+    prefetch_span,
+)
 from moeserve.kernels.triton.qmatmul import (
     acc_final,
     acc_init,
@@ -592,6 +600,9 @@ class TritonMoE:
         splits = self.split_k or (k_splits(n_groups // gpi, n_blocks * col_tiles, h.device) if block_m == 16 else 1)
         if (n_groups // gpi) % splits:
             raise ValueError(f"split_k={splits} does not divide the {n_groups // gpi} K steps")
+        # decode steps of a few blocks (T <= 2 at 128 experts) also fetch their experts' down rows into L2
+        prefetch_down = (block_m == 16 and n_blocks * (down.nbytes // self.n_experts) <= PREFETCH_MAX_BYTES
+                         and pdl_enabled(h.device))
         act = torch.empty(n_pairs, self.inter, dtype=torch.float16, device=h.device)
         part = torch.empty(splits, 2, n_pairs, self.inter, dtype=torch.float32, device=h.device) if splits > 1 else act
         locks = counters(n_blocks * col_tiles, h.device, "moe_gate_up") if splits > 1 else act
@@ -599,7 +610,7 @@ class TritonMoE:
             h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
             n_groups // splits, *weight_args(gate)[:6], *weight_args(up), *weight_args(down), self.hidden,
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
-            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=block_m == 16 and pdl_enabled(h.device),
+            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down,
             num_warps=4, num_stages=3, **pdl(h.device))
 
         sh = half_group(down.qtype)

@@ -51,8 +51,8 @@ except ImportError:  # triton before 3.3 has no grid dependency control: PDL sta
     def gdc_wait():  # noqa: D103
         pass
 
-__all__ = ["pdl", "pdl_enabled", "pdl_enter", "pdl_release", "pdl_wait", "prefetch", "prefetch_row_range",
-           "prefetch_span"]
+__all__ = ["PREFETCH_MAX_BYTES", "pdl", "pdl_enabled", "pdl_enter", "pdl_release", "pdl_wait", "prefetch",
+           "prefetch_row_range", "prefetch_span"]
 
 
 log = logging.getLogger("moeserve")
@@ -145,6 +145,10 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
 
+
+PREFETCH_MAX_BYTES = 16 << 20
+"""A launch prefetches at most this much (a third of an H100's 50 MB L2), so that prefetched lines are still there
+when the loads come; larger weights (lm_head: 255 MB) stream as before."""
 
 _LANES: tl.constexpr = tl.constexpr(128)
 

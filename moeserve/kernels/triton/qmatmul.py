@@ -37,7 +37,15 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
 from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
-from moeserve.kernels.triton.pdl import pdl, pdl_enter, pdl_release, pdl_wait, prefetch_row_range, prefetch_span
+from moeserve.kernels.triton.pdl import (
+    PREFETCH_MAX_BYTES,
+    pdl,
+    pdl_enter,
+    pdl_release,
+    pdl_wait,
+    prefetch_row_range,
+    prefetch_span,
+)
 
 __all__ = ["TritonEmbedding", "TritonLinear", "dequantize_packed", "k_splits", "qmatmul"]
 
@@ -454,8 +462,8 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     _qmatmul_kernel[(tiles, split_k)](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
         n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        SPLIT_K=split_k, SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M, num_warps=warps, num_stages=3,
-        **pdl(x.device))
+        SPLIT_K=split_k, SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M and w.nbytes <= PREFETCH_MAX_BYTES,
+        num_warps=warps, num_stages=3, **pdl(x.device))
     return y
 
 
