@@ -139,3 +139,24 @@ def test_moe_prefetches_the_router_and_its_experts_down_rows(recorded: list[np.n
     untouched = set().union(*(_lines(qs_lo + per_expert * e + 128, qs_lo + per_expert * (e + 1) - 128)
                               for e in others))
     assert not untouched & set((addresses // 128).tolist()), "down rows of an expert the token does not use"
+
+
+@interpreted
+def test_whole_model_is_the_same_with_pdl(make_model, recorded: list[np.ndarray],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel's PDL branches (the two instructions as no-ops here, the prefetches recorded) leave a forward's
+    logits and a greedy decode bit-identical to the launches without PDL: prefill, decode, all packed types of the
+    mixed parity model."""
+    from moeserve import LLM, SamplingParams
+    from tests.test_parity_hf import CONFIGS
+
+    path = make_model("pdl-mixed", n_layers=2, vocab_size=384, **CONFIGS["hd128-gqa4-e8k2-untied-mixed"])
+    prompt = np.random.default_rng(3).integers(0, 250, 12).tolist()
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    runs = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MOESERVE_PDL", setting)
+        llm = LLM(str(path), kernels="triton", device="cpu", warmup=False)
+        runs.append((llm.logits(prompt), llm.generate([prompt], sp)[0].outputs[0].token_ids))
+    assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert recorded, "the PDL launches prefetched nothing"
