@@ -23,10 +23,8 @@ from __future__ import annotations
 import os
 
 import torch
-from gguf import GGMLQuantizationType as QT
 
 from moeserve.errors import RequestError
-from moeserve.gguf.quants import block_info
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Backend, Linear
 from moeserve.kernels.reference import EmbeddingRows
@@ -98,9 +96,9 @@ class TritonBackend(Backend):
         return TritonRMSNorm(weight, eps)
 
     def embedding(self, w: PackedTensor):  # noqa: ANN201
-        from moeserve.kernels.triton.packing import PACKED_QTYPES
+        from moeserve.kernels.triton.packing import packable
         from moeserve.kernels.triton.qmatmul import TritonEmbedding
 
-        if QT(w.qtype) in PACKED_QTYPES and w.shape[-1] % block_info(QT(w.qtype))[0] == 0:
+        if packable(w):
             return TritonEmbedding(self.upload(w))  # the step's rows from the packed copy, one launch
         return EmbeddingRows(self.place(w))  # gathers and dequantizes only the step's rows, on the device

@@ -39,7 +39,6 @@ from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
     pdl,
-    pdl_enabled,
     pdl_enter,
     pdl_release,
     pdl_wait,
@@ -597,12 +596,14 @@ class TritonMoE:
         gpi = groups_per_step(gate.qtype, n_groups, block_m)
         block_n = 32 if block_m == 16 else 64  # decode: two weight tiles per program, and programs for every SM
         col_tiles = triton.cdiv(self.inter, block_n)
-        splits = self.split_k or (k_splits(n_groups // gpi, n_blocks * col_tiles, h.device) if block_m == 16 else 1)
-        if (n_groups // gpi) % splits:
-            raise ValueError(f"split_k={splits} does not divide the {n_groups // gpi} K steps")
+        forced = self.split_k
+        if forced is None and block_m != 16:
+            forced = 1  # only decode blocks split K
+        splits = k_splits(n_groups // gpi, n_blocks * col_tiles, h.device, forced)
+        launch = pdl(h.device)
         # decode steps of a few blocks (T <= 2 at 128 experts) also fetch their experts' down rows into L2
         prefetch_down = (block_m == 16 and n_blocks * (down.nbytes // self.n_experts) <= PREFETCH_MAX_BYTES
-                         and pdl_enabled(h.device))
+                         and launch["PDL"])
         act = torch.empty(n_pairs, self.inter, dtype=torch.float16, device=h.device)
         part = torch.empty(splits, 2, n_pairs, self.inter, dtype=torch.float32, device=h.device) if splits > 1 else act
         locks = counters(n_blocks * col_tiles, h.device, "moe_gate_up") if splits > 1 else act
@@ -611,7 +612,7 @@ class TritonMoE:
             n_groups // splits, *weight_args(gate)[:6], *weight_args(up), *weight_args(down), self.hidden,
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
             SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down,
-            num_warps=4, num_stages=3, **pdl(h.device))
+            num_warps=4, num_stages=3, **launch)
 
         sh = half_group(down.qtype)
         n_groups = self.inter // (2 * sh)
@@ -623,5 +624,5 @@ class TritonMoE:
             act, part, out, counters(T * tiles, h.device, "moe_down"), weights.reshape(-1).contiguous(), sorted_ids,
             block_expert, n_rows, n_pairs, self.hidden, self.inter, n_groups, *weight_args(down),
             TOP_K=k, QTYPE=int(down.qtype), SH=sh, GPI=groups_per_step(down.qtype, n_groups, block_m),
-            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=block_m == 16, num_warps=4, num_stages=3, **pdl(h.device))
+            BLOCK_M=block_m, BLOCK_N=block_n, SWAP=block_m == 16, num_warps=4, num_stages=3, **launch)
         return out

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as QT
 from moeserve.gguf.quants import block_info
 from moeserve.gguf.reader import PackedTensor
 
-__all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight"]
+__all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight", "packable"]
 
 PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
@@ -88,6 +88,12 @@ def _k_scales(blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
     mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
     return sc.reshape(rows, -1), mn.reshape(rows, -1)
+
+
+def packable(w: PackedTensor) -> bool:
+    """Whether `pack_weight` takes `w`'s type and its rows are whole blocks (else a kernel falls back)."""
+    qt = QT(w.qtype)
+    return qt in PACKED_QTYPES and w.shape[-1] % block_info(qt)[0] == 0
 
 
 def pack_weight(w: PackedTensor) -> PackedWeight:

@@ -15,10 +15,11 @@ anything). Only the launch latency is hidden. A kernel that is not launched with
 waited for in full, as always; CUDA graphs keep the launch attribute as programmatic edges.
 
 Between the two a kernel may touch what no earlier kernel writes: the matrix kernels whose rows are known from
-their program ids (q/k/v, o_proj, lm_head, the router) ask L2 for their weight bytes (`prefetch_span`,
-`prefetch.global.L2`), so the weights stream in while the small kernel before them (a norm, the attention of
-one sequence) still runs, and their first loads hit L2. A prefetch moves no data into registers and is no
-memory access in the ordering sense; the weights are never written.
+their program ids (q/k/v, o_proj, attn_v, the router; at most `PREFETCH_MAX_BYTES` a launch, so not lm_head)
+ask L2 for their weight bytes (`prefetch_span`, `prefetch.global.L2`), so the weights stream in while the small
+kernel before them (a norm, the attention of one sequence) still runs, and their first loads hit L2. A
+prefetch moves no data into registers and is no memory access in the ordering sense; the weights are never
+written. (The MoE gate/up kernel prefetches its experts' down rows after its wait: `fused_moe`.)
 
 On by default on sm_90+ GPUs whose driver passes a probe at the backend's start (`_probe`: a chain of PDL
 launches, eager and captured in a CUDA graph, must count to the right number; otherwise PDL stays off with a
@@ -126,13 +127,6 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
-def _probe_kernel(x_ptr, PDL: tl.constexpr):
-    """x += 1 per program after the previous kernel (an atomic: the programs of one launch share x)."""
-    pdl_enter(PDL)
-    tl.atomic_add(x_ptr, 1)
-
-
-@triton.jit
 def pdl_release(PDL: tl.constexpr):
     """The next kernel may be launched (`pdl_enter`'s first half, for kernels that prefetch before they wait)."""
     if PDL:
@@ -144,6 +138,13 @@ def pdl_wait(PDL: tl.constexpr):
     """Wait for the previous kernel to finish, its writes visible (`pdl_enter`'s second half)."""
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def _probe_kernel(x_ptr, PDL: tl.constexpr):
+    """x += 1 per program after the previous kernel (an atomic: the programs of one launch share x)."""
+    pdl_enter(PDL)
+    tl.atomic_add(x_ptr, 1)
 
 
 PREFETCH_MAX_BYTES = 16 << 20

@@ -31,12 +31,11 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType as QT
 
-from moeserve.gguf.quants import block_info
 from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
-from moeserve.kernels.triton.packing import PACKED_QTYPES, PackedWeight, concat_rows, pack_weight
+from moeserve.kernels.triton.packing import PackedWeight, concat_rows, pack_weight, packable
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
     pdl,
@@ -410,8 +409,13 @@ def counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
     return buf
 
 
-def k_splits(chunks: int, tiles: int, device: torch.device) -> int:
-    """K splits for a small-M product: enough programs for two per SM, each a whole number of K steps."""
+def k_splits(chunks: int, tiles: int, device: torch.device, forced: int | None = None) -> int:
+    """K splits for a small-M product: enough programs for two per SM, each a whole number of K steps; or
+    `forced` (a caller's or test's choice), which must divide the `chunks` K steps."""
+    if forced is not None:
+        if chunks % forced:
+            raise ValueError(f"split_k={forced} does not divide the {chunks} K steps")
+        return forced
     want = max(1, triton.cdiv(2 * _sm_count(device), tiles))
     return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
 
@@ -452,10 +456,9 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     gpi = groups_per_step(w.qtype, n_groups, block_m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     chunks = n_groups // gpi
-    if split_k is None:  # decode and batched decode (up to 256 rows): fill the SMs; prefill tiles already do
-        split_k = k_splits(chunks, tiles, x.device) if m <= _SPLIT_MAX_M else 1
-    if chunks % split_k:
-        raise ValueError(f"split_k={split_k} does not divide the {chunks} K steps")
+    if split_k is None and m > _SPLIT_MAX_M:
+        split_k = 1  # decode and batched decode (up to 256 rows) fill the SMs by splits; prefill tiles already do
+    split_k = k_splits(chunks, tiles, x.device, split_k)
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     locks = counters(tiles, x.device, "qmatmul") if split_k > 1 else y
@@ -519,7 +522,7 @@ class TritonLinear:
         if qt in (QT.F32, QT.F16, QT.BF16):
             self.dense_weight = _dense(weight)
             self._matmul = DenseLinear(self.dense_weight)
-        elif qt in PACKED_QTYPES and self.in_features % block_info(qt)[0] == 0:
+        elif packable(weight):
             self.packed = pack_weight(weight)
             self._matmul = functools.partial(qmatmul, w=self.packed)
         else:
