@@ -13,11 +13,12 @@ What it does, in order (each phase is timed, guarded and reported even when anot
 4. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
    `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
-   one 512-token prefill (`prefill_profile`);
+   one 512-token prefill (`prefill_profile`), and 16 greedy tokens of one stream with CUDA graphs and eager
+   (`token_checks`: they should be equal);
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, and the decode
    profiles at 1 and 64 streams and of a 512-token prefill; then once more with programmatic dependent launch
    off (`MOESERVE_PDL=0`, `moeserve.kernels.triton.pdl`): pp512 and single-stream decode, the A/B of that
-   prologue (then the file is deleted);
+   prologue, whose greedy tokens must equal those with PDL on (`pdl_tokens_equal`; then the file is deleted);
 6. HF transformers bf16 (sdpa) built from the same dequantized weights: pp512 and decode at 1 / 16 / 64 streams;
 7. kernel timings (triton.testing.do_bench, eager, so host launch time included) of decode-size operations.
 Phases 6 and 7 and the PDL-off run of phase 5 are skipped once the run is past `--budget` seconds.
@@ -108,6 +109,36 @@ def moeserve_decode(llm: Any, streams: int, steps: int, prompt_len: int = 64, wa
     dt = timed_steps(engine, steps)
     finish(engine)
     return streams * steps / dt
+
+
+def greedy_tokens(llm: Any, n: int = 16, prompt_len: int = 32) -> list[int]:
+    """One stream's first `n` greedy tokens from a fixed random prompt, through the engine (a decode step of one
+    sequence replays a CUDA graph when the runner captured them)."""
+    from moeserve import SamplingParams
+
+    p = prompts(1, prompt_len, llm.config.vocab_size, seed=11)[0]
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return list(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def token_checks(llm: Any) -> dict:
+    """The device's own consistency checks, seconds each: the greedy tokens of the step as run (CUDA graphs) and
+    eager (the same model with the runner's graphs set aside). Compared across runs, the tokens also show that
+    programmatic dependent launch changes no result (`48l` against `48l_nopdl`). Random weights can put two
+    logits within a rounding of each other, so a difference late in the sequence is a hint, not a verdict."""
+    out: dict[str, Any] = {"tokens": greedy_tokens(llm)}
+    runner = llm.engine.runner
+    if runner.graphs is not None:
+        graphs, runner.graphs = runner.graphs, None
+        try:
+            eager = greedy_tokens(llm)
+        finally:
+            runner.graphs = graphs
+        out["eager_equal"] = eager == out["tokens"]
+        if not out["eager_equal"]:
+            out["eager_tokens"] = eager
+    log(f"greedy tokens {out['tokens']}; eager equal: {out.get('eager_equal', '(no graphs)')}")
+    return out
 
 
 def device_profile(run: Callable[[], float], steps: int, label: str, top: int = 25) -> dict:
@@ -218,6 +249,11 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
         r[f"decode{n}"] = moeserve_decode(llm, n, steps)
         log(f"{label}: decode x{n}: {r[f'decode{n}']:.1f} t/s")
     r["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    try:
+        r.update(token_checks(llm))
+    except Exception as exc:  # a check must not lose the timings
+        traceback.print_exc()
+        r["tokens_error"] = f"{type(exc).__name__}: {exc}"
     for n in profile_streams:  # after the timings and the peak: the profiler costs time, not device memory
         try:
             r[f"profile{n}"] = decode_profile(llm, n)
@@ -380,6 +416,12 @@ def table(res: dict) -> str:
                 "| file + KV pool, GB | | | | |")
     rows.append(f"| load, s | {cell(m, 'load_s', '{:.1f}')} | {cell(h, 'load_s', '{:.1f}')} | | "
                 f"{cell(f, 'load_s', '{:.1f}')} |")
+    checks = [f"{label} graphs = eager: {d['eager_equal']}" for label, d in (("4-layer", m), ("48-layer", f))
+              if "eager_equal" in d]
+    if "pdl_tokens_equal" in res:
+        checks.append(f"48-layer PDL on = off: {res['pdl_tokens_equal']}")
+    if checks:
+        rows.append("\ngreedy tokens (16): " + "; ".join(checks))
     return "\n".join(rows)
 
 
@@ -411,6 +453,7 @@ def main() -> None:
 
         llm = LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton", warmup=False)
         res["profile"] = decode_profile(llm, streams=1, steps=2, top=8)
+        res["tokens"] = token_checks(llm)
         res["profile_prefill"] = prefill_profile(llm, 32, top=8)
         print(json.dumps(res, indent=1))
         return
@@ -461,6 +504,10 @@ def main() -> None:
             if within_budget("48l_nopdl"):
                 phase("48l_nopdl", lambda: without_pdl(lambda: bench_moeserve(str(full), [1], args.steps,
                                                                               "moeserve 48-layer, PDL off")))
+                a, b = res.get("48l", {}).get("tokens"), res.get("48l_nopdl", {}).get("tokens")
+                if a is not None and b is not None:
+                    res["pdl_tokens_equal"] = a == b
+                    log(f"48-layer greedy tokens, PDL on and off, equal: {a == b}")
             full.unlink()  # 18.6 GB of disk back before HF loads
     if within_budget("hf"):
         phase("hf", lambda: bench_hf(str(small), [1, 16, 64], min(args.steps, 32)))
