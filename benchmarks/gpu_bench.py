@@ -360,6 +360,7 @@ def kernel_timings(path: str) -> dict:
     import triton.testing
 
     from moeserve import LLM
+    from moeserve.kernels.metadata import positions_metadata
 
     llm = LLM(path, device="cuda", max_model_len=256, max_num_seqs=1, num_kv_blocks=32, enforce_eager=True,
               warmup=False)
@@ -371,7 +372,8 @@ def kernel_timings(path: str) -> dict:
         x = torch.randn(T, H, device="cuda")
         out[f"lm_head T={T}"] = triton.testing.do_bench(lambda x=x: m.lm_head(x)) * 1e3
         out[f"moe T={T}"] = triton.testing.do_bench(lambda x=x: blk.ffn(x)) * 1e3
-        out[f"qkv T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn.qkv.project(x)) * 1e3
+        meta = positions_metadata(torch.arange(T, device="cuda"))  # no pool: q, k, v returned
+        out[f"qkv T={T}"] = triton.testing.do_bench(lambda x=x, meta=meta: blk.attn.qkv(x, meta)) * 1e3
         out[f"rmsnorm T={T}"] = triton.testing.do_bench(lambda x=x: blk.attn_norm(x)) * 1e3
     for k, v in out.items():
         log(f"kernel {k}: {v:.1f} us")

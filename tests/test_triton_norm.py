@@ -1,4 +1,5 @@
-"""The triton backend's RMSNorm and fused QK-norm + RoPE against the reference `RMSNorm` and `QKVRope`.
+"""The triton backend's RMSNorm and q/k/v projection (QK-norm + RoPE, fused into the products' epilogue or in a
+kernel of its own) against the reference `RMSNorm` and `QKVRope`.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1 before triton is imported).
@@ -8,15 +9,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest  # noqa: E402
 import torch
+from gguf import GGMLQuantizationType as QT
 
 pytest.importorskip("triton")
 
+from moeserve.gguf.quants import random_quant_bytes  # noqa: E402
+from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.metadata import AttentionMetadata, KVCacheTensors, positions_metadata  # noqa: E402
 from moeserve.kernels.reference import QKVRope, RMSNorm  # noqa: E402
 from moeserve.kernels.rope import Rope  # noqa: E402
-from moeserve.kernels.triton.norm import TritonQKV, TritonRMSNorm  # noqa: E402
+from moeserve.kernels.triton.norm import TritonRMSNorm  # noqa: E402
+from moeserve.kernels.triton.qkv import TritonQKV  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,3 +137,104 @@ def test_qkv_with_no_tokens():
     q, k, v = TritonQKV(0, wq, wk, wv, None, None, rope, 2, 1, 16, 1e-6)(
         torch.empty(0, 8, device=DEVICE), _meta(torch.empty(0, dtype=torch.long, device=DEVICE)))
     assert q.shape == (0, 2, 16) and k.shape == v.shape == (0, 1, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# q/k/v with the heads finished in the products' epilogue (packed weights, `TritonQKV.stack`)
+# --------------------------------------------------------------------------------------------
+
+
+def _packed_qkv(qtypes: tuple[QT, QT, QT], nh: int, nkv: int, hd: int, H: int, neox: bool, rope_dim: int,
+                norms: str, seed: int) -> tuple:
+    """TritonQKV built by the backend from packed q/k/v weights of `qtypes` (stacked as the backend stacks them),
+    and the same projection's arguments with the reference's linears."""
+    from moeserve.kernels.qlinear import ReferenceLinear
+    from moeserve.kernels.triton.backend import TritonBackend
+
+    rng = np.random.default_rng(seed)
+    ws = [PackedTensor(f"w{i}", qt, (n * hd, H), torch.from_numpy(random_quant_bytes(qt, (n * hd, H), rng,
+                                                                                    scale=H ** -0.5)).to(DEVICE))
+          for i, (qt, n) in enumerate(zip(qtypes, (nh, nkv, nkv), strict=True))]
+    g = torch.Generator().manual_seed(seed)
+    qn = (1 + torch.randn(hd, generator=g) / 4).to(DEVICE) if "q" in norms else None
+    kn = (1 + torch.randn(hd, generator=g) / 4).to(DEVICE) if "k" in norms else None
+    rope = Rope(rope_dim, 10000.0, neox, 512, DEVICE)
+    backend = TritonBackend(DEVICE)
+    fast = backend.qkv(0, *(backend.linear(w) for w in ws), qn, kn, rope, nh, nkv, hd, 1e-6)
+    ref_args = (*(ReferenceLinear(w) for w in ws), qn, kn, rope, nh, nkv, hd, 1e-6)
+    return fast, ref_args
+
+
+def _separate(fast: TritonQKV) -> TritonQKV:
+    """The same projection finished by the separate QK-norm + RoPE kernel after the stacked product."""
+    import copy
+
+    other = copy.copy(fast)
+    other.launches = []
+    return other
+
+
+EPILOGUE = [  # (q, k, v quant types, q heads, kv heads, head_dim, rows): one launch, or two with a separate v
+    ((QT.Q4_K, QT.Q4_K, QT.Q4_K), 4, 2, 128, 1),
+    ((QT.Q4_K, QT.Q4_K, QT.Q6_K), 4, 2, 128, 3),
+    ((QT.Q8_0, QT.Q8_0, QT.Q8_0), 6, 2, 64, 20),  # 64-row tiles
+    ((QT.Q5_K, QT.Q5_K, QT.Q4_0), 2, 1, 64, 300),  # prefill tiles, one K split
+]
+
+
+@pytest.mark.parametrize("case", EPILOGUE, ids=lambda c: f"{c[0][0].name}-{c[0][2].name}-{c[1]}x{c[3]}-T{c[4]}")
+@pytest.mark.parametrize("write", [False, True], ids=["returned", "pool"])
+def test_qkv_epilogue_equals_the_separate_kernel(case, write):
+    """The heads finished in the products' epilogue: bit for bit the separate kernel's q, k and v (same partial
+    sums in the same order, same float32 math) — returned, or stored into the pool at the slots — and within the
+    fp16-operand bound of the reference backend's projection; K splits forced to 1 and 2 give the same result."""
+    qtypes, nh, nkv, hd, T = case
+    H = 512  # two K steps of a decode tile: room for a split
+    fast, ref_args = _packed_qkv(qtypes, nh, nkv, hd, H, True, hd, "qk", seed=T)
+    assert len(fast.launches) == (1 if qtypes[1] == qtypes[2] else 2)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(T, H, generator=g).to(DEVICE)
+    positions = torch.randint(0, 512, (T,), generator=g).to(DEVICE)
+    slots = torch.randperm(T + 7, generator=g)[:T].to(DEVICE)
+
+    def run(qkv: TritonQKV) -> tuple[torch.Tensor, ...]:
+        if not write:
+            return qkv(h, _meta(positions))
+        pool = torch.full((2, T + 7, nkv, hd), 9.0, dtype=torch.float16, device=DEVICE)
+        pool_v = pool.clone()
+        q, k, v = qkv(h, _meta(positions, KVCacheTensors(pool, pool_v, 4), slots))
+        assert k is None and v is None and (pool[1] == 9).all()  # layer 0 only
+        return q, pool[0, slots], pool_v[0, slots]
+
+    got = run(fast)
+    for a, b in zip(got, run(_separate(fast)), strict=True):
+        assert torch.equal(a, b)
+    want = QKVRope(*ref_args)(h, _meta(positions))
+    for a, b in zip(got, want, strict=True):
+        assert ((a.float() - b).abs().max() / b.abs().max()).item() < 4e-3
+    for split in (1, 2):  # another summation order: float32 roundings, and an fp16 pool value may flip an ulp
+        fast.split_k = split
+        for a, b in zip(run(fast), got, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("rope_frac", [1, 2], ids=["full", "partial"])
+@pytest.mark.parametrize("norms", ["qk", "none", "q"])
+def test_qkv_epilogue_rope_and_norm_variants(neox, rope_frac, norms):
+    """Every RoPE layout and norm combination through the epilogue, bit for bit the separate kernel."""
+    fast, _ = _packed_qkv((QT.Q4_0,) * 3, 2, 1, 64, 64, neox, 64 // rope_frac, norms, seed=1)
+    assert fast.launches
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(4, 64, generator=g).to(DEVICE)
+    meta = _meta(torch.tensor([0, 5, 200, 511], device=DEVICE))
+    for a, b in zip(fast(h, meta), _separate(fast)(h, meta), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_qkv_epilogue_needs_whole_tiles():
+    """A head_dim that is not whole 64-wide tiles, or a v the backend cannot pack with q/k, keeps the separate
+    kernel."""
+    assert not _packed_qkv((QT.Q8_0,) * 3, 2, 1, 32, 64, True, 32, "qk", seed=2)[0].launches
+    fast, _ = _packed_qkv((QT.Q8_0, QT.Q8_0, QT.F16), 2, 1, 64, 64, True, 64, "qk", seed=3)
+    assert fast.fused is not None and not fast.launches

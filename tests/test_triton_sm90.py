@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     qtypes = {"*ffn_gate_inp*": QT.F32, "output.weight": QT.Q6_K,
               "blk.0.attn_v*": QT.Q6_K, "blk.0.attn_output*": QT.Q8_0, "blk.0.ffn_down_exps*": QT.Q5_K,
-              "blk.1.attn_[qkv].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0, "blk.1.ffn_gate_exps*": QT.Q5_0,
-              "blk.1.ffn_up_exps*": QT.Q5_0, "blk.1.ffn_down_exps*": QT.Q4_1}
+              # layer 1's float v keeps the separate QK-norm + RoPE kernel; layer 0 finishes its heads in the
+              # epilogue of two products (Q4_K q|k, Q6_K v)
+              "blk.1.attn_v*": QT.F16, "blk.1.attn_[qk].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0,
+              "blk.1.ffn_gate_exps*": QT.Q5_0, "blk.1.ffn_up_exps*": QT.Q5_0, "blk.1.ffn_down_exps*": QT.Q4_1}
     spec = ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
                      n_experts_used=4, expert_ffn=256, ffn=512, qtype=QT.Q4_K, qtypes=qtypes)
     path = write_model(tmp_path / "mixed.gguf", spec)
@@ -44,18 +46,21 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     failed = [(r["kernel"], r["constexprs"], r["error"]) for r in rows if "error" in r]
     assert not failed
     kernels = {r["kernel"] for r in rows}
-    assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qk_norm_rope_kernel", "_dequant_kernel",
+    assert kernels >= {"_rms_norm_kernel", "_qmatmul_kernel", "_qkv_heads_kernel", "_qk_norm_rope_kernel",
+                       "_dequant_kernel",
                        "_paged_attention_kernel", "_route_align_kernel",
                        "_router_route_align_kernel", "_route_tiles_kernel", "_scatter_tiles_kernel", "_gate_up_kernel",
                        "_down_kernel"}
     assert any(r["constexprs"].get("SPLITS", 1) > 1 for r in rows if r["kernel"] == "_paged_attention_kernel")
-    # the k/v pool write rides on the QK-norm + RoPE kernel
-    assert {r["constexprs"]["WRITE_KV"] for r in rows if r["kernel"] == "_qk_norm_rope_kernel"} == {True}
+    # the k/v pool write rides on the q/k/v products' epilogue, or on the QK-norm + RoPE kernel
+    for name in ("_qkv_heads_kernel", "_qk_norm_rope_kernel"):
+        assert {r["constexprs"]["WRITE_KV"] for r in rows if r["kernel"] == name} == {True}
     norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}
     assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}
     assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K,
                                                  QT.Q6_K)}
-    assert all(r["stack"] == 0 for r in rows if r["kernel"] == "_qmatmul_kernel")  # no register spills
+    # no register spills
+    assert all(r["stack"] == 0 for r in rows if r["kernel"] in ("_qmatmul_kernel", "_qkv_heads_kernel"))
     # programmatic dependent launch: every kernel waits for the previous one before its first global memory access
     assert all(r["constexprs"]["PDL"] and r["pdl_waits_first"] for r in rows)

@@ -66,7 +66,7 @@ class TritonBackend(Backend):
     def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
             k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,
             eps: float):  # noqa: ANN201
-        from moeserve.kernels.triton.norm import TritonQKV
+        from moeserve.kernels.triton.qkv import TritonQKV
         from moeserve.kernels.triton.qmatmul import TritonLinear
 
         qkv = TritonQKV(layer, wq, wk, wv, q_norm, k_norm, rope, n_heads, n_kv_heads, head_dim, eps)

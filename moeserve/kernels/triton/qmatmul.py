@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -60,6 +61,9 @@ _Q6_K = tl.constexpr(int(QT.Q6_K))
 
 _SMALL_M = 16
 """Up to this many rows one BLOCK_M=16 tile holds every row: the weight is streamed once (decode)."""
+
+PLAN_BLOCK_N = 64
+"""Output columns per tile: a head of 64 or 128 dimensions is one or two whole tiles (`qkv.py`)."""
 
 _SPLIT_MAX_M = 256
 """Up to this many rows a product whose tiles leave SMs idle splits K (`k_splits`): 64 decode streams make one
@@ -301,24 +305,19 @@ def acc_final(acc, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym, stride_ps, stride_pm,
-                    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
-                    QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of y, or with SPLIT_K > 1 its K range `program_id(1)`.
+def tile_product(x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+                 groups_per_split,
+                 QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """The body every `qmatmul`-shaped kernel shares: the program's [BLOCK_M, BLOCK_N] tile of x @ W.T over its K
+    range `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
-    Out-of-range rows and columns are clamped to the last valid one (loads need no masks) and never stored.
-
-    Split-K without a second launch and without float atomics: each split stores its partial tile, then counts
-    itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
-    partials in split order — deterministic whichever arrives last — stores y and resets the lock to zero for
-    the next launch (or CUDA-graph replay). Partials are read through L2 (`.cg`): another SM wrote them.
-
-    With PDL and PREFETCH (few rows: a weight-streaming product) the program asks L2 for its weight bytes before
-    it waits for the previous kernel (`pdl`); everything it computes before the wait is program-id arithmetic.
-    """
+    Out-of-range rows and columns are clamped to the last valid one (loads need no masks; callers mask stores).
+    It starts the kernel: with PDL and PREFETCH (few rows: a weight-streaming product) the program asks L2 for its
+    weight bytes before it waits for the previous kernel (`pdl`); everything before the wait is program-id
+    arithmetic."""
     pdl_release(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -345,20 +344,45 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
             x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                             rows, kb + gi, QTYPE, SH, SWAP)
-    acc = acc_final(acc, SWAP)
+    return acc_final(acc, SWAP), offs_m, offs_n, pid_m, pid_n
+
+
+@triton.jit
+def sum_splits(part, stride_ps, mask, SPLIT_K: tl.constexpr):
+    """The SPLIT_K partial tiles at `part` (pointers into split 0) added in split order, read through L2 (`.cg`:
+    other programs wrote them) — the same float32 sum whichever program arrived last."""
+    total = tl.zeros(part.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym, stride_ps, stride_pm,
+                    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
+                    QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y (`tile_product`), or with SPLIT_K > 1 its K range `program_id(1)`.
+    Split-K without a second launch and without float atomics: each split stores its partial tile, then counts
+    itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
+    partials in split order — deterministic whichever arrives last — stores y and resets the lock to zero for
+    the next launch (or CUDA-graph replay).
+    """
+    acc, offs_m, offs_n, pid_m, pid_n = tile_product(
+        x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
         tl.store(y, acc, mask=mask)
     else:
         part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
-        tl.store(part + pid_k * stride_ps, acc, mask=mask)
-        if arrive_last(lock_ptr + pid, SPLIT_K):
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(part + s * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y, total, mask=mask)
-            reset_count(lock_ptr + pid)
+        tl.store(part + tl.program_id(1) * stride_ps, acc, mask=mask)
+        lock = lock_ptr + tl.program_id(0)
+        if arrive_last(lock, SPLIT_K):
+            tl.store(y, sum_splits(part, stride_ps, mask, SPLIT_K), mask=mask)
+            reset_count(lock)
 
 
 @triton.jit
@@ -420,6 +444,44 @@ def k_splits(chunks: int, tiles: int, device: torch.device, forced: int | None =
     return max(s for s in range(1, min(want, chunks) + 1) if chunks % s == 0)
 
 
+@dataclass(frozen=True)
+class ProductPlan:
+    """How `tile_product` covers an [M, K] x [N, K]^T product: tile shapes, K splits and launch options."""
+
+    tiles: int  # output tiles (row tiles x column tiles): the grid's first axis
+    split_k: int  # K ranges per tile: its second axis
+    groups_per_split: int
+    constexprs: dict
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tiles, self.split_k
+
+
+def plan_product(m: int, w: PackedWeight, device: torch.device, split_k: int | None = None) -> ProductPlan:
+    """M <= 16 (decode): one BLOCK_M=16 row tile (on the MMA's N side: `group_dot`'s SWAP), narrow column tiles
+    and split-K so the weight is read once by enough programs to fill the GPU. Larger M: a tiled GEMM, also
+    split over K up to `_SPLIT_MAX_M` rows while its tiles are too few for the SMs. `split_k` overrides the
+    automatic choice (tests); it must divide the number of K steps. Column tiles are 64 wide (`PLAN_BLOCK_N`)."""
+    n, k = w.shape
+    sh = half_group(w.qtype)
+    n_groups = k // (2 * sh)
+    if m <= _SMALL_M:
+        block_m, warps = 16, 4
+    else:
+        block_m = 64 if m <= 256 else 128
+        warps = block_m // 16
+    gpi = groups_per_step(w.qtype, n_groups, block_m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, PLAN_BLOCK_N)
+    if split_k is None and m > _SPLIT_MAX_M:
+        split_k = 1  # decode and batched decode (up to 256 rows) fill the SMs by splits; prefill tiles already do
+    split_k = k_splits(n_groups // gpi, tiles, device, split_k)
+    return ProductPlan(tiles, split_k, n_groups // split_k, dict(
+        QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=PLAN_BLOCK_N, GROUP_M=8, SPLIT_K=split_k,
+        SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M and w.nbytes <= PREFETCH_MAX_BYTES, num_warps=warps,
+        num_stages=3))
+
+
 def activations(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels read it: unit stride along K; float32 for bf16 off the GPU (the interpreter has no
     bfloat16) and for float64."""
@@ -429,14 +491,9 @@ def activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> torch.Tensor:
-    """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight.
-
-    M <= 16 (decode): one BLOCK_M=16 row tile (on the MMA's N side: `group_dot`'s SWAP), narrow column tiles
-    and split-K so the weight is read once by enough programs to fill the GPU; the last split of each tile
-    adds the partial sums in a fixed order (the kernel's docstring), in the same launch. Larger M: a tiled
-    GEMM, also split over K up to `_SPLIT_MAX_M` rows while its tiles are too few for the SMs. `split_k`
-    overrides the automatic choice (tests); it must divide the number of K steps.
-    """
+    """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight, one launch: tiles and K
+    splits as `plan_product` lays them out; the last split of each tile adds the partial sums in a fixed order
+    (the kernel's docstring). `split_k` overrides the automatic choice (tests)."""
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
     n, k = w.shape
@@ -446,27 +503,14 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [M, {k}]")
     if m == 0:
         return torch.zeros(0, n, dtype=torch.float32, device=x.device)
-    sh = half_group(w.qtype)
-    n_groups = k // (2 * sh)
-    if m <= _SMALL_M:
-        block_m, block_n, warps = 16, 64, 4
-    else:
-        block_m, block_n = (64, 64) if m <= 256 else (128, 64)
-        warps = block_m // 16
-    gpi = groups_per_step(w.qtype, n_groups, block_m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    chunks = n_groups // gpi
-    if split_k is None and m > _SPLIT_MAX_M:
-        split_k = 1  # decode and batched decode (up to 256 rows) fill the SMs by splits; prefill tiles already do
-    split_k = k_splits(chunks, tiles, x.device, split_k)
+    plan = plan_product(m, w, x.device, split_k)
+    split_k = plan.split_k
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     part = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    locks = counters(tiles, x.device, "qmatmul") if split_k > 1 else y
-    _qmatmul_kernel[(tiles, split_k)](
+    locks = counters(plan.tiles, x.device, "qmatmul") if split_k > 1 else y
+    _qmatmul_kernel[plan.grid](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
-        n_groups // split_k, QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-        SPLIT_K=split_k, SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M and w.nbytes <= PREFETCH_MAX_BYTES,
-        num_warps=warps, num_stages=3, **pdl(x.device))
+        plan.groups_per_split, **plan.constexprs, **pdl(x.device))
     return y
 
 
