@@ -170,11 +170,11 @@ def _separate(fast: TritonQKV) -> TritonQKV:
     import copy
 
     other = copy.copy(fast)
-    other.launches = []
+    other.weights = []
     return other
 
 
-EPILOGUE = [  # (q, k, v quant types, q heads, kv heads, head_dim, rows): one launch, or two with a separate v
+EPILOGUE = [  # (q, k, v quant types, q heads, kv heads, head_dim, rows): a v of its own type is a 2nd weight
     ((QT.Q4_K, QT.Q4_K, QT.Q4_K), 4, 2, 128, 1),
     ((QT.Q4_K, QT.Q4_K, QT.Q6_K), 4, 2, 128, 3),
     ((QT.Q8_0, QT.Q8_0, QT.Q8_0), 6, 2, 64, 20),  # 64-row tiles
@@ -191,7 +191,7 @@ def test_qkv_epilogue_equals_the_separate_kernel(case, write):
     qtypes, nh, nkv, hd, T = case
     H = 512  # two K steps of a decode tile: room for a split
     fast, ref_args = _packed_qkv(qtypes, nh, nkv, hd, H, True, hd, "qk", seed=T)
-    assert len(fast.launches) == (1 if qtypes[1] == qtypes[2] else 2)
+    assert len(fast.weights) == (1 if qtypes[1] == qtypes[2] else 2)
     g = torch.Generator().manual_seed(5)
     h = torch.randn(T, H, generator=g).to(DEVICE)
     positions = torch.randint(0, 512, (T,), generator=g).to(DEVICE)
@@ -224,7 +224,7 @@ def test_qkv_epilogue_equals_the_separate_kernel(case, write):
 def test_qkv_epilogue_rope_and_norm_variants(neox, rope_frac, norms):
     """Every RoPE layout and norm combination through the epilogue, bit for bit the separate kernel."""
     fast, _ = _packed_qkv((QT.Q4_0,) * 3, 2, 1, 64, 64, neox, 64 // rope_frac, norms, seed=1)
-    assert fast.launches
+    assert fast.weights
     g = torch.Generator().manual_seed(6)
     h = torch.randn(4, 64, generator=g).to(DEVICE)
     meta = _meta(torch.tensor([0, 5, 200, 511], device=DEVICE))
@@ -235,6 +235,6 @@ def test_qkv_epilogue_rope_and_norm_variants(neox, rope_frac, norms):
 def test_qkv_epilogue_needs_whole_tiles():
     """A head_dim that is not whole 64-wide tiles, or a v the backend cannot pack with q/k, keeps the separate
     kernel."""
-    assert not _packed_qkv((QT.Q8_0,) * 3, 2, 1, 32, 64, True, 32, "qk", seed=2)[0].launches
+    assert not _packed_qkv((QT.Q8_0,) * 3, 2, 1, 32, 64, True, 32, "qk", seed=2)[0].weights
     fast, _ = _packed_qkv((QT.Q8_0, QT.Q8_0, QT.F16), 2, 1, 64, 64, True, 64, "qk", seed=3)
-    assert fast.fused is not None and not fast.launches
+    assert fast.fused is not None and not fast.weights

@@ -7,7 +7,9 @@ the head needs. It sums the head's partials for a few tokens at a time, applies 
 weight is given, rotates the first `rope_dim` dimensions with the load-time cos/sin tables at each token's
 position (NEOX "rotate half" or interleaved pairs; the rest of the head passes through), and stores q, or k and
 v straight into the tokens' pool slots (cast to the pool's dtype). A decode layer's q/k/v then costs one launch
-(two where attn_v has its own quant type, Q4_K_M's Q6_K layers) instead of the product's and a second kernel's.
+instead of two or three (the product, a second product where attn_v has its own quant type — Q4_K_M's Q6_K
+layers —, and the QK-norm kernel): a v of another type gets its own K loop in the same kernel, its tiles after
+the stacked q|k tiles in the grid.
 
 A dimension's rotation partner is summed again from the partials (and normalised with the same per-head scale)
 instead of shuffled in registers. Positions and slots are read on the device: no host sync.
@@ -36,7 +38,7 @@ from moeserve.kernels.triton.qmatmul import (
     activations,
     arrive_last,
     counters,
-    plan_product,
+    plan_products,
     reset_count,
     sum_splits,
     tile_product,
@@ -87,13 +89,12 @@ def _norm_rope(x, xp, w_ptr, d, partner, rot, first, cos, sin, eps, HAS_NORM: tl
 @triton.jit
 def _finish_head(part_ptr, stride_ps, stride_pm, M, pid_m, head, q_out, k_out, v_out, rows_ptr, qw_ptr, kw_ptr,
                  pos_ptr, cos_ptr, sin_ptr, stride_qot, stride_qoh, stride_kot, stride_koh, stride_vot, stride_voh,
-                 stride_cos, head0, n_q_heads, n_kv_heads, eps,
+                 stride_cos, n_q_heads, n_kv_heads, eps,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
                  NEOX: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, WRITE_KV: tl.constexpr):
-    """Head `head` of this launch (head `head0 + head` of the layer: q, then k, then v heads) for the row tile
-    `pid_m`, from the summed partials, SUB tokens at a time (a [SUB, HEAD_DIM] tile keeps registers low)."""
+    """Head `head` of the layer (q heads, then k, then v) for the row tile `pid_m`, from the summed partials, SUB
+    tokens at a time (a [SUB, HEAD_DIM] tile keeps registers low)."""
     SUB: tl.constexpr = 16
-    gh = head0 + head
     d = tl.arange(0, HEAD_DIM)
     partner, freq, first, rot = _rope_pairs(d, ROPE_DIM, NEOX)
     for r0 in tl.static_range(0, BLOCK_M, SUB):
@@ -105,42 +106,56 @@ def _finish_head(part_ptr, stride_ps, stride_pm, M, pid_m, head, q_out, k_out, v
             row = tl.load(rows_ptr + t, mask=ok, other=0).to(tl.int64)
         else:
             row = t.to(tl.int64)
-        if gh < n_q_heads + n_kv_heads:  # q or k: normalise and rotate
+        if head < n_q_heads + n_kv_heads:  # q or k: normalise and rotate
             xp = sum_splits(src + partner[None, :], stride_ps, ok[:, None] & rot[None, :], SPLIT_K)
             pos = tl.load(pos_ptr + t, mask=ok, other=0)
             at = pos[:, None] * stride_cos + freq[None, :]
             cos = tl.load(cos_ptr + at, mask=ok[:, None] & rot[None, :], other=1.0)
             sin = tl.load(sin_ptr + at, mask=ok[:, None] & rot[None, :], other=0.0)
-            if gh < n_q_heads:
+            if head < n_q_heads:
                 y = _norm_rope(x, xp, qw_ptr, d, partner, rot, first, cos, sin, eps, HAS_QNORM, HEAD_DIM)
-                tl.store(q_out + t[:, None].to(tl.int64) * stride_qot + gh * stride_qoh + d[None, :], y,
+                tl.store(q_out + t[:, None].to(tl.int64) * stride_qot + head * stride_qoh + d[None, :], y,
                          mask=ok[:, None])
             else:
                 y = _norm_rope(x, xp, kw_ptr, d, partner, rot, first, cos, sin, eps, HAS_KNORM, HEAD_DIM)
-                tl.store(k_out + row[:, None] * stride_kot + (gh - n_q_heads) * stride_koh + d[None, :],
+                tl.store(k_out + row[:, None] * stride_kot + (head - n_q_heads) * stride_koh + d[None, :],
                          y.to(k_out.dtype.element_ty), mask=ok[:, None])
         else:
-            tl.store(v_out + row[:, None] * stride_vot + (gh - n_q_heads - n_kv_heads) * stride_voh + d[None, :],
+            tl.store(v_out + row[:, None] * stride_vot + (head - n_q_heads - n_kv_heads) * stride_voh + d[None, :],
                      x.to(v_out.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
-def _qkv_heads_kernel(x_ptr, part_ptr, count_ptr, M, N, stride_xm, stride_ps, stride_pm,
+def _qkv_heads_kernel(x_ptr, part_ptr, count_ptr, M, N, N_A, stride_xm, stride_ps, stride_pm,
                       qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
+                      qs_b, qh_b, sc_b, mn_b, d_b, dm_b, s_qs_b, s_qh_b, s_sc_b, s_d_b, groups_per_split_b,
                       q_out, k_out, v_out, rows_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr,
                       stride_qot, stride_qoh, stride_kot, stride_koh, stride_vot, stride_voh, stride_cos,
-                      head0, n_q_heads, n_kv_heads, eps,
-                      QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                      n_q_heads, n_kv_heads, eps,
+                      QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, PREFETCH: tl.constexpr,
+                      TWO: tl.constexpr, QTYPE_B: tl.constexpr, SH_B: tl.constexpr, GPI_B: tl.constexpr,
+                      PREFETCH_B: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+                      SWAP: tl.constexpr, PDL: tl.constexpr,
                       HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NEOX: tl.constexpr, HEAD_DIM: tl.constexpr,
                       ROPE_DIM: tl.constexpr, WRITE_KV: tl.constexpr):
-    """`qmatmul`'s tile (`tile_product`) of heads head0.. of the layer; every program stores its partial tile and
-    counts itself in its head's counter (HEAD_DIM // BLOCK_N tiles x SPLIT_K splits per head and row tile); the
-    last finishes the head (`_finish_head`) and resets the counter for the next launch or graph replay."""
-    acc, offs_m, offs_n, pid_m, pid_n = tile_product(
-        x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
+    """The layer's q/k/v products (`tile_product`): columns [0, N_A) from the first weight and, with TWO, [N_A, N)
+    from a second of another quant type (Q4_K_M's Q6_K attn_v), whose tiles follow the first's in the grid. Every
+    program stores its partial tile and counts itself in its head's counter (HEAD_DIM // BLOCK_N tiles x SPLIT_K
+    splits per head and row tile); the last finishes the head (`_finish_head`) and resets the counter for the next
+    launch or graph replay."""
+    pid = tl.program_id(0)
+    tiles_a = tl.cdiv(M, BLOCK_M) * tl.cdiv(N_A, BLOCK_N)
+    if (pid >= tiles_a) & TWO:
+        acc, offs_m, offs_n, pid_m, pid_n = tile_product(
+            pid - tiles_a, x_ptr, M, N - N_A, stride_xm, qs_b, qh_b, sc_b, mn_b, d_b, dm_b, s_qs_b, s_qh_b, s_sc_b,
+            s_d_b, groups_per_split_b, QTYPE_B, SH_B, GPI_B, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH_B)
+        offs_n += N_A
+        pid_n += N_A // BLOCK_N
+    else:
+        acc, offs_m, offs_n, pid_m, pid_n = tile_product(
+            pid, x_ptr, M, N_A, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+            groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
     part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
     tl.store(part + tl.program_id(1) * stride_ps, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
     TILES: tl.constexpr = HEAD_DIM // BLOCK_N
@@ -149,7 +164,7 @@ def _qkv_heads_kernel(x_ptr, part_ptr, count_ptr, M, N, stride_xm, stride_ps, st
     if arrive_last(lock, TILES * SPLIT_K):
         _finish_head(part_ptr, stride_ps, stride_pm, M, pid_m, head, q_out, k_out, v_out, rows_ptr, qw_ptr, kw_ptr,
                      pos_ptr, cos_ptr, sin_ptr, stride_qot, stride_qoh, stride_kot, stride_koh, stride_vot, stride_voh,
-                     stride_cos, head0, n_q_heads, n_kv_heads, eps, BLOCK_M, SPLIT_K, HAS_QNORM, HAS_KNORM, NEOX,
+                     stride_cos, n_q_heads, n_kv_heads, eps, BLOCK_M, SPLIT_K, HAS_QNORM, HAS_KNORM, NEOX,
                      HEAD_DIM, ROPE_DIM, WRITE_KV)
         reset_count(lock)
 
@@ -237,8 +252,8 @@ class TritonQKV(QKVRope):
         self.block_h = min(_pow2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
         self.fused: Linear | None = None  # q|k(|v) in one linear, once `stack` is called
         self.fused_v = False
-        # the epilogue path's launches: (packed weight, the layer's head index of its first output column)
-        self.launches: list[tuple[PackedWeight, int]] = []
+        # the epilogue path's products, one launch: the stacked q|k(|v), then a v of another quant type
+        self.weights: list[PackedWeight] = []
 
     def stack(self, fused: TritonLinear, with_v: bool) -> None:
         """Project q and k (and v, `with_v`) with one `fused` linear whose output is theirs side by side; the
@@ -253,9 +268,7 @@ class TritonQKV(QKVRope):
         wv = self.wv
         v_packed = with_v or (isinstance(wv, TritonLinear) and wv.packed is not None and wv.bias is None)
         if whole_tiles and v_packed and fused.packed is not None:
-            self.launches = [(fused.packed, 0)]
-            if not with_v:
-                self.launches.append((wv.packed, self.n_heads + self.n_kv_heads))  # type: ignore[union-attr]
+            self.weights = [fused.packed] if with_v else [fused.packed, wv.packed]  # type: ignore[union-attr]
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The raw projections (before QK-norm and RoPE), as views of the fused product where there is one."""
@@ -282,7 +295,7 @@ class TritonQKV(QKVRope):
                             for _ in range(2))
         if T:
             rows = meta.slot_mapping if write else meta.positions
-            if self.launches:
+            if self.weights:
                 self._heads(activations(h), q_out, k_out, v_out, rows, meta.positions, write)
             else:
                 self._norm_rope(h, q_out, k_out, v_out, rows, meta.positions, write)
@@ -290,20 +303,27 @@ class TritonQKV(QKVRope):
 
     def _heads(self, x: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                rows: torch.Tensor, positions: torch.Tensor, write: bool) -> None:
-        """The products, each finishing its heads in its epilogue (`_qkv_heads_kernel`)."""
+        """The products, finishing their heads in the epilogue (`_qkv_heads_kernel`), in one launch."""
         T = x.shape[0]
-        for w, head0 in self.launches:
-            plan = plan_product(T, w, x.device, self.split_k)
-            n = w.shape[0]
-            part = torch.empty(plan.split_k, T, n, dtype=torch.float32, device=x.device)
-            locks = counters(plan.tiles // triton.cdiv(n, PLAN_BLOCK_N) * (n // self.head_dim), x.device, "qkv")
-            _qkv_heads_kernel[plan.grid](
-                x, part, locks, T, n, x.stride(0), part.stride(0), part.stride(1), *weight_args(w),
-                plan.groups_per_split, q_out, k_out, v_out, rows, self._qw(q_out), self._kw(q_out), positions,
-                self.cos, self.sin, q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-                v_out.stride(0), v_out.stride(1), self.cos.stride(0), head0, self.n_heads, self.n_kv_heads, self.eps,
-                **plan.constexprs, HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
-                HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, **pdl(x.device))
+        plans = plan_products(T, self.weights, x.device, self.split_k)
+        a, b = plans[0], plans[-1]
+        n_a = self.weights[0].shape[0]
+        n = sum(w.shape[0] for w in self.weights)
+        part = torch.empty(a.split_k, T, n, dtype=torch.float32, device=x.device)
+        locks = counters(triton.cdiv(T, a.constexprs["BLOCK_M"]) * (n // self.head_dim), x.device, "qkv")
+        cx = a.constexprs
+        _qkv_heads_kernel[(a.tiles + (b.tiles if b is not a else 0), a.split_k)](
+            x, part, locks, T, n, n_a, x.stride(0), part.stride(0), part.stride(1),
+            *weight_args(self.weights[0]), a.groups_per_split, *weight_args(self.weights[-1]), b.groups_per_split,
+            q_out, k_out, v_out, rows, self._qw(q_out), self._kw(q_out), positions, self.cos, self.sin,
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
+            self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
+            QTYPE=cx["QTYPE"], SH=cx["SH"], GPI=cx["GPI"], PREFETCH=cx["PREFETCH"], TWO=b is not a,
+            QTYPE_B=b.constexprs["QTYPE"], SH_B=b.constexprs["SH"], GPI_B=b.constexprs["GPI"],
+            PREFETCH_B=b.constexprs["PREFETCH"], BLOCK_M=cx["BLOCK_M"], BLOCK_N=cx["BLOCK_N"], GROUP_M=cx["GROUP_M"],
+            SPLIT_K=cx["SPLIT_K"], SWAP=cx["SWAP"], num_warps=cx["num_warps"], num_stages=cx["num_stages"],
+            HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
+            HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, **pdl(x.device))
 
     def _norm_rope(self, h: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                    rows: torch.Tensor, positions: torch.Tensor, write: bool) -> None:

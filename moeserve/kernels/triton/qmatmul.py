@@ -24,8 +24,9 @@ can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -305,13 +306,13 @@ def acc_final(acc, SWAP: tl.constexpr):
 
 
 @triton.jit
-def tile_product(x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                  groups_per_split,
                  QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
                  PREFETCH: tl.constexpr):
-    """The body every `qmatmul`-shaped kernel shares: the program's [BLOCK_M, BLOCK_N] tile of x @ W.T over its K
-    range `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
+    """The body every `qmatmul`-shaped kernel shares: tile `pid` ([BLOCK_M, BLOCK_N]) of x @ W.T over the K range
+    `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
     Out-of-range rows and columns are clamped to the last valid one (loads need no masks; callers mask stores).
@@ -319,7 +320,6 @@ def tile_product(x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, 
     weight bytes before it waits for the previous kernel (`pdl`); everything before the wait is program-id
     arithmetic."""
     pdl_release(PDL)
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -370,7 +370,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     the next launch (or CUDA-graph replay).
     """
     acc, offs_m, offs_n, pid_m, pid_n = tile_product(
-        x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
+        tl.program_id(0), x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
         groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -450,12 +450,21 @@ class ProductPlan:
 
     tiles: int  # output tiles (row tiles x column tiles): the grid's first axis
     split_k: int  # K ranges per tile: its second axis
-    groups_per_split: int
+    groups: int  # quant groups along K
+    chunks: int  # K-loop steps (of constexprs["GPI"] groups): a split is a whole number of them
     constexprs: dict
 
     @property
     def grid(self) -> tuple[int, int]:
         return self.tiles, self.split_k
+
+    @property
+    def groups_per_split(self) -> int:
+        return self.groups // self.split_k
+
+    def with_split(self, split_k: int) -> ProductPlan:
+        """The same tiles over `split_k` K ranges (a caller that launches several products in one grid)."""
+        return replace(self, split_k=split_k, constexprs={**self.constexprs, "SPLIT_K": split_k})
 
 
 def plan_product(m: int, w: PackedWeight, device: torch.device, split_k: int | None = None) -> ProductPlan:
@@ -463,23 +472,33 @@ def plan_product(m: int, w: PackedWeight, device: torch.device, split_k: int | N
     and split-K so the weight is read once by enough programs to fill the GPU. Larger M: a tiled GEMM, also
     split over K up to `_SPLIT_MAX_M` rows while its tiles are too few for the SMs. `split_k` overrides the
     automatic choice (tests); it must divide the number of K steps. Column tiles are 64 wide (`PLAN_BLOCK_N`)."""
-    n, k = w.shape
-    sh = half_group(w.qtype)
-    n_groups = k // (2 * sh)
-    if m <= _SMALL_M:
-        block_m, warps = 16, 4
-    else:
-        block_m = 64 if m <= 256 else 128
-        warps = block_m // 16
-    gpi = groups_per_step(w.qtype, n_groups, block_m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, PLAN_BLOCK_N)
+    return plan_products(m, [w], device, split_k)[0]
+
+
+def plan_products(m: int, ws: list[PackedWeight], device: torch.device,
+                  split_k: int | None = None) -> list[ProductPlan]:
+    """`plan_product` for products of the same rows launched in one grid: their tiles side by side, one K split
+    for all (a whole number of each one's K steps)."""
+    plans = []
+    for w in ws:
+        n, k = w.shape
+        sh = half_group(w.qtype)
+        n_groups = k // (2 * sh)
+        if m <= _SMALL_M:
+            block_m, warps = 16, 4
+        else:
+            block_m = 64 if m <= 256 else 128
+            warps = block_m // 16
+        gpi = groups_per_step(w.qtype, n_groups, block_m)
+        plans.append(ProductPlan(triton.cdiv(m, block_m) * triton.cdiv(n, PLAN_BLOCK_N), 1, n_groups,
+                                 n_groups // gpi, dict(
+            QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=PLAN_BLOCK_N, GROUP_M=8, SPLIT_K=1,
+            SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M and w.nbytes <= PREFETCH_MAX_BYTES, num_warps=warps,
+            num_stages=3)))
     if split_k is None and m > _SPLIT_MAX_M:
         split_k = 1  # decode and batched decode (up to 256 rows) fill the SMs by splits; prefill tiles already do
-    split_k = k_splits(n_groups // gpi, tiles, device, split_k)
-    return ProductPlan(tiles, split_k, n_groups // split_k, dict(
-        QTYPE=int(w.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=PLAN_BLOCK_N, GROUP_M=8, SPLIT_K=split_k,
-        SWAP=m <= _SMALL_M, PREFETCH=m <= _SPLIT_MAX_M and w.nbytes <= PREFETCH_MAX_BYTES, num_warps=warps,
-        num_stages=3))
+    split = k_splits(math.gcd(*(p.chunks for p in plans)), sum(p.tiles for p in plans), device, split_k)
+    return [p.with_split(split) for p in plans]
 
 
 def activations(x: torch.Tensor) -> torch.Tensor:
