@@ -238,3 +238,114 @@ def test_qkv_epilogue_needs_whole_tiles():
     assert not _packed_qkv((QT.Q8_0,) * 3, 2, 1, 32, 64, True, 32, "qk", seed=2)[0].weights
     fast, _ = _packed_qkv((QT.Q8_0, QT.Q8_0, QT.F16), 2, 1, 64, 64, True, 64, "qk", seed=3)
     assert fast.fused is not None and not fast.weights
+
+
+# --------------------------------------------------------------------------------------------
+# a decode step's norm taken by the kernel that consumes it (`PendingNorm`, `TritonBackend.fuse_norm`)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_linked_norm_is_left_pending_for_a_row_or_two():
+    """`add_norm` of a linked norm hands back the residual stream's buffer and a `PendingNorm` for 1-2 rows (the
+    consumer fills both), tensors from 3 rows on; `tensor()` is the separate kernel's norm and fills s."""
+    from moeserve.kernels.triton.norm import FUSE_MAX_ROWS, PendingNorm
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, generator=g).to(DEVICE)
+    norm = TritonRMSNorm(w, 1e-6)
+    norm.fuse = True
+    for T in range(1, FUSE_MAX_ROWS + 2):
+        x, delta = (torch.randn(T, 64, generator=g).to(DEVICE) for _ in range(2))
+        s, h = norm.add_norm(x, delta)
+        want_s, want_h = TritonRMSNorm(w, 1e-6).add_norm(x, delta)
+        if T > FUSE_MAX_ROWS:
+            assert torch.equal(s, want_s) and torch.equal(h, want_h)
+            continue
+        assert isinstance(h, PendingNorm) and h.s is s and h.shape == x.shape
+        assert torch.equal(h.tensor(), want_h) and torch.equal(s, want_s)
+        s0, h0 = norm.add_norm(x, None)
+        assert torch.equal(s0, x) and torch.equal(h0.tensor(), TritonRMSNorm(w, 1e-6)(x))
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("delta", [True, False], ids=["add", "first"])
+def test_qkv_takes_its_pending_norm(T, delta):
+    """The q/k/v launch with the attention norm left to it: q, the pool's k and v, and the residual stream it
+    stores are bit for bit those of the norm kernel followed by the same launch."""
+    from moeserve.kernels.triton.norm import PendingNorm
+
+    H = 512
+    fast, _ = _packed_qkv((QT.Q4_K, QT.Q4_K, QT.Q6_K), 4, 2, 128, H, True, 128, "qk", seed=8)
+    assert fast.takes_pending_norm
+    g = torch.Generator().manual_seed(9)
+    x, d = (torch.randn(T, H, generator=g).to(DEVICE) for _ in range(2))
+    w = (1 + torch.randn(H, generator=g) / 4).to(DEVICE)
+    norm = TritonRMSNorm(w, 1e-6)
+    positions = torch.tensor([5, 9][:T], device=DEVICE)
+    slots = torch.tensor([3, 0][:T], device=DEVICE)
+
+    def run(fuse: bool) -> tuple[torch.Tensor, ...]:
+        norm.fuse = fuse
+        s, h = norm.add_norm(x, d if delta else None)
+        assert isinstance(h, PendingNorm) == fuse
+        pool = torch.zeros((1, 4, 2, 128), dtype=torch.float16, device=DEVICE)
+        pool_v = pool.clone()
+        q, _, _ = fast(h, _meta(positions, KVCacheTensors(pool, pool_v, 4), slots))
+        return q, pool, pool_v, s
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_moe_takes_its_pending_norm(T):
+    """The MoE's routing launch with the FFN norm left to it: the block's output and the residual stream are bit
+    for bit those of the norm kernel followed by the block."""
+    from moeserve.kernels.triton.backend import TritonBackend
+
+    H, inter, E = 256, 256, 8
+    rng = np.random.default_rng(10)
+
+    def stack(qt: QT, shape: tuple[int, ...]) -> PackedTensor:
+        raw = random_quant_bytes(qt, shape, rng, scale=shape[-1] ** -0.5)
+        return PackedTensor("w", qt, shape, torch.from_numpy(raw).to(DEVICE))
+
+    router = PackedTensor("r", QT.F32, (E, H), torch.randn(E, H).view(torch.uint8).reshape(E, H * 4).to(DEVICE))
+    backend = TritonBackend(DEVICE)
+    moe = backend.moe(router, stack(QT.Q4_K, (E, inter, H)), stack(QT.Q4_K, (E, inter, H)),
+                      stack(QT.Q6_K, (E, H, inter)), 2, True)
+    norm = TritonRMSNorm(torch.rand(H).to(DEVICE) + 0.5, 1e-6)
+    backend.fuse_norm(norm, moe)
+    assert norm.fuse
+    g = torch.Generator().manual_seed(11)
+    x, d = (torch.randn(T, H, generator=g).to(DEVICE) for _ in range(2))
+    runs = []
+    for fuse in (True, False):
+        norm.fuse = fuse
+        s, h = norm.add_norm(x, d)
+        runs.append((moe(h), s))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_whole_model_is_the_same_with_decode_norms_fused(make_model):
+    """A Q4_K_M-typed MoE model (q/k/v epilogue with a Q6_K v, fused routing): greedy tokens and their logprobs are
+    bit-identical whether its decode steps leave the norms to the q/k/v and routing launches or run the norm
+    kernel."""
+    from moeserve import LLM, SamplingParams
+    from tests.test_parity_hf import Q4KM
+
+    path = make_model("fused-norm-q4km", n_layers=2, vocab_size=384, hidden_size=256, head_dim=128, n_heads=4,
+                      n_kv_heads=2, n_experts=8, n_experts_used=2, expert_ffn=256, qtype=QT.Q4_K, qtypes=Q4KM)
+    prompt = np.random.default_rng(4).integers(0, 250, 10).tolist()
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
+    runs = []
+    for fuse in (True, False):
+        llm = LLM(str(path), kernels="triton", device="cpu", warmup=False)
+        norms = [n for b in llm.model.blocks for n in (b.attn_norm, b.ffn_norm)]
+        assert all(n.fuse for n in norms)
+        for n in norms:
+            n.fuse = fuse
+        out = llm.generate([prompt], sp)[0].outputs[0]
+        runs.append((out.token_ids, out.logprobs))
+    assert runs[0] == runs[1]

@@ -30,10 +30,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     qtypes = {"*ffn_gate_inp*": QT.F32, "output.weight": QT.Q6_K,
               "blk.0.attn_v*": QT.Q6_K, "blk.0.attn_output*": QT.Q8_0, "blk.0.ffn_down_exps*": QT.Q5_K,
               # layer 1's float v keeps the separate QK-norm + RoPE kernel; layer 0 finishes its heads in the
-              # epilogue of two products (Q4_K q|k, Q6_K v)
+              # epilogue of two products (Q4_K q|k, Q6_K v), layer 2 (all Q4_K) of one
               "blk.1.attn_v*": QT.F16, "blk.1.attn_[qk].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0,
               "blk.1.ffn_gate_exps*": QT.Q5_0, "blk.1.ffn_up_exps*": QT.Q5_0, "blk.1.ffn_down_exps*": QT.Q4_1}
-    spec = ModelSpec(n_layers=2, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
+    spec = ModelSpec(n_layers=3, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
                      n_experts_used=4, expert_ffn=256, ffn=512, qtype=QT.Q4_K, qtypes=qtypes)
     path = write_model(tmp_path / "mixed.gguf", spec)
     out = tmp_path / "report.json"
@@ -55,6 +55,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     # the k/v pool write rides on the q/k/v products' epilogue, or on the QK-norm + RoPE kernel
     for name in ("_qkv_heads_kernel", "_qk_norm_rope_kernel"):
         assert {r["constexprs"]["WRITE_KV"] for r in rows if r["kernel"] == name} == {True}
+    # a one-row decode step leaves its norms to the q/k/v and routing launches (first layer: no residual add)
+    for name, deltas in (("_qkv_heads_kernel", {False, True}), ("_router_route_align_kernel", {True})):
+        assert {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == name and r["constexprs"]["NORM"]} == deltas
     norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}
     assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}

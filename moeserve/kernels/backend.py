@@ -154,6 +154,12 @@ class Backend(ABC):
     @abstractmethod
     def norm(self, weight: torch.Tensor, eps: float) -> Norm: ...
 
+    def fuse_norm(self, norm: Norm, consumer: object) -> None:
+        """Told at load that `consumer` (a kernel object of this backend, or a wrapper around one) takes `norm`'s
+        output and nothing else does: a backend may then let the consumer's own kernel take the norm (triton:
+        decode steps of a row or two). The default does nothing."""
+        return None
+
     @abstractmethod
     def embedding(self, w: PackedTensor) -> Embedding: ...
 

@@ -132,8 +132,10 @@ def load_decoder(f: GGUFFile, backend: Backend, config: ModelConfig | None = Non
             o_proj = Reduced(o_proj, sh)
         attn = Attention(qkv, backend.attention(i, q1 - q0, k1 - k0, hd, cfg.sliding_window), o_proj)
         ffn = _moe(f, backend, cfg, p, sh, packed) if cfg.is_moe else _mlp(f, backend, cfg, p, sh, packed)
-        blocks.append(Block(backend.norm(vector(p + "attn_norm.weight", H), eps), attn,
-                            backend.norm(vector(p + "ffn_norm.weight", H), eps), ffn))
+        attn_norm, ffn_norm = (backend.norm(vector(p + n, H), eps) for n in ("attn_norm.weight", "ffn_norm.weight"))
+        backend.fuse_norm(attn_norm, qkv)  # each norm's output goes to one op alone
+        backend.fuse_norm(ffn_norm, ffn)
+        blocks.append(Block(attn_norm, attn, ffn_norm, ffn))
     V = cfg.vocab_size
     cuts = split(V, sh.size)
     v0, v1 = cuts[sh.rank], cuts[sh.rank + 1]

@@ -9,8 +9,10 @@ What each operation gets:
   and down in one launch for all experts, a deterministic weighted sum.
 * attention: `attention.TritonPagedAttention` — one kernel for prefill chunks and decode rows over the
   paged pool through the block tables.
-* RMSNorm and the q/k/v projection's QK-norm + RoPE: `norm.py`, one kernel each; the latter also stores the
-  step's k/v into the layer's pool slots.
+* RMSNorm: `norm.py`, one kernel (residual add fused) — or, in decode steps of a row or two, none: the q/k/v
+  products and the MoE's routing launch take the norm of their input themselves (`fuse_norm`).
+* the q/k/v projection: `qkv.py`, the products finishing every head in their epilogue (QK-norm, RoPE, and the
+  step's k/v stored into the layer's pool slots), one launch.
 * the embedding lookup: `qmatmul.TritonEmbedding`, the step's rows dequantized from the packed copy, one launch.
 
 Nothing in a forward synchronises with the host and every shape depends only on the step's batch, so the
@@ -94,6 +96,14 @@ class TritonBackend(Backend):
         from moeserve.kernels.triton.norm import TritonRMSNorm
 
         return TritonRMSNorm(weight, eps)
+
+    def fuse_norm(self, norm: object, consumer: object) -> None:
+        """The q/k/v epilogue path and the MoE's routing launch take their norm in decode steps of up to
+        `norm.FUSE_MAX_ROWS` rows (`norm.PendingNorm`): one launch fewer each, per layer."""
+        from moeserve.kernels.triton.norm import TritonRMSNorm
+
+        if isinstance(norm, TritonRMSNorm) and getattr(consumer, "takes_pending_norm", False):
+            norm.fuse = True
 
     def embedding(self, w: PackedTensor):  # noqa: ANN201
         from moeserve.kernels.triton.packing import packable

@@ -35,6 +35,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
+from moeserve.kernels.triton.norm import PendingNorm, normed_cols, rows_rstd, store_rows
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
@@ -276,8 +277,10 @@ def _route_align_kernel(logits_ptr, stride_l, weights_ptr, experts_ptr, sorted_p
 @triton.jit
 def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_ptr, weights_ptr, experts_ptr,
                                sorted_ptr, block_expert_ptr, n_rows_ptr, T, E, H, n_blocks,
+                               delta_ptr, nw_ptr, s_ptr, normed_ptr, norm_eps,
                                ROUTER_T: tl.constexpr, ROUTER_E: tl.constexpr, ROUTER_K: tl.constexpr,
-                               PROGRAMS: tl.constexpr,
+                               PROGRAMS: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
+                               N_ROWS: tl.constexpr, H_PAD: tl.constexpr,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
@@ -287,7 +290,9 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
     tokens in float32 — products summed along H in ROUTER_K-wide chunks, a fixed order whatever the arrival —
     and stores them; the program that arrives last (`arrive_last`) routes and aligns every token from them and
     resets the counter for the next launch or graph replay. With PDL its router rows are asked of L2 before it
-    waits for the previous kernel (the norm that makes h)."""
+    waits for the previous kernel (the norm that makes h). With NORM, h is the FFN norm still to take
+    (`norm.PendingNorm`): every program normalises the rows itself, and the first stores the residual stream
+    x + delta into `s_ptr` and the normed rows into `normed_ptr` for the expert kernels."""
     pdl_release(PDL)
     if PDL:
         e0 = tl.program_id(0) * ROUTER_E
@@ -297,11 +302,22 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
     e_ok = experts < E
     toks = tl.arange(0, ROUTER_T)
     t_ok = toks < T
+    if NORM:
+        rstd = rows_rstd(h_ptr, delta_ptr, stride_h, toks, T, H, norm_eps, HAS_DELTA, N_ROWS, H_PAD)
+        if tl.program_id(0) == 0:
+            store_rows(h_ptr, delta_ptr, nw_ptr, s_ptr, normed_ptr, stride_h, T, H, norm_eps, HAS_DELTA, True, N_ROWS,
+                       H_PAD)
     acc = tl.zeros((ROUTER_T, ROUTER_E), dtype=tl.float32)
     for k0 in range(0, H, ROUTER_K):
         k = k0 + tl.arange(0, ROUTER_K)
         k_ok = k < H
-        x = tl.load(h_ptr + toks[:, None] * stride_h + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            x = normed_cols(h_ptr, delta_ptr, nw_ptr, tl.minimum(toks, T - 1) * stride_h, tl.minimum(k, H - 1), rstd,
+                            HAS_DELTA)
+            x = tl.where(t_ok[:, None] & k_ok[None, :], x, 0.0)
+        else:
+            x = tl.load(h_ptr + toks[:, None] * stride_h + k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                        other=0.0)
         w = tl.load(router_ptr + experts[:, None].to(tl.int64) * H + k[None, :], mask=e_ok[:, None] & k_ok[None, :],
                     other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
@@ -386,13 +402,21 @@ ROUTER_FUSED_MAX_T = 16
 """Steps of up to this many tokens (decode) compute the router logits in the routing launch too."""
 
 
-def router_route_align(h: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool,
-                       block_m: int) -> tuple[torch.Tensor, ...]:
+def router_route_align(h: torch.Tensor | PendingNorm, router: torch.Tensor, top_k: int, renormalize: bool,
+                       block_m: int, normed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`route_align(h @ router.T, ...)` with the router's product in the same launch, for up to
     `ROUTER_FUSED_MAX_T` tokens: `h` [T, H], `router` [E, H] float32 or float16 (products and sums in float32).
 
     The logits are spread over programs of a few experts each (every SM streams part of the router); the last
-    program to finish routes and aligns (`_router_route_align_kernel`). Returns what `route_align` returns."""
+    program to finish routes and aligns (`_router_route_align_kernel`). Returns what `route_align` returns.
+    `h` may be a pending norm (`norm.PendingNorm`), taken in the same launch, which then also stores the normed
+    rows into `normed` (float32 [T, H]) and the residual stream into the pending norm's `s`."""
+    pending = h if isinstance(h, PendingNorm) else None
+    if pending is not None:
+        norm = pending.kernel_args()
+        h = norm["x"]
+        if normed is None or normed.shape != h.shape or not normed.is_contiguous():
+            raise ValueError(f"a pending norm needs a contiguous float32 {tuple(h.shape)} buffer for the normed rows")
     T, H = h.shape
     E = router.shape[0]
     if T > ROUTER_FUSED_MAX_T or router.shape[1] != H:
@@ -401,7 +425,10 @@ def router_route_align(h: torch.Tensor, router: torch.Tensor, top_k: int, renorm
     outs = _route_outputs(T, E, top_k, block_m, h.device)
     if T == 0:
         return outs
-    h = activations(h)
+    if pending is None:
+        h = activations(h)
+        normed = h
+        norm = dict(delta=h, weight=h, s=h, eps=0.0, HAS_DELTA=False, N_ROWS=1, H_PAD=1)
     config = _route_align_config(T, E, top_k, block_m)
     rows = triton.next_power_of_2(T)
     per_program = triton.next_power_of_2(max(1, E // 64))  # ~64 programs share the router's bytes
@@ -410,7 +437,9 @@ def router_route_align(h: torch.Tensor, router: torch.Tensor, top_k: int, renorm
     logits = torch.empty(T, E, dtype=torch.float32, device=h.device)
     _router_route_align_kernel[(programs,)](
         h, h.stride(0), router, logits, counters(1, h.device, "router"), *outs, T, E, H, outs[3].shape[0],
+        norm["delta"], norm["weight"], norm["s"], normed, norm["eps"],
         ROUTER_T=rows, ROUTER_E=per_program, ROUTER_K=chunk, PROGRAMS=programs, RENORMALIZE=bool(renormalize),
+        NORM=pending is not None, HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"],
         **config, **pdl(h.device))
     return outs
 
@@ -554,17 +583,29 @@ class TritonMoE:
             return
         self.gate, self.up, self.down = pack_weight(gate), pack_weight(up), pack_weight(down)
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_pending_norm(self) -> bool:
+        """The routing launch takes the FFN norm of a decode step itself (`norm.PendingNorm`)."""
+        return self._reference is None and self.router_weight is not None
+
+    def __call__(self, h: torch.Tensor | PendingNorm) -> torch.Tensor:
+        T, E, k = h.shape[0], self.n_experts, self.top_k
+        n_pairs = T * k
+        fused_route = self.router_weight is not None and T <= ROUTER_FUSED_MAX_T and n_pairs <= FUSED_ROUTE_MAX_PAIRS
+        if isinstance(h, PendingNorm) and (self._reference is not None or not fused_route or T == 0):
+            h = h.tensor()
         if self._reference is not None:
             return self._reference(h)
-        T, E, k = h.shape[0], self.n_experts, self.top_k
         if T == 0:
             return torch.zeros(0, self.hidden, dtype=torch.float32, device=h.device)
-        n_pairs = T * k
         block_m = block_m_for(n_pairs, E)
-        if self.router_weight is not None and T <= ROUTER_FUSED_MAX_T and n_pairs <= FUSED_ROUTE_MAX_PAIRS:
+        if fused_route:
+            normed = torch.empty(h.shape, dtype=torch.float32, device=h.device) if isinstance(h, PendingNorm) \
+                else None
             weights, _, sorted_ids, block_expert, n_rows = router_route_align(h, self.router_weight, k,
-                                                                              self.renormalize, block_m)
+                                                                              self.renormalize, block_m, normed)
+            if normed is not None:
+                h = normed
         else:
             weights, _, sorted_ids, block_expert, n_rows = route_align(self.router(h), k, self.renormalize, block_m)
         return self._experts(h, weights, sorted_ids, block_expert, n_rows, k, block_m)

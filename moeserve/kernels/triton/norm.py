@@ -1,8 +1,18 @@
 """RMSNorm as a Triton kernel: one program per row, the whole row in one block, float32 math and output; the
 residual add fused in (`add_norm`). The per-head QK-norm of q and k is part of the q/k/v projection (`qkv.py`).
+
+In a decode step of one or two rows (`FUSE_MAX_ROWS`) a norm whose output goes straight into a kernel that can
+take it (the q/k/v products, the MoE's routing launch: `TritonBackend.fuse_norm`, at load) launches nothing:
+`add_norm` hands back a `PendingNorm`, and every program of that kernel takes the rows' norm itself
+(`rows_rstd`: it reads the rows' 2 x H floats again, which costs less than a launch at a row or two) and
+multiplies its activations by it as it loads them (`normed_cols`); one program also stores the residual stream
+`s = x + delta` the caller already holds. The values are the separate kernel's: the same float32 sum `x + delta`,
+`1 / sqrt(sum(s * s) / H + eps)` over the whole row, then `s * rstd * w`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,6 +43,89 @@ def _rms_norm_kernel(x_ptr, d_ptr, s_ptr, o_ptr, w_ptr, stride_x, stride_d, stri
     tl.store(o_ptr + row * stride_o + c, s * rstd * w, mask=ok)
 
 
+FUSE_MAX_ROWS = 2
+"""Rows up to which a linked norm is left to its consumer (`PendingNorm`): each of the consumer's programs reads
+the rows again for their norm, so it pays for a decode step of a stream or two, not for larger batches."""
+
+
+@triton.jit
+def rows_rstd(x_ptr, d_ptr, stride, rows, M, H, eps, HAS_DELTA: tl.constexpr, N_ROWS: tl.constexpr,
+              H_PAD: tl.constexpr):
+    """1 / rms of s = x (+ delta) for each of `rows` (clamped to M - 1; M <= N_ROWS): each of the N_ROWS distinct
+    rows is summed whole, as `_rms_norm_kernel` sums it."""
+    c = tl.arange(0, H_PAD)
+    ok = c < H
+    clamped = tl.minimum(rows, M - 1)
+    out = tl.zeros(rows.shape, dtype=tl.float32)
+    for r in tl.static_range(N_ROWS):
+        row = tl.minimum(r, M - 1)
+        s = tl.load(x_ptr + row * stride + c, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            s = s + tl.load(d_ptr + row * stride + c, mask=ok, other=0.0).to(tl.float32)
+        out = tl.where(clamped == r, 1.0 / tl.sqrt(tl.sum(s * s, 0) / H + eps), out)
+    return out
+
+
+@triton.jit
+def normed_cols(x_ptr, d_ptr, w_ptr, xoff, cols, rstd, HAS_DELTA: tl.constexpr):
+    """Columns `cols` of the normed rows at element offsets `xoff`: (x (+ delta)) * rstd * w, float32
+    [len(xoff), len(cols)], the separate kernel's operations in its order."""
+    at = xoff[:, None] + cols[None, :]
+    s = tl.load(x_ptr + at).to(tl.float32)
+    if HAS_DELTA:
+        s = s + tl.load(d_ptr + at).to(tl.float32)
+    return s * rstd[:, None] * tl.load(w_ptr + cols).to(tl.float32)[None, :]
+
+
+@triton.jit
+def store_rows(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, stride, M, H, eps, STORE_S: tl.constexpr,
+               STORE_H: tl.constexpr, N_ROWS: tl.constexpr, H_PAD: tl.constexpr):
+    """The rows' residual stream s = x + delta (STORE_S) and their norm h (STORE_H), stored whole by the one
+    program of a consumer that does it (row stride `stride` for all of them)."""
+    c = tl.arange(0, H_PAD)
+    ok = c < H
+    for r in tl.static_range(N_ROWS):
+        if r < M:
+            s = tl.load(x_ptr + r * stride + c, mask=ok, other=0.0).to(tl.float32)
+            if STORE_S:
+                s = s + tl.load(d_ptr + r * stride + c, mask=ok, other=0.0).to(tl.float32)
+                tl.store(s_ptr + r * stride + c, s, mask=ok)
+            if STORE_H:
+                rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / H + eps)
+                w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+                tl.store(h_ptr + r * stride + c, s * rstd * w, mask=ok)
+
+
+@dataclass
+class PendingNorm:
+    """`h = rms_norm(s) * weight`, s = x + delta (delta None: s = x), left to the kernel that consumes it (module
+    docstring). x, delta and s are contiguous float32 [T, H] (one row stride); that kernel stores s, the residual
+    stream `add_norm` returned beside this. `tensor()` computes h with the separate kernel instead."""
+
+    x: torch.Tensor
+    delta: torch.Tensor | None
+    s: torch.Tensor
+    norm: TritonRMSNorm
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def kernel_args(self) -> dict:
+        """What a consumer kernel takes: x, delta (x when none), the norm's weight, s, eps, and the constexprs."""
+        return dict(x=self.x, delta=self.x if self.delta is None else self.delta, weight=self.norm.weight, s=self.s,
+                    eps=self.norm.eps, HAS_DELTA=self.delta is not None, N_ROWS=_pow2(self.x.shape[0]),
+                    H_PAD=_pow2(self.x.shape[1]))
+
+    def tensor(self) -> torch.Tensor:
+        """h, by the separate kernel (which also stores s)."""
+        return self.norm._run(self.x, self.delta, self.s)[1]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, H] with a unit last stride."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -44,9 +137,17 @@ class TritonRMSNorm:
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         self.weight, self.eps = weight.contiguous(), eps
+        self.fuse = False  # set at load when the consumer of h takes a `PendingNorm` (`TritonBackend.fuse_norm`)
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`s = x + delta` (float32) and `norm(s)` in one kernel (the Norm protocol)."""
+        """`s = x + delta` (float32) and `norm(s)` in one kernel (the Norm protocol); for a linked consumer and a
+        step of up to `FUSE_MAX_ROWS` rows, s to be stored and h to be computed by that consumer's own launch."""
+        if self.fuse and x.dim() == 2 and 0 < x.shape[0] <= FUSE_MAX_ROWS:
+            x = x.float().contiguous()
+            if delta is None:
+                return x, PendingNorm(x, None, x, self)  # type: ignore[return-value]
+            delta = delta.float().contiguous().view(x.shape)
+            return (s := torch.empty_like(x)), PendingNorm(x, delta, s, self)  # type: ignore[return-value]
         if delta is None:
             return x, self(x)
         return self._run(x, delta)
@@ -54,13 +155,17 @@ class TritonRMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None)[1]
 
-    def _run(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, norm(s)) with s = x (returned as given) or x + delta (float32), one launch."""
+    def _run(self, x: torch.Tensor, delta: torch.Tensor | None,
+             s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = x (returned as given) or x + delta (float32, into `s` when given), one launch."""
         H = x.shape[-1]
         x2 = _rows(x)
         d2 = x2 if delta is None else _rows(delta)
         out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
-        s = out if delta is None else torch.empty_like(out)
+        if delta is None:
+            s = out
+        elif s is None:
+            s = torch.empty_like(out)
         if x2.shape[0]:
             block = _pow2(H)
             _rms_norm_kernel[(x2.shape[0],)](x2, d2, s, out, self.weight, x2.stride(0), d2.stride(0), s.stride(0),

@@ -30,6 +30,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.reference import QKVRope
 from moeserve.kernels.rope import Rope
+from moeserve.kernels.triton.norm import PendingNorm, store_rows
 from moeserve.kernels.triton.packing import PackedWeight
 from moeserve.kernels.triton.pdl import pdl, pdl_enter
 from moeserve.kernels.triton.qmatmul import (
@@ -131,31 +132,38 @@ def _qkv_heads_kernel(x_ptr, part_ptr, count_ptr, M, N, N_A, stride_xm, stride_p
                       qs_b, qh_b, sc_b, mn_b, d_b, dm_b, s_qs_b, s_qh_b, s_sc_b, s_d_b, groups_per_split_b,
                       q_out, k_out, v_out, rows_ptr, qw_ptr, kw_ptr, pos_ptr, cos_ptr, sin_ptr,
                       stride_qot, stride_qoh, stride_kot, stride_koh, stride_vot, stride_voh, stride_cos,
-                      n_q_heads, n_kv_heads, eps,
+                      n_q_heads, n_kv_heads, eps, delta_ptr, nw_ptr, s_ptr, K, norm_eps,
                       QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, PREFETCH: tl.constexpr,
                       TWO: tl.constexpr, QTYPE_B: tl.constexpr, SH_B: tl.constexpr, GPI_B: tl.constexpr,
                       PREFETCH_B: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
                       SWAP: tl.constexpr, PDL: tl.constexpr,
                       HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, NEOX: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      ROPE_DIM: tl.constexpr, WRITE_KV: tl.constexpr):
+                      ROPE_DIM: tl.constexpr, WRITE_KV: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
+                      N_ROWS: tl.constexpr, H_PAD: tl.constexpr):
     """The layer's q/k/v products (`tile_product`): columns [0, N_A) from the first weight and, with TWO, [N_A, N)
     from a second of another quant type (Q4_K_M's Q6_K attn_v), whose tiles follow the first's in the grid. Every
     program stores its partial tile and counts itself in its head's counter (HEAD_DIM // BLOCK_N tiles x SPLIT_K
     splits per head and row tile); the last finishes the head (`_finish_head`) and resets the counter for the next
-    launch or graph replay."""
+    launch or graph replay. With NORM, x is the attention norm still to take (`norm.PendingNorm`): every program
+    normalises its activations itself and the first also stores the residual stream x + delta into `s_ptr`."""
     pid = tl.program_id(0)
     tiles_a = tl.cdiv(M, BLOCK_M) * tl.cdiv(N_A, BLOCK_N)
     if (pid >= tiles_a) & TWO:
         acc, offs_m, offs_n, pid_m, pid_n = tile_product(
             pid - tiles_a, x_ptr, M, N - N_A, stride_xm, qs_b, qh_b, sc_b, mn_b, d_b, dm_b, s_qs_b, s_qh_b, s_sc_b,
-            s_d_b, groups_per_split_b, QTYPE_B, SH_B, GPI_B, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH_B)
+            s_d_b, groups_per_split_b, QTYPE_B, SH_B, GPI_B, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH_B,
+            delta_ptr, nw_ptr, K, norm_eps, NORM, HAS_DELTA, N_ROWS, H_PAD)
         offs_n += N_A
         pid_n += N_A // BLOCK_N
     else:
         acc, offs_m, offs_n, pid_m, pid_n = tile_product(
             pid, x_ptr, M, N_A, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-            groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
+            groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH,
+            delta_ptr, nw_ptr, K, norm_eps, NORM, HAS_DELTA, N_ROWS, H_PAD)
+    if NORM and HAS_DELTA:
+        if (pid == 0) & (tl.program_id(1) == 0):
+            store_rows(x_ptr, delta_ptr, nw_ptr, s_ptr, s_ptr, stride_xm, M, K, norm_eps, True, False, N_ROWS, H_PAD)
     part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
     tl.store(part + tl.program_id(1) * stride_ps, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
     TILES: tl.constexpr = HEAD_DIM // BLOCK_N
@@ -270,6 +278,11 @@ class TritonQKV(QKVRope):
         if whole_tiles and v_packed and fused.packed is not None:
             self.weights = [fused.packed] if with_v else [fused.packed, wv.packed]  # type: ignore[union-attr]
 
+    @property
+    def takes_pending_norm(self) -> bool:
+        """The epilogue path takes the attention norm itself (`norm.PendingNorm`)."""
+        return bool(self.weights)
+
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The raw projections (before QK-norm and RoPE), as views of the fused product where there is one."""
         if self.fused is None:
@@ -283,6 +296,8 @@ class TritonQKV(QKVRope):
     def __call__(self, h: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor | None, ...]:
         """float32 q, k, v; in a step with a pool and a slot mapping k and v go straight into the layer's pool
         slots instead, in the same launch, and come back as None (the QKVProjection protocol)."""
+        if isinstance(h, PendingNorm) and not self.weights:
+            h = h.tensor()  # only the epilogue path takes the norm itself
         T = h.shape[0]
         kv = meta.kv
         write = kv is not None and meta.slot_mapping is not None
@@ -296,14 +311,21 @@ class TritonQKV(QKVRope):
         if T:
             rows = meta.slot_mapping if write else meta.positions
             if self.weights:
-                self._heads(activations(h), q_out, k_out, v_out, rows, meta.positions, write)
+                self._heads(h, q_out, k_out, v_out, rows, meta.positions, write)
             else:
                 self._norm_rope(h, q_out, k_out, v_out, rows, meta.positions, write)
         return (q_out, None, None) if write else (q_out, k_out, v_out)
 
-    def _heads(self, x: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+    def _heads(self, h: torch.Tensor | PendingNorm, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                rows: torch.Tensor, positions: torch.Tensor, write: bool) -> None:
-        """The products, finishing their heads in the epilogue (`_qkv_heads_kernel`), in one launch."""
+        """The products, finishing their heads in the epilogue (`_qkv_heads_kernel`), in one launch; a pending
+        norm of h is taken by the same launch."""
+        if isinstance(h, PendingNorm):
+            norm = h.kernel_args()
+            x = norm["x"]
+        else:
+            x = activations(h)
+            norm = dict(delta=x, weight=x, s=x, eps=0.0, HAS_DELTA=False, N_ROWS=1, H_PAD=1)
         T = x.shape[0]
         plans = plan_products(T, self.weights, x.device, self.split_k)
         a, b = plans[0], plans[-1]
@@ -317,13 +339,15 @@ class TritonQKV(QKVRope):
             *weight_args(self.weights[0]), a.groups_per_split, *weight_args(self.weights[-1]), b.groups_per_split,
             q_out, k_out, v_out, rows, self._qw(q_out), self._kw(q_out), positions, self.cos, self.sin,
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1),
-            self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps,
+            self.cos.stride(0), self.n_heads, self.n_kv_heads, self.eps, norm["delta"], norm["weight"], norm["s"],
+            x.shape[1], norm["eps"],
             QTYPE=cx["QTYPE"], SH=cx["SH"], GPI=cx["GPI"], PREFETCH=cx["PREFETCH"], TWO=b is not a,
             QTYPE_B=b.constexprs["QTYPE"], SH_B=b.constexprs["SH"], GPI_B=b.constexprs["GPI"],
             PREFETCH_B=b.constexprs["PREFETCH"], BLOCK_M=cx["BLOCK_M"], BLOCK_N=cx["BLOCK_N"], GROUP_M=cx["GROUP_M"],
             SPLIT_K=cx["SPLIT_K"], SWAP=cx["SWAP"], num_warps=cx["num_warps"], num_stages=cx["num_stages"],
             HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
-            HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, **pdl(x.device))
+            HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, NORM=isinstance(h, PendingNorm),
+            HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"], **pdl(x.device))
 
     def _norm_rope(self, h: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                    rows: torch.Tensor, positions: torch.Tensor, write: bool) -> None:

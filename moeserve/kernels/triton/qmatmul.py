@@ -37,6 +37,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
 from moeserve.kernels.dense import DenseLinear
 from moeserve.kernels.qlinear import ReferenceLinear
+from moeserve.kernels.triton.norm import normed_cols, rows_rstd
 from moeserve.kernels.triton.packing import PackedWeight, concat_rows, pack_weight, packable
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
@@ -310,9 +311,12 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                  groups_per_split,
                  QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 PREFETCH: tl.constexpr, delta_ptr=None, nw_ptr=None, K=0, eps=0.0, NORM: tl.constexpr = False,
+                 HAS_DELTA: tl.constexpr = False, N_ROWS: tl.constexpr = 1, H_PAD: tl.constexpr = 1):
     """The body every `qmatmul`-shaped kernel shares: tile `pid` ([BLOCK_M, BLOCK_N]) of x @ W.T over the K range
     `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
+    With NORM x is the pending RMSNorm of `norm.PendingNorm` (x + delta, weight `nw_ptr`, rows of K floats):
+    the program takes the rows' norm after its wait and normalises its activations as it loads them.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
     Out-of-range rows and columns are clamped to the last valid one (loads need no masks; callers mask stores).
@@ -339,9 +343,16 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                          tl.minimum(pid_n * BLOCK_N, N - 1), tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1, N - 1),
                          g0, g0 + groups_per_split, QTYPE, SH)
     pdl_wait(PDL)
+    if NORM:
+        rstd = rows_rstd(x_ptr, delta_ptr, stride_xm, offs_m, M, K, eps, HAS_DELTA, N_ROWS, H_PAD)
     for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
-            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
+            if NORM:
+                cols = (kb + gi) * (2 * SH) + tl.arange(0, SH)
+                x_lo = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols, rstd, HAS_DELTA).to(tl.float16)
+                x_hi = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols + SH, rstd, HAS_DELTA).to(tl.float16)
+            else:
+                x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                             rows, kb + gi, QTYPE, SH, SWAP)
     return acc_final(acc, SWAP), offs_m, offs_n, pid_m, pid_n
