@@ -16,8 +16,9 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    one 512-token prefill (`prefill_profile`), and 16 greedy tokens of one stream with CUDA graphs and eager
    (`token_checks`: they should be equal);
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, the decode
-   profiles at 1 and 64 streams and of a 512-token prefill, and single-stream decode with q/k/v finished by the
-   separate kernel instead of the products' epilogue (`separate_qkv_decode`, same model); then once more with
+   profiles at 1 and 64 streams and of a 512-token prefill, and single-stream decode with session 12's fusions
+   undone on the same model (`unfused_decode`: the norms as their own kernel, then also q/k/v finished by the
+   separate kernel instead of the products' epilogue); then once more with
    programmatic dependent launch off (`MOESERVE_PDL=0`, `moeserve.kernels.triton.pdl`): pp512 and
    single-stream decode, the A/B of that prologue, whose greedy tokens must equal those with PDL on
    (`pdl_tokens_equal`; then the file is deleted);
@@ -143,28 +144,36 @@ def token_checks(llm: Any) -> dict:
     return out
 
 
-def separate_qkv_decode(llm: Any, steps: int) -> dict:
-    """Single-stream decode with every layer's q/k/v finished by the separate QK-norm + RoPE kernel after the
-    products (session 11's launches) instead of in the products' epilogue (`kernels/triton/qkv.py`): that
-    fusion's A/B on the same loaded model, a graph recaptured for one stream; then the epilogue is restored."""
+def unfused_decode(llm: Any, steps: int, qkv_epilogue: bool) -> dict:
+    """Single-stream decode with the decode fusions of session 12 undone on the same loaded model (one graph
+    recaptured for one stream), then restored: the RMSNorms run as their own kernel instead of in the q/k/v and
+    routing launches (`norm.PendingNorm`), and without `qkv_epilogue` the q/k/v heads are finished by the
+    separate QK-norm + RoPE kernel after the products too (session 11's launches; `kernels/triton/qkv.py`)."""
     from moeserve.engine.cuda_graphs import DecodeGraphs
 
-    qkvs = [b.attn.qkv for b in llm.model.blocks if getattr(b.attn.qkv, "weights", None)]
+    norms = [n for b in llm.model.blocks for n in (b.attn_norm, b.ffn_norm) if getattr(n, "fuse", False)]
+    qkvs = [] if qkv_epilogue else [b.attn.qkv for b in llm.model.blocks if getattr(b.attn.qkv, "weights", None)]
     saved = [(q, q.weights) for q in qkvs]
     runner = llm.engine.runner
     graphs = runner.graphs
     try:
+        for n in norms:
+            n.fuse = False
         for q in qkvs:
             q.weights = []
         if graphs is not None:
             runner.graphs = DecodeGraphs(runner.model, llm.engine.pool, 1)
             runner.graphs.capture()
-        out = {"layers_switched": len(qkvs), "decode1": moeserve_decode(llm, 1, steps), "tokens": greedy_tokens(llm)}
+        out = {"norms_unfused": len(norms), "qkv_separate": len(qkvs), "decode1": moeserve_decode(llm, 1, steps),
+               "tokens": greedy_tokens(llm)}
     finally:
+        for n in norms:
+            n.fuse = True
         for q, w in saved:
             q.weights = w
         runner.graphs = graphs
-    log(f"q/k/v by the separate kernel ({out['layers_switched']} layers): decode x1 {out['decode1']:.1f} t/s")
+    log(f"norms unfused ({out['norms_unfused']}), q/k/v by the separate kernel ({out['qkv_separate']} layers): "
+        f"decode x1 {out['decode1']:.1f} t/s")
     return out
 
 
@@ -233,11 +242,11 @@ def moeserve_prefill(llm: Any, n: int, reps: int = 3) -> float:
 
 
 def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool = False,
-                   profile_streams: tuple[int, ...] = (), qkv_ab: bool = False) -> dict:
+                   profile_streams: tuple[int, ...] = (), fusion_ab: bool = False) -> dict:
     """`_bench_moeserve`, falling back (so that a run still gives numbers) first to programmatic dependent launch
     off, then to eager decode; the result says which fallback it took."""
     try:
-        return _bench_moeserve(path, streams, steps, label, enforce_eager, profile_streams, qkv_ab)
+        return _bench_moeserve(path, streams, steps, label, enforce_eager, profile_streams, fusion_ab)
     except Exception:
         traceback.print_exc()
         if os.environ.get("MOESERVE_PDL") != "0":
@@ -251,7 +260,7 @@ def bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforc
 
 
 def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enforce_eager: bool,
-                    profile_streams: tuple[int, ...] = (), qkv_ab: bool = False) -> dict:
+                    profile_streams: tuple[int, ...] = (), fusion_ab: bool = False) -> dict:
     from moeserve import LLM
 
     gc.collect()
@@ -281,14 +290,14 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
     except Exception as exc:  # a check must not lose the timings
         traceback.print_exc()
         r["tokens_error"] = f"{type(exc).__name__}: {exc}"
-    if qkv_ab:
+    for key, qkv_epilogue in (("norms_unfused", True), ("qkv_separate", False)) if fusion_ab else ():
         try:
-            r["qkv_separate"] = separate_qkv_decode(llm, steps)
+            r[key] = unfused_decode(llm, steps, qkv_epilogue)
             if "tokens" in r:
-                r["qkv_separate"]["tokens_equal"] = r["qkv_separate"]["tokens"] == r["tokens"]
+                r[key]["tokens_equal"] = r[key]["tokens"] == r["tokens"]
         except Exception as exc:
             traceback.print_exc()
-            r["qkv_separate"] = {"error": f"{type(exc).__name__}: {exc}"}
+            r[key] = {"error": f"{type(exc).__name__}: {exc}"}
     for n in profile_streams:  # after the timings and the peak: the profiler costs time, not device memory
         try:
             r[f"profile{n}"] = decode_profile(llm, n)
@@ -443,8 +452,9 @@ def table(res: dict) -> str:
                     ("decode16", "decode 16 streams, tokens/s"), ("decode64", "decode 64 streams, tokens/s")):
         ratio = f"{m[k] / h[k]:.2f}x" if k in m and k in h else "–"
         rows.append(f"| {name} | {cell(m, k)} | {cell(h, k)} | {ratio} | {cell(f, k)} |")
-    sep = f.get("qkv_separate", {})
-    rows.append(f"| decode 1 stream, q/k/v by a separate kernel, tokens/s | | | | {cell(sep, 'decode1')} |")
+    unf, sep = f.get("norms_unfused", {}), f.get("qkv_separate", {})
+    rows.append(f"| decode 1 stream, norms unfused, tokens/s | | | | {cell(unf, 'decode1')} |")
+    rows.append(f"| decode 1 stream, norms unfused + q/k/v separate, tokens/s | | | | {cell(sep, 'decode1')} |")
     off = res.get("48l_nopdl", {})
     for k, name in (("pp512", "prompt 512, PDL off"), ("decode1", "decode 1 stream, PDL off")):
         rows.append(f"| {name}, tokens/s | | | | {cell(off, k)} |")
@@ -457,8 +467,9 @@ def table(res: dict) -> str:
                 f"{cell(f, 'load_s', '{:.1f}')} |")
     checks = [f"{label} graphs = eager: {d['eager_equal']}" for label, d in (("4-layer", m), ("48-layer", f))
               if "eager_equal" in d]
-    if "tokens_equal" in sep:
-        checks.append(f"48-layer q/k/v epilogue = separate kernel: {sep['tokens_equal']}")
+    for name, d in (("norms unfused", unf), ("q/k/v separate", sep)):
+        if "tokens_equal" in d:
+            checks.append(f"48-layer fused = {name}: {d['tokens_equal']}")
     if "pdl_tokens_equal" in res:
         checks.append(f"48-layer PDL on = off: {res['pdl_tokens_equal']}")
     if checks:
@@ -495,7 +506,8 @@ def main() -> None:
         llm = LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton", warmup=False)
         res["profile"] = decode_profile(llm, streams=1, steps=2, top=8)
         res["tokens"] = token_checks(llm)
-        res["qkv_separate"] = separate_qkv_decode(llm, 2)
+        res["norms_unfused"] = unfused_decode(llm, 2, qkv_epilogue=True)
+        res["qkv_separate"] = unfused_decode(llm, 2, qkv_epilogue=False)
         res["profile_prefill"] = prefill_profile(llm, 32, top=8)
         print(json.dumps(res, indent=1))
         return
@@ -541,7 +553,7 @@ def main() -> None:
         else:
             log(f"wrote {full} ({full.stat().st_size / 1e9:.2f} GB)")
             phase("48l", lambda: bench_moeserve(str(full), [1, 64], args.steps, "moeserve 48-layer",
-                                                profile_streams=(1, 64), qkv_ab=True))
+                                                profile_streams=(1, 64), fusion_ab=True))
             res["moeserve_48l"] = res.get("48l", {})
             if within_budget("48l_nopdl"):
                 phase("48l_nopdl", lambda: without_pdl(lambda: bench_moeserve(str(full), [1], args.steps,
