@@ -35,7 +35,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
-from moeserve.kernels.triton.norm import PendingNorm, normed_cols, rows_rstd, store_rows
+from moeserve.kernels.triton.norm import PendingNorm, norm_args, normed_cols, rows_rstd, store_rows
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
@@ -411,12 +411,11 @@ def router_route_align(h: torch.Tensor | PendingNorm, router: torch.Tensor, top_
     program to finish routes and aligns (`_router_route_align_kernel`). Returns what `route_align` returns.
     `h` may be a pending norm (`norm.PendingNorm`), taken in the same launch, which then also stores the normed
     rows into `normed` (float32 [T, H]) and the residual stream into the pending norm's `s`."""
-    pending = h if isinstance(h, PendingNorm) else None
-    if pending is not None:
-        norm = pending.kernel_args()
-        h = norm["x"]
-        if normed is None or normed.shape != h.shape or not normed.is_contiguous():
-            raise ValueError(f"a pending norm needs a contiguous float32 {tuple(h.shape)} buffer for the normed rows")
+    h, norm = norm_args(h)
+    if not norm["NORM"]:
+        h = normed = activations(h)
+    elif normed is None or normed.shape != h.shape or not normed.is_contiguous():
+        raise ValueError(f"a pending norm needs a contiguous float32 {tuple(h.shape)} buffer for the normed rows")
     T, H = h.shape
     E = router.shape[0]
     if T > ROUTER_FUSED_MAX_T or router.shape[1] != H:
@@ -425,10 +424,6 @@ def router_route_align(h: torch.Tensor | PendingNorm, router: torch.Tensor, top_
     outs = _route_outputs(T, E, top_k, block_m, h.device)
     if T == 0:
         return outs
-    if pending is None:
-        h = activations(h)
-        normed = h
-        norm = dict(delta=h, weight=h, s=h, eps=0.0, HAS_DELTA=False, N_ROWS=1, H_PAD=1)
     config = _route_align_config(T, E, top_k, block_m)
     rows = triton.next_power_of_2(T)
     per_program = triton.next_power_of_2(max(1, E // 64))  # ~64 programs share the router's bytes
@@ -439,7 +434,7 @@ def router_route_align(h: torch.Tensor | PendingNorm, router: torch.Tensor, top_
         h, h.stride(0), router, logits, counters(1, h.device, "router"), *outs, T, E, H, outs[3].shape[0],
         norm["delta"], norm["weight"], norm["s"], normed, norm["eps"],
         ROUTER_T=rows, ROUTER_E=per_program, ROUTER_K=chunk, PROGRAMS=programs, RENORMALIZE=bool(renormalize),
-        NORM=pending is not None, HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"],
+        NORM=norm["NORM"], HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"],
         **config, **pdl(h.device))
     return outs
 

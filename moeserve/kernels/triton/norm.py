@@ -115,15 +115,18 @@ class PendingNorm:
     def device(self) -> torch.device:
         return self.x.device
 
-    def kernel_args(self) -> dict:
-        """What a consumer kernel takes: x, delta (x when none), the norm's weight, s, eps, and the constexprs."""
-        return dict(x=self.x, delta=self.x if self.delta is None else self.delta, weight=self.norm.weight, s=self.s,
-                    eps=self.norm.eps, HAS_DELTA=self.delta is not None, N_ROWS=_pow2(self.x.shape[0]),
-                    H_PAD=_pow2(self.x.shape[1]))
-
     def tensor(self) -> torch.Tensor:
         """h, by the separate kernel (which also stores s)."""
         return self.norm._run(self.x, self.delta, self.s)[1]
+
+
+def norm_args(h: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, dict]:
+    """A consumer kernel's input rows and norm arguments: for a pending norm x, and delta (x when none), the norm's
+    weight, s, eps and the constexprs (NORM on); for a tensor, itself and placeholders never read (NORM off)."""
+    if not isinstance(h, PendingNorm):
+        return h, dict(delta=h, weight=h, s=h, eps=0.0, NORM=False, HAS_DELTA=False, N_ROWS=1, H_PAD=1)
+    return h.x, dict(delta=h.x if h.delta is None else h.delta, weight=h.norm.weight, s=h.s, eps=h.norm.eps,
+                     NORM=True, HAS_DELTA=h.delta is not None, N_ROWS=_pow2(h.x.shape[0]), H_PAD=_pow2(h.x.shape[1]))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

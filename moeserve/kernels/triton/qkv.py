@@ -30,7 +30,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.reference import QKVRope
 from moeserve.kernels.rope import Rope
-from moeserve.kernels.triton.norm import PendingNorm, store_rows
+from moeserve.kernels.triton.norm import PendingNorm, norm_args, store_rows
 from moeserve.kernels.triton.packing import PackedWeight
 from moeserve.kernels.triton.pdl import pdl, pdl_enter
 from moeserve.kernels.triton.qmatmul import (
@@ -320,12 +320,8 @@ class TritonQKV(QKVRope):
                rows: torch.Tensor, positions: torch.Tensor, write: bool) -> None:
         """The products, finishing their heads in the epilogue (`_qkv_heads_kernel`), in one launch; a pending
         norm of h is taken by the same launch."""
-        if isinstance(h, PendingNorm):
-            norm = h.kernel_args()
-            x = norm["x"]
-        else:
-            x = activations(h)
-            norm = dict(delta=x, weight=x, s=x, eps=0.0, HAS_DELTA=False, N_ROWS=1, H_PAD=1)
+        x, norm = norm_args(h)
+        x = activations(x)
         T = x.shape[0]
         plans = plan_products(T, self.weights, x.device, self.split_k)
         a, b = plans[0], plans[-1]
@@ -346,7 +342,7 @@ class TritonQKV(QKVRope):
             PREFETCH_B=b.constexprs["PREFETCH"], BLOCK_M=cx["BLOCK_M"], BLOCK_N=cx["BLOCK_N"], GROUP_M=cx["GROUP_M"],
             SPLIT_K=cx["SPLIT_K"], SWAP=cx["SWAP"], num_warps=cx["num_warps"], num_stages=cx["num_stages"],
             HAS_QNORM=self.qw is not None, HAS_KNORM=self.kw is not None, NEOX=self.rope.neox,
-            HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, NORM=isinstance(h, PendingNorm),
+            HEAD_DIM=self.head_dim, ROPE_DIM=self.rope.rope_dim, WRITE_KV=write, NORM=norm["NORM"],
             HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"], **pdl(x.device))
 
     def _norm_rope(self, h: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
