@@ -35,7 +35,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
-from moeserve.kernels.triton.norm import PendingNorm, norm_args, normed_cols, rows_rstd, store_rows
+from moeserve.kernels.triton.norm import PendingNorm, norm_args, normed_cols, rows_rstd, store_normed
 from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
@@ -280,7 +280,7 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
                                delta_ptr, nw_ptr, s_ptr, normed_ptr, norm_eps,
                                ROUTER_T: tl.constexpr, ROUTER_E: tl.constexpr, ROUTER_K: tl.constexpr,
                                PROGRAMS: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
-                               N_ROWS: tl.constexpr, H_PAD: tl.constexpr,
+                               N_ROWS: tl.constexpr, H_PAD: tl.constexpr, NORM_COLS: tl.constexpr,
                                TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
@@ -291,8 +291,8 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
     and stores them; the program that arrives last (`arrive_last`) routes and aligns every token from them and
     resets the counter for the next launch or graph replay. With PDL its router rows are asked of L2 before it
     waits for the previous kernel (the norm that makes h). With NORM, h is the FFN norm still to take
-    (`norm.PendingNorm`): every program normalises the rows itself, and the first stores the residual stream
-    x + delta into `s_ptr` and the normed rows into `normed_ptr` for the expert kernels."""
+    (`norm.PendingNorm`): every program normalises the rows itself and stores NORM_COLS columns of the residual
+    stream x + delta (`s_ptr`) and of the normed rows the expert kernels read (`normed_ptr`)."""
     pdl_release(PDL)
     if PDL:
         e0 = tl.program_id(0) * ROUTER_E
@@ -302,11 +302,11 @@ def _router_route_align_kernel(h_ptr, stride_h, router_ptr, logits_ptr, count_pt
     e_ok = experts < E
     toks = tl.arange(0, ROUTER_T)
     t_ok = toks < T
-    if NORM:
+    if NORM:  # each program also stores its share of the columns of s and of the normed rows
         rstd = rows_rstd(h_ptr, delta_ptr, stride_h, toks, T, H, norm_eps, HAS_DELTA, N_ROWS, H_PAD)
-        if tl.program_id(0) == 0:
-            store_rows(h_ptr, delta_ptr, nw_ptr, s_ptr, normed_ptr, stride_h, T, H, norm_eps, HAS_DELTA, True, N_ROWS,
-                       H_PAD)
+        c0 = tl.program_id(0) * NORM_COLS
+        store_normed(h_ptr, delta_ptr, nw_ptr, s_ptr, normed_ptr, stride_h, toks, T, c0, tl.minimum(c0 + NORM_COLS, H),
+                     rstd, HAS_DELTA, True, NORM_COLS)
     acc = tl.zeros((ROUTER_T, ROUTER_E), dtype=tl.float32)
     for k0 in range(0, H, ROUTER_K):
         k = k0 + tl.arange(0, ROUTER_K)
@@ -435,6 +435,7 @@ def router_route_align(h: torch.Tensor | PendingNorm, router: torch.Tensor, top_
         norm["delta"], norm["weight"], norm["s"], normed, norm["eps"],
         ROUTER_T=rows, ROUTER_E=per_program, ROUTER_K=chunk, PROGRAMS=programs, RENORMALIZE=bool(renormalize),
         NORM=norm["NORM"], HAS_DELTA=norm["HAS_DELTA"], N_ROWS=norm["N_ROWS"], H_PAD=norm["H_PAD"],
+        NORM_COLS=triton.next_power_of_2(triton.cdiv(H, programs)),
         **config, **pdl(h.device))
     return outs
 

@@ -5,9 +5,9 @@ In a decode step of one or two rows (`FUSE_MAX_ROWS`) a norm whose output goes s
 take it (the q/k/v products, the MoE's routing launch: `TritonBackend.fuse_norm`, at load) launches nothing:
 `add_norm` hands back a `PendingNorm`, and every program of that kernel takes the rows' norm itself
 (`rows_rstd`: it reads the rows' 2 x H floats again, which costs less than a launch at a row or two) and
-multiplies its activations by it as it loads them (`normed_cols`); one program also stores the residual stream
-`s = x + delta` the caller already holds. The values are the separate kernel's: the same float32 sum `x + delta`,
-`1 / sqrt(sum(s * s) / H + eps)` over the whole row, then `s * rstd * w`.
+multiplies its activations by it as it loads them (`normed_cols`); the consumer also stores the residual stream
+`s = x + delta` the caller already holds (`store_normed`). The values are the separate kernel's: the same float32
+sum `x + delta`, `1 / sqrt(sum(s * s) / H + eps)` over the whole row, then `s * rstd * w`.
 """
 
 from __future__ import annotations
@@ -78,22 +78,21 @@ def normed_cols(x_ptr, d_ptr, w_ptr, xoff, cols, rstd, HAS_DELTA: tl.constexpr):
 
 
 @triton.jit
-def store_rows(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, stride, M, H, eps, STORE_S: tl.constexpr,
-               STORE_H: tl.constexpr, N_ROWS: tl.constexpr, H_PAD: tl.constexpr):
-    """The rows' residual stream s = x + delta (STORE_S) and their norm h (STORE_H), stored whole by the one
-    program of a consumer that does it (row stride `stride` for all of them)."""
-    c = tl.arange(0, H_PAD)
-    ok = c < H
-    for r in tl.static_range(N_ROWS):
-        if r < M:
-            s = tl.load(x_ptr + r * stride + c, mask=ok, other=0.0).to(tl.float32)
-            if STORE_S:
-                s = s + tl.load(d_ptr + r * stride + c, mask=ok, other=0.0).to(tl.float32)
-                tl.store(s_ptr + r * stride + c, s, mask=ok)
-            if STORE_H:
-                rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / H + eps)
-                w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
-                tl.store(h_ptr + r * stride + c, s * rstd * w, mask=ok)
+def store_normed(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, stride, rows, M, c0, c1, rstd, HAS_DELTA: tl.constexpr,
+                 STORE_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns c0..c1 of `rows` (those below M): the residual stream s = x + delta (stored when HAS_DELTA; else s
+    is x) and, with STORE_H, the normed rows s * rstd * w (`rstd` per row, from `rows_rstd`)."""
+    for c in range(c0, c1, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        ok = (rows < M)[:, None] & (cols < c1)[None, :]
+        at = rows[:, None] * stride + cols[None, :]
+        s = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            s = s + tl.load(d_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            tl.store(s_ptr + at, s, mask=ok)
+        if STORE_H:
+            w = tl.load(w_ptr + cols, mask=cols < c1, other=0.0).to(tl.float32)
+            tl.store(h_ptr + at, s * rstd[:, None] * w[None, :], mask=ok)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.kernels.reference import QKVRope
 from moeserve.kernels.rope import Rope
-from moeserve.kernels.triton.norm import PendingNorm, norm_args, store_rows
+from moeserve.kernels.triton.norm import PendingNorm, norm_args, store_normed
 from moeserve.kernels.triton.packing import PackedWeight
 from moeserve.kernels.triton.pdl import pdl, pdl_enter
 from moeserve.kernels.triton.qmatmul import (
@@ -161,9 +161,10 @@ def _qkv_heads_kernel(x_ptr, part_ptr, count_ptr, M, N, N_A, stride_xm, stride_p
             pid, x_ptr, M, N_A, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
             groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH,
             delta_ptr, nw_ptr, K, norm_eps, NORM, HAS_DELTA, N_ROWS, H_PAD)
-    if NORM and HAS_DELTA:
+    if NORM and HAS_DELTA:  # the first program stores the residual stream (a row or two)
         if (pid == 0) & (tl.program_id(1) == 0):
-            store_rows(x_ptr, delta_ptr, nw_ptr, s_ptr, s_ptr, stride_xm, M, K, norm_eps, True, False, N_ROWS, H_PAD)
+            store_normed(x_ptr, delta_ptr, nw_ptr, s_ptr, s_ptr, stride_xm, tl.arange(0, N_ROWS), M, 0, K,
+                         tl.zeros((N_ROWS,), dtype=tl.float32), True, False, 256)
     part = part_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
     tl.store(part + tl.program_id(1) * stride_ps, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
     TILES: tl.constexpr = HEAD_DIM // BLOCK_N
