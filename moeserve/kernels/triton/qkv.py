@@ -9,7 +9,8 @@ position (NEOX "rotate half" or interleaved pairs; the rest of the head passes t
 v straight into the tokens' pool slots (cast to the pool's dtype). A decode layer's q/k/v then costs one launch
 instead of two or three (the product, a second product where attn_v has its own quant type — Q4_K_M's Q6_K
 layers —, and the QK-norm kernel): a v of another type gets its own K loop in the same kernel, its tiles after
-the stacked q|k tiles in the grid.
+the stacked q|k tiles in the grid. In a decode step of a row or two the same launch also takes the attention
+norm of its input (`norm.PendingNorm`): one launch for everything between the residual stream and attention.
 
 A dimension's rotation partner is summed again from the partials (and normalised with the same per-head scale)
 instead of shuffled in registers. Positions and slots are read on the device: no host sync.
@@ -45,10 +46,6 @@ from moeserve.kernels.triton.qmatmul import (
     tile_product,
     weight_args,
 )
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @triton.jit
@@ -256,9 +253,9 @@ class TritonQKV(QKVRope):
         self.cos, self.sin = rope.cos.float().contiguous(), rope.sin.float().contiguous()
         self.qw = None if q_norm is None else q_norm.contiguous()
         self.kw = None if k_norm is None else k_norm.contiguous()
-        self.hd_pad = _pow2(head_dim)
+        self.hd_pad = triton.next_power_of_2(head_dim)
         # a [heads, head_dim] tile of up to ~2K elements per program
-        self.block_h = min(_pow2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
+        self.block_h = min(triton.next_power_of_2(max(n_heads, n_kv_heads)), max(1, 2048 // self.hd_pad))
         self.fused: Linear | None = None  # q|k(|v) in one linear, once `stack` is called
         self.fused_v = False
         # the epilogue path's products, one launch: the stacked q|k(|v), then a v of another quant type
