@@ -57,6 +57,7 @@ from moeserve.kernels.triton.qmatmul import (
     k_splits,
     prefetch_rows,
     reset_count,
+    sum_splits,
     weight_args,
     x_group,
 )
@@ -502,11 +503,8 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
         tl.store(mine + split, acc_u, mask=mask)
         count = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if arrive_last(count, SPLIT_K):
-            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc_g += tl.load(part_ptr + 2 * s * split + cell, mask=mask, other=0.0, cache_modifier=".cg")
-                acc_u += tl.load(part_ptr + (2 * s + 1) * split + cell, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_g = sum_splits(part_ptr + cell, 2 * split, mask, SPLIT_K)
+            acc_u = sum_splits(part_ptr + split + cell, 2 * split, mask, SPLIT_K)
             act = acc_g * tl.sigmoid(acc_g) * acc_u
             tl.store(act_ptr + cell, act.to(tl.float16), mask=mask)
             reset_count(count)
@@ -588,7 +586,7 @@ class TritonMoE:
         T, E, k = h.shape[0], self.n_experts, self.top_k
         n_pairs = T * k
         fused_route = self.router_weight is not None and T <= ROUTER_FUSED_MAX_T and n_pairs <= FUSED_ROUTE_MAX_PAIRS
-        if isinstance(h, PendingNorm) and (self._reference is not None or not fused_route or T == 0):
+        if isinstance(h, PendingNorm) and (self._reference is not None or not fused_route):
             h = h.tensor()
         if self._reference is not None:
             return self._reference(h)

@@ -490,16 +490,16 @@ def plan_products(m: int, ws: list[PackedWeight], device: torch.device,
                   split_k: int | None = None) -> list[ProductPlan]:
     """`plan_product` for products of the same rows launched in one grid: their tiles side by side, one K split
     for all (a whole number of each one's K steps)."""
+    if m <= _SMALL_M:
+        block_m, warps = 16, 4
+    else:
+        block_m = 64 if m <= 256 else 128
+        warps = block_m // 16
     plans = []
     for w in ws:
         n, k = w.shape
         sh = half_group(w.qtype)
         n_groups = k // (2 * sh)
-        if m <= _SMALL_M:
-            block_m, warps = 16, 4
-        else:
-            block_m = 64 if m <= 256 else 128
-            warps = block_m // 16
         gpi = groups_per_step(w.qtype, n_groups, block_m)
         plans.append(ProductPlan(triton.cdiv(m, block_m) * triton.cdiv(n, PLAN_BLOCK_N), 1, n_groups,
                                  n_groups // gpi, dict(
