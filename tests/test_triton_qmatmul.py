@@ -9,6 +9,9 @@
   fp16 operands the tensor cores take separate it from the reference, not a dequantization slip).
 * `TritonEmbedding` (the step's rows, one launch) equal to `PackedTensor.rows`, for every packed type.
 * `TritonLinear`: leading dims, dtypes, non-contiguous input, bias, and the F32/F16/BF16 path.
+* Inputs past fp16's range (a down projection's SwiGLU product): `qmatmul(wide=True)` (TF32) and an F16
+  weight's row scaling stay finite and within the bound where fp16 operands overflow to inf; the triton
+  backend's dense MLP asks its down projection for them at load.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors.
 """
@@ -152,3 +155,62 @@ def test_stacked_linears_equal_their_parts() -> None:
     other = TritonLinear(PackedTensor("v", QT.Q6_K, (32, 256),
                                       torch.from_numpy(random_quant_bytes(QT.Q6_K, (32, 256), rng)).to(DEVICE)))
     assert TritonLinear.stacked([parts[0], other]) is None
+
+
+FP16_MAX = 65504.0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's inf - inf in the fp16 product
+@pytest.mark.parametrize("m", [1, 37, 300])
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q6_K, QT.Q8_0], ids=lambda q: q.name)
+def test_wide_inputs_past_fp16_range(qt: QT, m: int) -> None:
+    """x far past fp16's 65,504 (real checkpoints' "massive activations" in the SwiGLU product): the fp16
+    operands overflow to inf, the TF32 product (`wide`) stays within the bound of the reference — in the decode
+    tile (SWAP, split-K), the batched-decode GEMM tile and the prefill tile; and on ordinary inputs it agrees
+    with the fp16 product to their shared 10-bit mantissa."""
+    w = _weight(qt, (N, K[qt]), seed=6)
+    pw = pack_weight(w)
+    x = torch.randn(m, K[qt], generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    big = x * 1e6
+    assert big.abs().max() > FP16_MAX
+    y = qmatmul(big, pw, wide=True)
+    assert torch.isfinite(y).all() and _rel(y, reference_matmul(big, w.data, w)) <= BOUND
+    assert not torch.isfinite(qmatmul(big, pw)).all()  # why `wide` exists
+    assert _rel(qmatmul(x, pw, wide=True), qmatmul(x, pw)) <= 2e-3
+
+
+def test_float16_weight_rows_scaled_into_range() -> None:
+    """An F16 weight on the GPU multiplies in fp16 (cuBLAS): for wide inputs each row is scaled by a power of
+    two into range and back, exact in float32 — finite where the plain fp16 product overflows, equal to it
+    where no row passes 1."""
+    from moeserve.kernels.dense import DenseLinear
+    from moeserve.kernels.triton.qmatmul import _range_scaled
+
+    w = torch.randn(N, 64, generator=torch.Generator().manual_seed(7)).half()
+    lin = DenseLinear(w)  # fp16 operands, as on the GPU
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8)) * 3e5
+    ref = x @ w.float().T
+    assert not torch.isfinite(lin(x)).all()
+    y = _range_scaled(lin, x)
+    assert torch.isfinite(y).all() and _rel(y, ref) <= 2e-3
+    small = torch.rand(5, 64) * 0.5
+    assert torch.equal(_range_scaled(lin, small), lin(small))
+
+
+def test_backend_mlp_widens_its_down_projection() -> None:
+    """`TritonBackend.mlp` (the dense FFN, at load) has its down projection take wide inputs: a SwiGLU product
+    past fp16's range goes through the block finite, within the bound of the reference MLP."""
+    from moeserve.kernels.reference import ReferenceBackend
+    from moeserve.kernels.triton.backend import TritonBackend
+
+    hidden, inter = 256, 512
+    ws = [_weight(QT.Q4_K, shape, seed=s) for s, shape in ((9, (inter, hidden)), (10, (inter, hidden)),
+                                                            (11, (hidden, inter)))]
+    backend = TritonBackend(DEVICE)
+    mlp = backend.mlp(*(backend.linear(w) for w in ws))
+    ref = ReferenceBackend(DEVICE).mlp(*(ReferenceBackend(DEVICE).linear(w) for w in ws))
+    h = torch.randn(3, hidden, generator=torch.Generator().manual_seed(12)).to(DEVICE) * 600
+    act = torch.nn.functional.silu(ref.gate(h)) * ref.up(h)
+    assert act.abs().max() > FP16_MAX
+    y = mlp(h)
+    assert torch.isfinite(y).all() and _rel(y, ref(h)) <= BOUND

@@ -15,6 +15,10 @@ What each operation gets:
   step's k/v stored into the layer's pool slots), one launch.
 * the embedding lookup: `qmatmul.TritonEmbedding`, the step's rows dequantized from the packed copy, one launch.
 
+Activations meet the weights as fp16 in the products (float32 accumulation and outputs), except where they
+are not a normed row: the SwiGLU product the FFN down projections read (dense `mlp` and the MoE's down kernel)
+can pass fp16's 65,504 in real checkpoints, so those products run in TF32 (`qmatmul.group_dot`'s WIDE).
+
 Nothing in a forward synchronises with the host and every shape depends only on the step's batch, so the
 model runner can capture decode steps in CUDA graphs (`graph_safe`). On a CPU the same kernels run under
 Triton's interpreter (`TRITON_INTERPRET=1`), which is how CI tests this backend without a GPU.
@@ -64,6 +68,13 @@ class TritonBackend(Backend):
         from moeserve.kernels.triton.qmatmul import TritonLinear
 
         return TritonLinear(self.upload(w), bias)
+
+    def mlp(self, gate: Linear, up: Linear, down: Linear):  # noqa: ANN201
+        from moeserve.kernels.triton.qmatmul import TritonLinear
+
+        if isinstance(down, TritonLinear):
+            down.widen()  # it reads silu(gate) * up, which may pass fp16's range
+        return super().mlp(gate, up, down)
 
     def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
             k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,

@@ -11,11 +11,11 @@
    launch (`router_route_align`: ~64 programs stream the router, the last one to finish routes and aligns).
 2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
-   `silu(x @ gate.T) * (x @ up.T)` (fp16, one row per pair). Decode steps (a few blocks) also split K over
+   `silu(x @ gate.T) * (x @ up.T)` (float32, one row per pair). Decode steps (a few blocks) also split K over
    programs, as `qmatmul` does, so every SM has work: T=1 is 8 blocks x 24 column tiles, 192 programs of eight
    K steps each for 132 SMs without it.
-3. Down in one kernel: the same blocks over the activations, each row scaled by its routing weight
-   into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
+3. Down in one kernel: the same blocks over the activations (a TF32 product: the SwiGLU product may pass
+   fp16's range, `qmatmul.group_dot`), each row scaled by its routing weight into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
    k parts in slot order (int32 arrival counters, no float atomics: deterministic).
 
 A decode step's MoE block is thus router+route_align, gate/up and down: three launches. For a decode
@@ -506,11 +506,11 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
             acc_g = sum_splits(part_ptr + cell, 2 * split, mask, SPLIT_K)
             acc_u = sum_splits(part_ptr + split + cell, 2 * split, mask, SPLIT_K)
             act = acc_g * tl.sigmoid(acc_g) * acc_u
-            tl.store(act_ptr + cell, act.to(tl.float16), mask=mask)
+            tl.store(act_ptr + cell, act, mask=mask)
             reset_count(count)
     else:
         act = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(act_ptr + cell, act.to(tl.float16), mask=mask)
+        tl.store(act_ptr + cell, act, mask=mask)
 
 
 @triton.jit
@@ -536,9 +536,9 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
     acc = acc_init(BLOCK_M, BLOCK_N, SWAP)
     for kb in range(0, n_groups, GPI):
         for gi in tl.static_range(GPI):
-            x_lo, x_hi = x_group(act_ptr, pair * I, kb + gi, SH)
+            x_lo, x_hi = x_group(act_ptr, pair * I, kb + gi, SH, WIDE=True)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                            rows, kb + gi, QTYPE, SH, SWAP)
+                            rows, kb + gi, QTYPE, SH, SWAP, WIDE=True)
     acc = acc_final(acc, SWAP) * tl.load(weight_ptr + pair)[:, None]
     cols_ok = offs_n[None, :] < H
     tl.store(part_ptr + pair[:, None] * H + offs_n[None, :], acc, mask=valid[:, None] & cols_ok)
@@ -639,7 +639,7 @@ class TritonMoE:
         # decode steps of a few blocks (T <= 2 at 128 experts) also fetch their experts' down rows into L2
         prefetch_down = (block_m == 16 and n_blocks * (down.nbytes // self.n_experts) <= PREFETCH_MAX_BYTES
                          and launch["PDL"])
-        act = torch.empty(n_pairs, self.inter, dtype=torch.float16, device=h.device)
+        act = torch.empty(n_pairs, self.inter, dtype=torch.float32, device=h.device)
         part = torch.empty(splits, 2, n_pairs, self.inter, dtype=torch.float32, device=h.device) if splits > 1 else act
         locks = counters(n_blocks * col_tiles, h.device, "moe_gate_up") if splits > 1 else act
         _gate_up_kernel[(n_blocks, col_tiles, splits)](

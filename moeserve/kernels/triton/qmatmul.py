@@ -238,23 +238,36 @@ def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl
 
 
 @triton.jit
-def x_group(x_ptr, xoff, g, SH: tl.constexpr):
+def x_group(x_ptr, xoff, g, SH: tl.constexpr, WIDE: tl.constexpr = False):
     """The columns of x that group `g` multiplies, for rows at element offsets `xoff` ([BM] int64): fp16
-    ([BM, SH] first half, second half)."""
+    ([BM, SH] first half, second half), or float32 with WIDE (`group_dot`)."""
     p = x_ptr + xoff[:, None] + g * (2 * SH) + tl.arange(0, SH)[None, :]
-    return tl.load(p).to(tl.float16), tl.load(p + SH).to(tl.float16)
+    dtype = tl.float32 if WIDE else tl.float16
+    return tl.load(p).to(dtype), tl.load(p + SH).to(dtype)
 
 
 @triton.jit
 def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
-              QTYPE: tl.constexpr, SH: tl.constexpr, SWAP: tl.constexpr = False):
+              QTYPE: tl.constexpr, SH: tl.constexpr, SWAP: tl.constexpr = False, WIDE: tl.constexpr = False):
     """acc += x[:, group g] @ W[rows, group g].T, the weights dequantized here and rounded to fp16.
 
     SWAP: acc is the transposed tile, acc += W[rows, group g] @ x[:, group g].T — the weight rows on the MMA's
-    M side and the few activation rows on its N side (decode: fewer instructions and registers on sm_90)."""
+    M side and the few activation rows on its N side (decode: fewer instructions and registers on sm_90).
+
+    WIDE: x (float32, `x_group`) and the weights meet in a TF32 product instead — fp16's 10-bit mantissa with
+    float32's range — for activations that are not a normed row and may pass fp16's 65,504: the SwiGLU
+    product feeding a down projection, where real checkpoints grow their "massive activations" (fp16 turns
+    them into inf, then NaN logits)."""
     w_lo, w_hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                                 QTYPE, SH)
-    if SWAP:
+    if WIDE:
+        if SWAP:
+            acc = tl.dot(w_lo, tl.trans(x_lo), acc, input_precision="tf32")
+            acc = tl.dot(w_hi, tl.trans(x_hi), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision="tf32")
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision="tf32")
+    elif SWAP:
         acc = tl.dot(w_lo.to(tl.float16), tl.trans(x_lo), acc)
         acc = tl.dot(w_hi.to(tl.float16), tl.trans(x_hi), acc)
     else:
@@ -312,11 +325,13 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                  QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
                  PREFETCH: tl.constexpr, delta_ptr=None, nw_ptr=None, K=0, eps=0.0, NORM: tl.constexpr = False,
-                 HAS_DELTA: tl.constexpr = False, N_ROWS: tl.constexpr = 1, H_PAD: tl.constexpr = 1):
+                 HAS_DELTA: tl.constexpr = False, N_ROWS: tl.constexpr = 1, H_PAD: tl.constexpr = 1,
+                 WIDE: tl.constexpr = False):
     """The body every `qmatmul`-shaped kernel shares: tile `pid` ([BLOCK_M, BLOCK_N]) of x @ W.T over the K range
     `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
     With NORM x is the pending RMSNorm of `norm.PendingNorm` (x + delta, weight `nw_ptr`, rows of K floats):
     the program takes the rows' norm after its wait and normalises its activations as it loads them.
+    WIDE: x is not a normed row and takes the TF32 product (`group_dot`).
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
     Out-of-range rows and columns are clamped to the last valid one (loads need no masks; callers mask stores).
@@ -352,9 +367,9 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                 x_lo = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols, rstd, HAS_DELTA).to(tl.float16)
                 x_hi = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols + SH, rstd, HAS_DELTA).to(tl.float16)
             else:
-                x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
+                x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-                            rows, kb + gi, QTYPE, SH, SWAP)
+                            rows, kb + gi, QTYPE, SH, SWAP, WIDE)
     return acc_final(acc, SWAP), offs_m, offs_n, pid_m, pid_n
 
 
@@ -373,7 +388,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y (`tile_product`), or with SPLIT_K > 1 its K range `program_id(1)`.
     Split-K without a second launch and without float atomics: each split stores its partial tile, then counts
     itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
@@ -382,7 +397,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     """
     acc, offs_m, offs_n, pid_m, pid_n = tile_product(
         tl.program_id(0), x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH)
+        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH, WIDE=WIDE)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -520,10 +535,11 @@ def activations(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: bool = False) -> torch.Tensor:
     """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight, one launch: tiles and K
     splits as `plan_product` lays them out; the last split of each tile adds the partial sums in a fixed order
-    (the kernel's docstring). `split_k` overrides the automatic choice (tests)."""
+    (the kernel's docstring). `split_k` overrides the automatic choice (tests). `wide`: x may leave fp16's
+    range (a SwiGLU product), so the product is TF32 (`group_dot`)."""
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
     n, k = w.shape
@@ -540,7 +556,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None) -> tor
     locks = counters(plan.tiles, x.device, "qmatmul") if split_k > 1 else y
     _qmatmul_kernel[plan.grid](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
-        plan.groups_per_split, **plan.constexprs, **pdl(x.device))
+        plan.groups_per_split, WIDE=wide, **plan.constexprs, **pdl(x.device))
     return y
 
 
@@ -574,6 +590,15 @@ def _dense(weight: PackedTensor) -> torch.Tensor:
     dtype = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[QT(weight.qtype)]
     w = weight.data.contiguous().view(dtype).view(weight.shape)
     return w if w.device.type == "cuda" else w.float()
+
+
+def _range_scaled(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`matmul(x)` for a product in fp16 (an F16 weight): each row of x divided by the power of two at or above
+    its largest magnitude (exact in float32; rows within 1 are left as they are) and the result multiplied back,
+    so neither the fp16 operand nor the fp16 output overflows. Device ops only: no host sync, graph-safe."""
+    x = x.float()
+    scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax(-1, keepdim=True).clamp_min(1.0))))
+    return matmul(x / scale) * scale
 
 
 class TritonLinear:
@@ -618,6 +643,15 @@ class TritonLinear:
         fused.dense_weight = None
         fused._matmul = functools.partial(qmatmul, w=fused.packed)
         return fused
+
+    def widen(self) -> None:
+        """Take inputs that may leave fp16's range — the SwiGLU product a dense FFN's down projection reads
+        (`TritonBackend.mlp`, at load): a packed weight multiplies in TF32 (`group_dot`), an F16 weight's rows
+        are scaled into range around cuBLAS's fp16 product (`_range_scaled`)."""
+        if self.packed is not None:
+            self._matmul = functools.partial(qmatmul, w=self.packed, wide=True)
+        elif self.dense_weight is not None and self.dense_weight.dtype == torch.float16:
+            self._matmul = functools.partial(_range_scaled, self._matmul)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
