@@ -15,8 +15,9 @@
    programs, as `qmatmul` does, so every SM has work: T=1 is 8 blocks x 24 column tiles, 192 programs of eight
    K steps each for 132 SMs without it.
 3. Down in one kernel: the same blocks over the activations (a TF32 product: the SwiGLU product may pass
-   fp16's range, `qmatmul.group_dot`), each row scaled by its routing weight into a `[T*k, H]` buffer; the program that writes a token's last part of a column tile adds the token's
-   k parts in slot order (int32 arrival counters, no float atomics: deterministic).
+   fp16's range, `qmatmul.group_dot`), each row scaled by its routing weight into a `[T*k, H]` buffer; the
+   program that writes a token's last part of a column tile adds the token's k parts in slot order (int32
+   arrival counters, no float atomics: deterministic).
 
 A decode step's MoE block is thus router+route_align, gate/up and down: three launches. For a decode
 step (T=1, top-8) that is 8 blocks: each active expert's weights are read once.
