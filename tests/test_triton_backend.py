@@ -10,17 +10,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 
 pytest.importorskip("triton")
 
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from moeserve.engine.engine import EngineConfig  # noqa: E402
-from tests.test_parity_hf import CONFIGS  # noqa: E402
+from tests.test_parity_hf import CONFIGS as PARITY_CONFIGS  # noqa: E402
+
+CONFIGS = PARITY_CONFIGS | {
+    # a BF16 file's experts (and an F16 down): the fused MoE kernels on float stacks, TF32 products for bf16
+    "moe-bf16-experts": dict(hidden_size=256, head_dim=64, n_heads=4, n_kv_heads=2, n_experts=8, n_experts_used=2,
+                             expert_ffn=256, qtype=QT.Q8_0,
+                             qtypes={"*ffn_gate_exps*": QT.BF16, "*ffn_up_exps*": QT.BF16, "*ffn_down_exps*": QT.F16,
+                                     "*ffn_gate_inp*": QT.F32}),
+}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the 128-expert case takes minutes under the interpreter: gpu_bench runs it
 CASES = ["hd128-gqa4-e8k2-untied-mixed", "hd64-gqa8-e16k4-untied-f16q8-window", "hd64-gqa4-e8k2-untied-kquants",
-         "qwen2-bias-q5", "llama-q4"]  # the 128-expert case takes minutes under the interpreter: gpu_bench runs it
+         "qwen2-bias-q5", "llama-q4", "moe-bf16-experts"]
 N_POS, STEPS = 20, 16
 TIE = 2e-3
 """A greedy pick may differ from the reference's only where the reference's top logits tie within 2e-3·max|logits|

@@ -52,6 +52,7 @@ TYPE_PAIRS = [  # (gate/up, down): every packed type at least once
     (QT.Q5_1, QT.Q5_K),
     (QT.Q4_1, QT.Q8_0),
     (QT.Q5_0, QT.Q4_K),
+    (QT.BF16, QT.F16),  # a BF16 file's experts: float stacks, TF32 gate/up
 ]
 CASES = [(1, 2, True), (5, 3, False), (33, 3, True)]  # (T, top_k, renormalize)
 
@@ -195,7 +196,7 @@ def test_moe_matches_reference(types: tuple[QT, QT]) -> None:
         assert _rel(y, ref(h)) <= BOUND, (types, T, k, renormalize)
 
 
-@pytest.mark.parametrize("types", TYPE_PAIRS[:2], ids=lambda t: f"{t[0].name}-{t[1].name}")
+@pytest.mark.parametrize("types", TYPE_PAIRS[:2] + TYPE_PAIRS[-1:], ids=lambda t: f"{t[0].name}-{t[1].name}")
 def test_moe_prefill_blocks(types: tuple[QT, QT]) -> None:
     """Enough pairs for the 64-row blocks of the prefill configuration."""
     T, k = 70, 2

@@ -2,7 +2,8 @@
 
 * The repack is exact: the kernels' own dequantizer on the packed arrays reproduces `quants.dequantize`
   (bit for bit under the interpreter; ~1e-6 where a GPU fuses multiply-adds), for matrices and expert
-  stacks, and the packed arrays take at most 10% more bytes than the file.
+  stacks of every quant type and of F16/BF16 (float expert stacks), and the packed arrays take at most 10%
+  more bytes than the file.
 * `qmatmul` for every quant type at M = 1, 3 (one 16-row tile, split-K), 37 and 300 (tiled GEMM), with
   N not a multiple of BLOCK_N and K with both even and odd numbers of groups: within 2e-3 * max |y| of
   the float32 reference, and within 1e-5 of the same product on fp16-rounded operands (so only the
@@ -41,7 +42,8 @@ from moeserve.kernels.triton.qmatmul import (  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 80  # not a multiple of any BLOCK_N
 # K per type: 32-weight types get 12 blocks (several groups per K step) or 13 (one group per step).
-K = {QT.Q4_0: 384, QT.Q4_1: 416, QT.Q5_0: 416, QT.Q5_1: 384, QT.Q8_0: 416, QT.Q4_K: 768, QT.Q5_K: 512, QT.Q6_K: 768}
+K = {QT.Q4_0: 384, QT.Q4_1: 416, QT.Q5_0: 416, QT.Q5_1: 384, QT.Q8_0: 416, QT.Q4_K: 768, QT.Q5_K: 512, QT.Q6_K: 768,
+     QT.F16: 416, QT.BF16: 384}  # float expert stacks are packed too (32-weight groups, no scales)
 QUANT = list(K)
 BOUND = 2e-3
 
@@ -94,6 +96,9 @@ def test_qmatmul_matches_reference(qt: QT, m: int) -> None:
     x = torch.randn(m, K[qt], generator=torch.Generator().manual_seed(m)).to(DEVICE)
     y = qmatmul(x, pw)
     assert _rel(y, reference_matmul(x, w.data, w)) <= BOUND
+    if qt == QT.BF16:  # a TF32 product: exact under the interpreter, fp16-like rounding of x on a GPU
+        assert _rel(y, x @ dequantize(w.data, qt, K[qt]).T) <= (1e-6 if DEVICE == "cpu" else BOUND)
+        return
     w16 = dequantize(w.data, qt, K[qt]).half().float()
     assert _rel(y, x.half().float() @ w16.T) <= 1e-5
 

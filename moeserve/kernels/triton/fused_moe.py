@@ -37,7 +37,7 @@ from moeserve.kernels.backend import Linear
 from moeserve.kernels.moe import GroupedMoE
 from moeserve.kernels.qlinear import ReferenceExperts
 from moeserve.kernels.triton.norm import PendingNorm, norm_args, normed_cols, rows_rstd, store_normed
-from moeserve.kernels.triton.packing import PACKED_QTYPES, pack_weight
+from moeserve.kernels.triton.packing import pack_weight, packable
 from moeserve.kernels.triton.pdl import (
     PREFETCH_MAX_BYTES,
     pdl,
@@ -458,7 +458,7 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
                     dn_qs, dn_qh, dn_sc, dn_mn, dn_d, dn_dm, dn_s_qs, dn_s_qh, dn_s_sc, dn_s_d, H,
                     TOP_K: tl.constexpr, QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
-                    DOWN_QTYPE: tl.constexpr, PREFETCH_DOWN: tl.constexpr, PDL: tl.constexpr):
+                    DOWN_QTYPE: tl.constexpr, PREFETCH_DOWN: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
     """act[pair, cols] = silu(x[token] @ gate[e, cols].T) * (x[token] @ up[e, cols].T) for one block's pairs,
     or with SPLIT_K > 1 the K range `program_id(2)` of both products.
 
@@ -468,7 +468,7 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
 
     PREFETCH_DOWN (decode, on a GPU with `pdl`): the block's programs first ask L2 for the down rows of their
     expert (`dn_*`, an even share each), which no kernel can know before routing: the down kernel then reads them
-    from L2, fetched while gate/up streams its own weights."""
+    from L2, fetched while gate/up streams its own weights. WIDE (BF16 gate/up): TF32 products (`group_dot`)."""
     pdl_enter(PDL)
     if tl.program_id(0) * BLOCK_M >= tl.load(n_rows_ptr):
         return
@@ -488,11 +488,11 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
     g0 = tl.program_id(2) * groups_per_split
     for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
-            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH)
+            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE)
             acc_g = group_dot(acc_g, x_lo, x_hi, g_qs, g_qh, g_sc, g_mn, g_d, g_dm, s_qs, s_qh, s_sc, s_d,
-                              rows, kb + gi, QTYPE, SH, SWAP)
+                              rows, kb + gi, QTYPE, SH, SWAP, WIDE)
             acc_u = group_dot(acc_u, x_lo, x_hi, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
-                              rows, kb + gi, QTYPE, SH, SWAP)
+                              rows, kb + gi, QTYPE, SH, SWAP, WIDE)
     acc_g = acc_final(acc_g, SWAP)
     acc_u = acc_final(acc_u, SWAP)
     mask = valid[:, None] & (offs_n[None, :] < I)
@@ -557,8 +557,9 @@ def _down_kernel(act_ptr, part_ptr, out_ptr, count_ptr, weight_ptr, sorted_ptr, 
 class TritonMoE:
     """The MoE block (the MoEBlock protocol) with fused Triton expert kernels over packed expert stacks.
 
-    `gate`/`up` are `[E, I, H]` stacks of one quant type, `down` `[E, H, I]` of any packed type. Stacks the
-    kernels cannot take (float types, or gate and up of different types) run the reference GroupedMoE.
+    `gate`/`up` are `[E, I, H]` stacks of one quant type, `down` `[E, H, I]` of any packed type (the quant types
+    and F16/BF16). Stacks the kernels cannot take (F32, or gate and up of different types) run the reference
+    GroupedMoE.
     """
 
     def __init__(self, router: Linear, gate: PackedTensor, up: PackedTensor, down: PackedTensor, top_k: int,
@@ -572,7 +573,7 @@ class TritonMoE:
             raise ValueError(f"expert stacks do not fit: gate {gate.shape}, up {up.shape}, down {down.shape}")
         self.split_k: int | None = None  # gate/up K splits: None picks them (decode blocks only); tests force them
         self._reference: GroupedMoE | None = None
-        if QT(gate.qtype) != QT(up.qtype) or not {QT(gate.qtype), QT(down.qtype)} <= PACKED_QTYPES:
+        if QT(gate.qtype) != QT(up.qtype) or not all(packable(w) for w in (gate, up, down)):
             self._reference = GroupedMoE(router, ReferenceExperts(gate), ReferenceExperts(up),
                                          ReferenceExperts(down), top_k, renormalize)
             return
@@ -647,7 +648,7 @@ class TritonMoE:
             h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
             n_groups // splits, *weight_args(gate)[:6], *weight_args(up), *weight_args(down), self.hidden,
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
-            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down,
+            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down, WIDE=gate.qtype == QT.BF16,
             num_warps=4, num_stages=3, **launch)
 
         sh = half_group(down.qtype)

@@ -15,6 +15,9 @@ stacked: row `r` of expert `e` is `e * N + r`), with the same bits as the file:
 * Q6_K: `d` fp16 `[rows, K/256]`, `sc` int8 `[rows, K/16]`, `ql` as `qs` uint8 `[rows, K/2]` (per 128
   weights: 64 bytes, low nibbles weights 0-63, high 64-127), `qh` uint8 `[rows, K/4]` (per 128: 32
   bytes, bits 2s..2s+1 of byte j -> weight 32s+j).
+* F16 / BF16 (expert stacks of float GGUF files; float matrices go to cuBLAS instead): `qs` `[rows, K]`, the
+  file's values as fp16, or BF16's bits as int16 (the interpreter has no bfloat16); no scales. K is a multiple
+  of 32, the kernels' group.
 
 Only Q4_K/Q5_K grow (decoded scales: 148/144 and 180/176 bytes per block); the rest keep the file's
 size. The repack is exact (bits are moved, never rounded), is vectorised torch on whatever device the
@@ -34,7 +37,11 @@ from moeserve.gguf.reader import PackedTensor
 
 __all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight", "packable"]
 
-PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+                                          QT.F16, QT.BF16})
+
+_GROUP = 32
+"""Weights per group of the kernels' K loop; a float type's rows must be whole groups."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,8 @@ class PackedWeight:
 
     qtype: QT
     shape: tuple[int, ...]
-    qs: torch.Tensor  # low bits (Q8_0: the int8 weights)
-    d: torch.Tensor  # fp16 block scale
+    qs: torch.Tensor  # low bits (Q8_0: the int8 weights; F16/BF16: the weights)
+    d: torch.Tensor | None = None  # fp16 block scale (none for F16/BF16)
     dm: torch.Tensor | None = None  # fp16 block offset: m (Q4_1, Q5_1) or dmin (Q4_K, Q5_K)
     sc: torch.Tensor | None = None  # sub-block scales (uint8 for Q4_K/Q5_K, int8 for Q6_K)
     mn: torch.Tensor | None = None  # sub-block mins (Q4_K, Q5_K)
@@ -93,7 +100,7 @@ def _k_scales(blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
 def packable(w: PackedTensor) -> bool:
     """Whether `pack_weight` takes `w`'s type and its rows are whole blocks (else a kernel falls back)."""
     qt = QT(w.qtype)
-    return qt in PACKED_QTYPES and w.shape[-1] % block_info(qt)[0] == 0
+    return qt in PACKED_QTYPES and w.shape[-1] % max(block_info(qt)[0], _GROUP) == 0
 
 
 def pack_weight(w: PackedTensor) -> PackedWeight:
@@ -105,10 +112,13 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         raise ValueError(f"'{w.name}': expected a 2-D or 3-D weight, got shape {w.shape}")
     block_size, type_size = block_info(qt)
     rows, k = math.prod(w.shape[:-1]), w.shape[-1]
-    if k % block_size:
+    if k % max(block_size, _GROUP):
         raise ValueError(f"'{w.name}': {k} columns are not a whole number of {qt.name} blocks")
-    b = w.data.reshape(rows * (k // block_size), type_size)
     shape = tuple(w.shape)
+    if qt in (QT.F16, QT.BF16):
+        values = w.data.reshape(rows, 2 * k).contiguous()
+        return PackedWeight(qt, shape, qs=values.view(torch.float16 if qt == QT.F16 else torch.int16))
+    b = w.data.reshape(rows * (k // block_size), type_size)
     if qt == QT.Q4_0:
         return PackedWeight(qt, shape, qs=_bytes(b, 2, 18, rows), d=_f16(b, 0, rows))
     if qt == QT.Q4_1:

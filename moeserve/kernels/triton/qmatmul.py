@@ -60,6 +60,8 @@ _Q8_0 = tl.constexpr(int(QT.Q8_0))
 _Q4_K = tl.constexpr(int(QT.Q4_K))
 _Q5_K = tl.constexpr(int(QT.Q5_K))
 _Q6_K = tl.constexpr(int(QT.Q6_K))
+_F16 = tl.constexpr(int(QT.F16))
+_BF16 = tl.constexpr(int(QT.BF16))
 
 _SMALL_M = 16
 """Up to this many rows one BLOCK_M=16 tile holds every row: the weight is streamed once (decode)."""
@@ -137,7 +139,15 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
     registers (wide loads, no per-byte shared-memory traffic); the products take them transposed."""
     j = tl.arange(0, SH)[None, :]
     r = rows[:, None]
-    if QTYPE == _Q8_0:
+    if QTYPE == _F16:
+        w = qs_ptr + r * s_qs + g * 32 + j
+        lo = tl.load(w).to(tl.float32)
+        hi = tl.load(w + 16).to(tl.float32)
+    elif QTYPE == _BF16:  # the int16 bits as a float32's top half: exact, and no bfloat16 in the interpreter
+        w = qs_ptr + r * s_qs + g * 32 + j
+        lo = (tl.load(w).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        hi = (tl.load(w + 16).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    elif QTYPE == _Q8_0:
         d = tl.load(d_ptr + rows * s_d + g).to(tl.float32)[:, None]
         q = qs_ptr + r * s_qs + g * 32 + j
         lo = _i8_f32(tl.load(q)) * d
@@ -204,15 +214,18 @@ def prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, 
                      QTYPE: tl.constexpr, SH: tl.constexpr):
     """Ask L2 for what groups g0..g1-1 of weight rows `rows` (r0..r1) read (`pdl`): the quant bytes of that K range
     row by row, and the scale arrays of the whole rows (a few lines: the K splits of a tile share them)."""
-    QSB: tl.constexpr = 2 * SH if QTYPE == _Q8_0 else SH  # quant bytes per group
-    prefetch_row_range(qs_ptr, rows, s_qs, g0 * QSB, g1 * QSB)
-    if QTYPE == _Q6_K:
-        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
-    elif QTYPE == _Q5_K:
-        prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
-    elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
-        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
-    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+    if QTYPE == _F16 or QTYPE == _BF16:  # 32 two-byte weights per group, no scales
+        prefetch_row_range(qs_ptr.to(tl.pointer_type(tl.uint8)), rows, 2 * s_qs, g0 * 64, g1 * 64)
+    else:
+        QSB: tl.constexpr = 2 * SH if QTYPE == _Q8_0 else SH  # quant bytes per group
+        prefetch_row_range(qs_ptr, rows, s_qs, g0 * QSB, g1 * QSB)
+        if QTYPE == _Q6_K:
+            prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
+        elif QTYPE == _Q5_K:
+            prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
+        elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
+            prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
+        _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
 
 
 @triton.jit
@@ -222,7 +235,8 @@ def prefetch_rows(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_s
     prefetch_span(qs_ptr, r0 * s_qs, (r1 + 1) * s_qs - 1)
     if QTYPE == _Q5_0 or QTYPE == _Q5_1 or QTYPE == _Q5_K or QTYPE == _Q6_K:
         prefetch_span(qh_ptr, r0 * s_qh, (r1 + 1) * s_qh - 1)
-    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+    if QTYPE != _F16 and QTYPE != _BF16:
+        _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
 
 
 @triton.jit
@@ -543,6 +557,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: 
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
     n, k = w.shape
+    wide = wide or w.qtype == QT.BF16  # bf16 weights are exact in TF32, not in fp16
     x = activations(x)
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
