@@ -7,9 +7,10 @@ What it does, in order (each phase is timed, guarded and reported even when anot
 
 1. starts writing the full 48-layer Qwen3-30B-A3B-shaped Q4_K_M file (`make_qwen3_30b.py`) in the background;
 2. writes the 4-layer file of the same shapes;
-3. parity: small random models (MoE Q4_K/Q6_K, MoE Q8_0/Q5_K/Q4_0, dense qwen3 Q5_0/Q4_1) on the GPU through the
-   triton backend against the reference backend on the CPU: max|Δlogits| / max|logits|, top-1 agreement, and
-   16 greedy tokens;
+3. parity: small random models (MoE Q4_K/Q6_K, MoE Q8_0/Q5_K/Q4_0, dense qwen3 Q5_0/Q4_1, MoE with BF16/F16
+   experts) on the GPU through the triton backend against the reference backend on the CPU: max|Δlogits| /
+   max|logits|, top-1 agreement, and 16 greedy tokens; then `wide_check`: activations past fp16's range into the
+   MoE block and a dense down projection (finite, and their error against the float32 reference);
 4. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
    `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
@@ -379,6 +380,8 @@ def parity(tmp: Path, device: str, only: int | None = None) -> dict:
         "moe-q8_0-q5k": dict(arch="qwen3moe", qtype=QT.Q8_0, qtypes={"*ffn_down_exps*": QT.Q5_K,
                                                                    "*ffn_gate_inp*": QT.F32, "*attn_v*": QT.Q4_0}),
         "qwen3-q5_0-q4_1": dict(arch="qwen3", qtype=QT.Q5_0, qtypes={"*ffn_down*": QT.Q4_1}, n_experts=0),
+        "moe-bf16-experts": dict(arch="qwen3moe", qtype=QT.Q8_0, qtypes={"*ffn_gate_exps*": QT.BF16,
+                                 "*ffn_up_exps*": QT.BF16, "*ffn_down_exps*": QT.F16, "*ffn_gate_inp*": QT.F32}),
     }
     out = {}
     for name, kw in list(cases.items())[:only]:
@@ -396,6 +399,48 @@ def parity(tmp: Path, device: str, only: int | None = None) -> dict:
         gb = fast.generate([ids], sp)[0].outputs[0].token_ids
         out[name] = {"rel_err": err, "top1": top1, "greedy_equal": ga == gb, "kernels": fast.kernels}
         log(f"parity {name}: rel err {err:.2e}, top-1 {top1:.3f}, greedy 16 equal: {ga == gb}")
+    return out
+
+
+def wide_check(device: str) -> dict:
+    """Activations past fp16's range into the down projections (real checkpoints' massive activations): the MoE
+    block and a dense MLP's down product on `device` against the float32 reference on the CPU — finite, and
+    max|Δ| / max|ref| (they were inf/NaN with fp16 operands)."""
+    from gguf import GGMLQuantizationType as QT
+
+    from moeserve.gguf.quants import random_quant_bytes
+    from moeserve.gguf.reader import PackedTensor
+    from moeserve.kernels.moe import GroupedMoE
+    from moeserve.kernels.qlinear import ReferenceExperts, reference_matmul
+    from moeserve.kernels.triton.fused_moe import TritonMoE
+    from moeserve.kernels.triton.qmatmul import TritonLinear
+
+    def weight(qt: QT, shape: tuple[int, ...], seed: int, on: str) -> PackedTensor:
+        raw = random_quant_bytes(qt, shape, np.random.default_rng(seed), scale=shape[-1] ** -0.5)
+        return PackedTensor(f"w{seed}", qt, shape, torch.from_numpy(raw).to(on))
+
+    E, H, I = 8, 256, 256
+    specs = ((QT.F32, (E, H), 0), (QT.Q4_K, (E, I, H), 1), (QT.Q4_K, (E, I, H), 2), (QT.Q6_K, (E, H, I), 3))
+    fast = [weight(*spec, device) for spec in specs]
+    cpu = [weight(*spec, "cpu") for spec in specs]
+    moe = TritonMoE(TritonLinear(fast[0]), *fast[1:], 2, True)
+    ref = GroupedMoE(TritonLinear(cpu[0]), *(ReferenceExperts(w) for w in cpu[1:]), 2, True)
+    out = {}
+    for T in (1, 70):
+        h = torch.randn(T, H, generator=torch.Generator().manual_seed(T)) * 3000
+        a, b = moe(h.to(device)).cpu(), ref(h)
+        out[f"moe T={T}"] = {"finite": bool(torch.isfinite(a).all()),
+                             "rel_err": float((a - b).abs().max() / b.abs().max())}
+    w = weight(QT.Q6_K, (512, 768), 4, device)
+    lin = TritonLinear(w)
+    lin.widen()
+    for m in (1, 300):
+        x = torch.randn(m, 768, generator=torch.Generator().manual_seed(m)) * 1e6
+        a, b = lin(x.to(device)).cpu(), reference_matmul(x, w.data.cpu(), w)
+        out[f"down m={m}"] = {"finite": bool(torch.isfinite(a).all()),
+                              "rel_err": float((a - b).abs().max() / b.abs().max())}
+    for k, v in out.items():
+        log(f"wide {k}: finite {v['finite']}, rel err {v['rel_err']:.2e}")
     return out
 
 
@@ -474,6 +519,14 @@ def table(res: dict) -> str:
         checks.append(f"48-layer PDL on = off: {res['pdl_tokens_equal']}")
     if checks:
         rows.append("\ngreedy tokens (16): " + "; ".join(checks))
+    parity = [f"{name} {d['rel_err']:.1e} top-1 {d['top1']:.3f} greedy {d['greedy_equal']}"
+              for name, d in res.get("parity", {}).items() if isinstance(d, dict) and "rel_err" in d]
+    if parity:
+        rows.append("parity vs CPU reference (max|Δ|/max|logits|): " + "; ".join(parity))
+    wide = [f"{name} finite {d['finite']} {d['rel_err']:.1e}" for name, d in res.get("wide", {}).items()
+            if isinstance(d, dict) and "finite" in d]
+    if wide:
+        rows.append("past fp16's range: " + "; ".join(wide))
     return "\n".join(rows)
 
 
@@ -484,7 +537,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per stream count")
     ap.add_argument("--budget", type=float, default=400,
                     help="seconds after which the HF and kernel-timing phases (the last ones) are skipped")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "kernels", "4l", "hf", "48l", "48l_nopdl"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["parity", "wide", "kernels", "4l", "hf", "48l", "48l_nopdl"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU + TRITON_INTERPRET=1: checks the script")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="gpu_bench-"))
@@ -501,6 +555,7 @@ def main() -> None:
 
     if args.smoke:
         res["parity"] = parity(tmp, "cpu", only=1)
+        res["wide"] = wide_check("cpu")
         from moeserve import LLM
 
         llm = LLM(str(tmp / "moe-q4k-q6k.gguf"), device="cpu", kernels="triton", warmup=False)
@@ -544,6 +599,7 @@ def main() -> None:
     # the figures the issue's bars need first (the 48-layer decode was cut by the budget once), the HF
     # comparison next, the eager kernel timings (host-bound, the profiles say more) last
     phase("parity", lambda: parity(tmp, "cuda"))
+    phase("wide", lambda: wide_check("cuda"))
     phase("4l", lambda: bench_moeserve(str(small), [1, 16, 64], args.steps, "moeserve 4-layer", profile_streams=(1,)))
     res["moeserve_4l"] = res.get("4l", {})
     if writer is not None:
