@@ -1,6 +1,7 @@
 """The GPU benchmark: moeserve's triton backend against HF transformers bf16, same run, one script.
 
     python benchmarks/gpu_bench.py --out /tmp/gpu_bench.json          # on a GPU machine, unattended, < 8 min
+    bash benchmarks/gpu_run.sh                                         # the same as one `device` call (carry .whl)
     TRITON_INTERPRET=1 python benchmarks/gpu_bench.py --smoke          # the script's own check, on a CPU
 
 What it does, in order (each phase is timed, guarded and reported even when another fails):
