@@ -10,7 +10,7 @@
   `route_align` on the router's logits, float32 and float16 routers, E = 8 and 128.
 * `TritonMoE` on random valid blocks, E = 8, gate/up and down of different types (Q4_K + Q6_K as in
   Q4_K_M, and the other types), T = 1, 5, 33 (BLOCK_M 16) and 70 (BLOCK_M 64), top-2 and top-3, with
-  and without renormalisation: within 2e-3 * max |ref| of `GroupedMoE` on the same router (fp16
+  and without renormalisation: within 2e-3 * max |ref| of `GroupedMoE` on the same router (fp16 and TF32
   operands in the kernels; the float32 reference differs by ~5e-4); the torch routing path (above 1024
   pairs) against the fused one.
 * A SwiGLU product past fp16's range (real checkpoints' massive activations) goes through the block finite
@@ -234,7 +234,8 @@ def test_down_sums_over_k_in_the_same_launch() -> None:
 def test_gate_up_split_k() -> None:
     """Decode blocks split gate/up's K range over programs (as qmatmul does), the last split adding the partials
     and applying SiLU·mul: the output of one split up to the float32 summation order, every call the same, and
-    the (block, column tile) counters back at zero."""
+    the (block, column tile) counters back at zero. (A different float32 order may flip a TF32 rounding of act
+    in the down product: ~1e-4 of the output.)"""
     from moeserve.kernels.triton.qmatmul import counters
 
     hidden, inter = 1024, 256  # 4 K steps of 256 weights
@@ -245,7 +246,7 @@ def test_gate_up_split_k() -> None:
         one = moe(h)
         moe.split_k = 4
         y = moe(h)
-        assert torch.equal(moe(h), y) and _rel(y, one) <= 1e-5 and _rel(y, ref(h)) <= BOUND, T
+        assert torch.equal(moe(h), y) and _rel(y, one) <= 1e-3 and _rel(y, ref(h)) <= BOUND, T
         assert not counters(0, torch.device(DEVICE), "moe_gate_up").any()
     moe.split_k = 3
     with pytest.raises(ValueError, match="split_k=3"):

@@ -7,7 +7,8 @@
 * `qmatmul` for every quant type at M = 1, 3 (one 16-row tile, split-K), 37 and 300 (tiled GEMM), with
   N not a multiple of BLOCK_N and K with both even and odd numbers of groups: within 2e-3 * max |y| of
   the float32 reference, and within 1e-5 of the same product on fp16-rounded operands (so only the
-  fp16 operands the tensor cores take separate it from the reference, not a dequantization slip).
+  fp16 operands the tensor cores take separate it from the reference, not a dequantization slip); BF16
+  weights: of the product with x rounded to TF32 (their TF32 product).
 * `TritonEmbedding` (the step's rows, one launch) equal to `PackedTensor.rows`, for every packed type.
 * `TritonLinear`: leading dims, dtypes, non-contiguous input, bias, and the F32/F16/BF16 path.
 * Inputs past fp16's range (a down projection's SwiGLU product): `qmatmul(wide=True)` (TF32) and an F16
@@ -53,6 +54,11 @@ def _weight(qt: QT, shape: tuple[int, ...], seed: int = 0) -> PackedTensor:
     return PackedTensor("w", qt, shape, raw.to(DEVICE))
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 x rounded to TF32's 10-bit mantissa as the kernels round it (`qmatmul._tf32`)."""
+    return ((x.float().contiguous().view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     assert y.dtype == torch.float32 and y.shape == ref.shape
     return ((y - ref).abs().max() / ref.abs().max()).item()
@@ -96,8 +102,8 @@ def test_qmatmul_matches_reference(qt: QT, m: int) -> None:
     x = torch.randn(m, K[qt], generator=torch.Generator().manual_seed(m)).to(DEVICE)
     y = qmatmul(x, pw)
     assert _rel(y, reference_matmul(x, w.data, w)) <= BOUND
-    if qt == QT.BF16:  # a TF32 product: exact under the interpreter, fp16-like rounding of x on a GPU
-        assert _rel(y, x @ dequantize(w.data, qt, K[qt]).T) <= (1e-6 if DEVICE == "cpu" else BOUND)
+    if qt == QT.BF16:  # a TF32 product: x rounded to TF32 in the kernel, bf16 weights exact in it
+        assert _rel(y, _tf32(x) @ dequantize(w.data, qt, K[qt]).T) <= 1e-5
         return
     w16 = dequantize(w.data, qt, K[qt]).half().float()
     assert _rel(y, x.half().float() @ w16.T) <= 1e-5
@@ -172,7 +178,7 @@ def test_wide_inputs_past_fp16_range(qt: QT, m: int) -> None:
     """x far past fp16's 65,504 (real checkpoints' "massive activations" in the SwiGLU product): the fp16
     operands overflow to inf, the TF32 product (`wide`) stays within the bound of the reference — in the decode
     tile (SWAP, split-K), the batched-decode GEMM tile and the prefill tile; and on ordinary inputs it agrees
-    with the fp16 product to their shared 10-bit mantissa."""
+    with the fp16 product within the rounding of their 10-bit mantissas."""
     w = _weight(qt, (N, K[qt]), seed=6)
     pw = pack_weight(w)
     x = torch.randn(m, K[qt], generator=torch.Generator().manual_seed(m)).to(DEVICE)
@@ -203,8 +209,8 @@ def test_float16_weight_rows_scaled_into_range() -> None:
 
 
 def test_backend_mlp_widens_its_down_projection() -> None:
-    """`TritonBackend.mlp` (the dense FFN, at load) has its down projection take wide inputs: a SwiGLU product
-    past fp16's range goes through the block finite, within the bound of the reference MLP."""
+    """`TritonBackend.mlp` (the dense FFN, at load: `mlp.TritonMLP`) has its down projection take wide inputs: a
+    SwiGLU product past fp16's range goes through the block finite, within the bound of the reference MLP."""
     from moeserve.kernels.reference import ReferenceBackend
     from moeserve.kernels.triton.backend import TritonBackend
 
@@ -219,3 +225,36 @@ def test_backend_mlp_widens_its_down_projection() -> None:
     assert act.abs().max() > FP16_MAX
     y = mlp(h)
     assert torch.isfinite(y).all() and _rel(y, ref(h)) <= BOUND
+
+
+def test_triton_mlp_stacks_gate_up_and_rounds_once() -> None:
+    """`TritonMLP`: gate|up as one product when they share a type (else two), SiLU·mul in one kernel whose float32
+    output is rounded to TF32 for the packed down (`round_tf32`, as the kernels round) and left as is for a float
+    down; both layouts give the reference MLP's output within the bound, and the stacked one equals the separate
+    one (the same products side by side)."""
+    from moeserve.kernels.reference import ReferenceBackend
+    from moeserve.kernels.triton.backend import TritonBackend
+    from moeserve.kernels.triton.mlp import TritonMLP, silu_mul
+
+    hidden, inter = 256, 512
+    backend, ref_backend = TritonBackend(DEVICE), ReferenceBackend(DEVICE)
+    g = torch.randn(5, inter, generator=torch.Generator().manual_seed(13)).to(DEVICE) * 8
+    u = torch.randn(5, inter, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    plain = torch.nn.functional.silu(g) * u
+    assert _rel(silu_mul(g, u, False), plain) <= 1e-6
+    assert torch.equal(silu_mul(g, u, True), _tf32(silu_mul(g, u, False)))
+    h = torch.randn(4, hidden, generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    for up_type, down_type in ((QT.Q4_K, QT.Q6_K), (QT.Q8_0, QT.F32)):
+        ws = [_weight(qt, shape, seed=s) for s, qt, shape in ((16, QT.Q4_K, (inter, hidden)),
+                                                               (17, up_type, (inter, hidden)),
+                                                               (18, down_type, (hidden, inter)))]
+        mlp = backend.mlp(*(backend.linear(w) for w in ws))
+        assert isinstance(mlp, TritonMLP) and (mlp.gate_up is not None) == (up_type == QT.Q4_K)
+        assert mlp.round == (down_type != QT.F32)
+        ref = ref_backend.mlp(*(ref_backend.linear(w) for w in ws))
+        y = mlp(h)
+        assert y.shape == (4, hidden) and _rel(y, ref(h)) <= BOUND
+        if mlp.gate_up is not None:
+            separate = TritonMLP(mlp.gate, mlp.up, mlp.down)
+            separate.gate_up = None
+            assert _rel(separate(h), y) <= 1e-6

@@ -14,10 +14,12 @@ What each operation gets:
 * the q/k/v projection: `qkv.py`, the products finishing every head in their epilogue (QK-norm, RoPE, and the
   step's k/v stored into the layer's pool slots), one launch.
 * the embedding lookup: `qmatmul.TritonEmbedding`, the step's rows dequantized from the packed copy, one launch.
+* the dense FFN: `mlp.TritonMLP` — gate|up as one product, SiLU·mul in one kernel, down.
 
 Activations meet the weights as fp16 in the products (float32 accumulation and outputs), except where they
 are not a normed row: the SwiGLU product the FFN down projections read (dense `mlp` and the MoE's down kernel)
-can pass fp16's 65,504 in real checkpoints, so those products run in TF32 (`qmatmul.group_dot`'s WIDE).
+can pass fp16's 65,504 in real checkpoints, so those products run in TF32 (`qmatmul.group_dot`'s WIDE), as do
+BF16 expert stacks' gate/up (TF32 holds bf16 exactly).
 
 Nothing in a forward synchronises with the host and every shape depends only on the step's batch, so the
 model runner can capture decode steps in CUDA graphs (`graph_safe`). On a CPU the same kernels run under
@@ -70,11 +72,9 @@ class TritonBackend(Backend):
         return TritonLinear(self.upload(w), bias)
 
     def mlp(self, gate: Linear, up: Linear, down: Linear):  # noqa: ANN201
-        from moeserve.kernels.triton.qmatmul import TritonLinear
+        from moeserve.kernels.triton.mlp import TritonMLP
 
-        if isinstance(down, TritonLinear):
-            down.widen()  # it reads silu(gate) * up, which may pass fp16's range
-        return super().mlp(gate, up, down)
+        return TritonMLP(gate, up, down)  # gate|up in one launch, SiLU·mul in one, a TF32 down
 
     def qkv(self, layer: int, wq: Linear, wk: Linear, wv: Linear, q_norm: torch.Tensor | None,
             k_norm: torch.Tensor | None, rope: Rope, n_heads: int, n_kv_heads: int, head_dim: int,

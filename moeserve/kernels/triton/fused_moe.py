@@ -11,9 +11,9 @@
    launch (`router_route_align`: ~64 programs stream the router, the last one to finish routes and aligns).
 2. Gate and up in one kernel: each program takes one block and a column tile, gathers the block's
    token rows, dequantizes its expert's gate and up rows once for the whole block and writes
-   `silu(x @ gate.T) * (x @ up.T)` (float32, one row per pair). Decode steps (a few blocks) also split K over
-   programs, as `qmatmul` does, so every SM has work: T=1 is 8 blocks x 24 column tiles, 192 programs of eight
-   K steps each for 132 SMs without it.
+   `silu(x @ gate.T) * (x @ up.T)` (float32 rounded to TF32 for the down product, one row per pair). Decode
+   steps (a few blocks) also split K over programs, as `qmatmul` does, so every SM has work: T=1 is 8 blocks x
+   24 column tiles, 192 programs of eight K steps each for 132 SMs without it.
 3. Down in one kernel: the same blocks over the activations (a TF32 product: the SwiGLU product may pass
    fp16's range, `qmatmul.group_dot`), each row scaled by its routing weight into a `[T*k, H]` buffer; the
    program that writes a token's last part of a column tile adds the token's k parts in slot order (int32
@@ -58,6 +58,7 @@ from moeserve.kernels.triton.qmatmul import (
     k_splits,
     prefetch_rows,
     reset_count,
+    round_tf32,
     sum_splits,
     weight_args,
     x_group,
@@ -488,7 +489,7 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
     g0 = tl.program_id(2) * groups_per_split
     for kb in range(g0, g0 + groups_per_split, GPI):
         for gi in tl.static_range(GPI):
-            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE)
+            x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE, ROUND=WIDE)
             acc_g = group_dot(acc_g, x_lo, x_hi, g_qs, g_qh, g_sc, g_mn, g_d, g_dm, s_qs, s_qh, s_sc, s_d,
                               rows, kb + gi, QTYPE, SH, SWAP, WIDE)
             acc_u = group_dot(acc_u, x_lo, x_hi, u_qs, u_qh, u_sc, u_mn, u_d, u_dm, s_qs, s_qh, s_sc, s_d,
@@ -507,11 +508,11 @@ def _gate_up_kernel(x_ptr, act_ptr, part_ptr, count_ptr, sorted_ptr, block_exper
             acc_g = sum_splits(part_ptr + cell, 2 * split, mask, SPLIT_K)
             acc_u = sum_splits(part_ptr + split + cell, 2 * split, mask, SPLIT_K)
             act = acc_g * tl.sigmoid(acc_g) * acc_u
-            tl.store(act_ptr + cell, act, mask=mask)
+            tl.store(act_ptr + cell, round_tf32(act), mask=mask)
             reset_count(count)
     else:
         act = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(act_ptr + cell, act, mask=mask)
+        tl.store(act_ptr + cell, round_tf32(act), mask=mask)
 
 
 @triton.jit

@@ -1,18 +1,21 @@
 """Matrix products on packed GGUF weights (`packing.py`), dequantized in registers: `y = x @ W.T`.
 
 The unit of work is a *group*: 2*SH consecutive weights of a row whose quant bits are SH consecutive
-bytes (32 weights / 16 bytes for Q4_0..Q8_0, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K). In every
-GGUF type the low nibbles of those bytes are the group's first half and the high nibbles its second
-half (Q8_0: its 32 int8s split 16 / 16), so `_dequant_group` loads each byte once and returns both
-halves as `[BLOCK_N, SH]` tiles (the rows' own layout); the product takes them, transposed, as two
-`tl.dot`s against the matching halves of x. Tiles never cross a group, so a group's scales are one load
-per row (Q6_K: per 16 weights).
+bytes (32 weights / 16 bytes for Q4_0..Q8_0, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K; F16/BF16 expert
+stacks: 32 two-byte weights, SH = 16 weights). In every GGUF type the low nibbles of those bytes are the
+group's first half and the high nibbles its second half (Q8_0 and the float types: 16 / 16), so
+`_dequant_group` loads each byte once and returns both halves as `[BLOCK_N, SH]` tiles (the rows' own layout);
+the product takes them, transposed, as two `tl.dot`s against the matching halves of x. Tiles never cross a
+group, so a group's scales are one load per row (Q6_K: per 16 weights).
 
 `benchmarks/sass_report.py` compiles these kernels for sm_90 without a GPU and counts the instructions of
 their K loops; the layout choices here (the tiles' orientation, `group_dot`'s SWAP for decode) follow it.
 
 Activations are cast to fp16 in the kernel and weights are dequantized exactly in float32 (the
 reference's operation order) then rounded to fp16: fp16 x fp16 tensor-core dots, float32 accumulation.
+Where activations may pass fp16's range (the SwiGLU product the down projections read) and for BF16 weights,
+the dot is TF32 instead (`group_dot`'s WIDE): x rounded to TF32's 10-bit mantissa by its producer or here
+(`round_tf32`), the weights as the tensor cores take float32 (truncated to it).
 The quant integers become floats without a conversion instruction (`_int_f32`, `_nibbles_f32`, `_i8_f32`: the
 integer's bits under the exponent of 2^23, then an exact subtraction): sm_90 converts at an eighth of its
 issue rate, and one conversion per weight made the K loops conversion-bound.
@@ -75,7 +78,7 @@ row tile, so o_proj (2048 columns) would otherwise run 32 programs on 132 SMs, e
 
 
 def half_group(qtype: QT) -> int:
-    """SH: bytes of quant bits per group = weights per half group (module docstring)."""
+    """SH: weights per half group = bytes of quant bits per group for the quant types (module docstring)."""
     return {QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 64}.get(QT(qtype), 16)
 
 
@@ -252,12 +255,27 @@ def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl
 
 
 @triton.jit
-def x_group(x_ptr, xoff, g, SH: tl.constexpr, WIDE: tl.constexpr = False):
+def x_group(x_ptr, xoff, g, SH: tl.constexpr, WIDE: tl.constexpr = False, ROUND: tl.constexpr = False):
     """The columns of x that group `g` multiplies, for rows at element offsets `xoff` ([BM] int64): fp16
-    ([BM, SH] first half, second half), or float32 with WIDE (`group_dot`)."""
+    ([BM, SH] first half, second half), or float32 with WIDE (`group_dot`), rounded to TF32 here with ROUND
+    (else its producer rounded it: two integer operations per element are cheap once, not in every K loop
+    that reads it)."""
     p = x_ptr + xoff[:, None] + g * (2 * SH) + tl.arange(0, SH)[None, :]
-    dtype = tl.float32 if WIDE else tl.float16
-    return tl.load(p).to(dtype), tl.load(p + SH).to(dtype)
+    if WIDE:
+        lo, hi = tl.load(p).to(tl.float32), tl.load(p + SH).to(tl.float32)
+        if ROUND:
+            lo, hi = round_tf32(lo), round_tf32(hi)
+    else:
+        lo, hi = tl.load(p).to(tl.float16), tl.load(p + SH).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def round_tf32(x):
+    """float32 x rounded to TF32's 10-bit mantissa (to nearest, ties away from zero; inf stays inf), in two integer
+    operations: the tensor cores would truncate the low 13 bits of a float32 operand instead (about twice the
+    error, and biased towards zero). Runs under the interpreter too, which then sees the GPU's x."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -268,10 +286,13 @@ def group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_
     SWAP: acc is the transposed tile, acc += W[rows, group g] @ x[:, group g].T — the weight rows on the MMA's
     M side and the few activation rows on its N side (decode: fewer instructions and registers on sm_90).
 
-    WIDE: x (float32, `x_group`) and the weights meet in a TF32 product instead — fp16's 10-bit mantissa with
-    float32's range — for activations that are not a normed row and may pass fp16's 65,504: the SwiGLU
-    product feeding a down projection, where real checkpoints grow their "massive activations" (fp16 turns
-    them into inf, then NaN logits)."""
+    WIDE: x (float32 rounded to TF32, `round_tf32`) and the weights meet in a TF32 product instead — fp16's 10-bit
+    mantissa with float32's range — for activations that are not a normed row and may pass fp16's 65,504: the
+    SwiGLU product feeding a down projection, where real checkpoints grow their "massive activations" (fp16
+    turns them into inf, then NaN logits); and for BF16 weights, which TF32 holds exactly. Dequantized quant
+    weights go in as float32, which the tensor cores truncate to TF32 (relative error < 2^-10, against fp16's
+    rounding < 2^-11: rounding them here would cost two integer operations per weight in the K loop); the
+    interpreter multiplies them unrounded."""
     w_lo, w_hi = _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                                 QTYPE, SH)
     if WIDE:
@@ -340,12 +361,12 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
                  PREFETCH: tl.constexpr, delta_ptr=None, nw_ptr=None, K=0, eps=0.0, NORM: tl.constexpr = False,
                  HAS_DELTA: tl.constexpr = False, N_ROWS: tl.constexpr = 1, H_PAD: tl.constexpr = 1,
-                 WIDE: tl.constexpr = False):
+                 WIDE: tl.constexpr = False, ROUND: tl.constexpr = False):
     """The body every `qmatmul`-shaped kernel shares: tile `pid` ([BLOCK_M, BLOCK_N]) of x @ W.T over the K range
     `program_id(1)` (of `groups_per_split` groups). Returns (acc, offs_m, offs_n, pid_m, pid_n).
     With NORM x is the pending RMSNorm of `norm.PendingNorm` (x + delta, weight `nw_ptr`, rows of K floats):
     the program takes the rows' norm after its wait and normalises its activations as it loads them.
-    WIDE: x is not a normed row and takes the TF32 product (`group_dot`).
+    WIDE: x is not a normed row and takes the TF32 product (`group_dot`); ROUND: rounded to TF32 here.
 
     Tiles are visited GROUP_M row-tiles at a time so a column of weight tiles is reused from L2.
     Out-of-range rows and columns are clamped to the last valid one (loads need no masks; callers mask stores).
@@ -381,7 +402,7 @@ def tile_product(pid, x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_
                 x_lo = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols, rstd, HAS_DELTA).to(tl.float16)
                 x_hi = normed_cols(x_ptr, delta_ptr, nw_ptr, xoff, cols + SH, rstd, HAS_DELTA).to(tl.float16)
             else:
-                x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE)
+                x_lo, x_hi = x_group(x_ptr, xoff, kb + gi, SH, WIDE, ROUND)
             acc = group_dot(acc, x_lo, x_hi, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
                             rows, kb + gi, QTYPE, SH, SWAP, WIDE)
     return acc_final(acc, SWAP), offs_m, offs_n, pid_m, pid_n
@@ -402,7 +423,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, groups_per_split,
                     QTYPE: tl.constexpr, SH: tl.constexpr, GPI: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr):
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr, ROUND: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y (`tile_product`), or with SPLIT_K > 1 its K range `program_id(1)`.
     Split-K without a second launch and without float atomics: each split stores its partial tile, then counts
     itself in the tile's lock (an int32 atomic, acquire-release); the split that arrives last adds the SPLIT_K
@@ -411,7 +432,7 @@ def _qmatmul_kernel(x_ptr, y_ptr, part_ptr, lock_ptr, M, N, stride_xm, stride_ym
     """
     acc, offs_m, offs_n, pid_m, pid_n = tile_product(
         tl.program_id(0), x_ptr, M, N, stride_xm, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d,
-        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH, WIDE=WIDE)
+        groups_per_split, QTYPE, SH, GPI, BLOCK_M, BLOCK_N, GROUP_M, SWAP, PDL, PREFETCH, WIDE=WIDE, ROUND=ROUND)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -549,11 +570,13 @@ def activations(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: bool = False) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: bool = False,
+            rounded: bool = False) -> torch.Tensor:
     """float32 `x @ W.T` for x `[M, K]` (any float dtype) and a packed `[N, K]` weight, one launch: tiles and K
     splits as `plan_product` lays them out; the last split of each tile adds the partial sums in a fixed order
     (the kernel's docstring). `split_k` overrides the automatic choice (tests). `wide`: x may leave fp16's
-    range (a SwiGLU product), so the product is TF32 (`group_dot`)."""
+    range (a SwiGLU product), so the product is TF32 (`group_dot`), x rounded to it in the kernel unless
+    `rounded` says its producer did (`round_tf32`)."""
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
     n, k = w.shape
@@ -571,7 +594,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: 
     locks = counters(plan.tiles, x.device, "qmatmul") if split_k > 1 else y
     _qmatmul_kernel[plan.grid](
         x, y, part, locks, m, n, x.stride(0), y.stride(0), part.stride(0), part.stride(-2), *weight_args(w),
-        plan.groups_per_split, WIDE=wide, **plan.constexprs, **pdl(x.device))
+        plan.groups_per_split, WIDE=wide, ROUND=wide and not rounded, **plan.constexprs, **pdl(x.device))
     return y
 
 
@@ -629,6 +652,7 @@ class TritonLinear:
             raise ValueError(f"a linear needs a 2-D weight, '{weight.name}' is {weight.shape}")
         self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self.wide = False  # takes inputs past fp16's range (`widen`)
         qt = QT(weight.qtype)
         self._matmul: Callable[[torch.Tensor], torch.Tensor]
         self.packed: PackedWeight | None = None
@@ -655,16 +679,21 @@ class TritonLinear:
         fused.packed = concat_rows(packed)
         fused.out_features, fused.in_features = fused.packed.shape
         fused.bias = None
+        fused.wide = False
         fused.dense_weight = None
         fused._matmul = functools.partial(qmatmul, w=fused.packed)
         return fused
 
-    def widen(self) -> None:
+    def widen(self, rounded: bool = False) -> None:
         """Take inputs that may leave fp16's range — the SwiGLU product a dense FFN's down projection reads
-        (`TritonBackend.mlp`, at load): a packed weight multiplies in TF32 (`group_dot`), an F16 weight's rows
-        are scaled into range around cuBLAS's fp16 product (`_range_scaled`)."""
+        (`mlp.TritonMLP`, at load): a packed weight multiplies in TF32 (`group_dot`; `rounded`: its inputs come
+        already rounded to TF32), an F16 weight's rows are scaled into range around cuBLAS's fp16 product
+        (`_range_scaled`). Once is enough; again, nothing."""
+        if self.wide:
+            return
+        self.wide = True
         if self.packed is not None:
-            self._matmul = functools.partial(qmatmul, w=self.packed, wide=True)
+            self._matmul = functools.partial(qmatmul, w=self.packed, wide=True, rounded=rounded)
         elif self.dense_weight is not None and self.dense_weight.dtype == torch.float16:
             self._matmul = functools.partial(_range_scaled, self._matmul)
 
