@@ -416,14 +416,17 @@ def wide_check(device: str) -> dict:
     from moeserve.kernels.triton.fused_moe import TritonMoE
     from moeserve.kernels.triton.qmatmul import TritonLinear
 
-    def weight(qt: QT, shape: tuple[int, ...], seed: int, on: str) -> PackedTensor:
+    def weight(qt: QT, shape: tuple[int, ...], seed: int) -> PackedTensor:
         raw = random_quant_bytes(qt, shape, np.random.default_rng(seed), scale=shape[-1] ** -0.5)
-        return PackedTensor(f"w{seed}", qt, shape, torch.from_numpy(raw).to(on))
+        return PackedTensor(f"w{seed}", qt, shape, torch.from_numpy(raw))
+
+    def on_device(w: PackedTensor) -> PackedTensor:
+        return PackedTensor(w.name, w.qtype, w.shape, w.data.to(device))
 
     E, H, I = 8, 256, 256
-    specs = ((QT.F32, (E, H), 0), (QT.Q4_K, (E, I, H), 1), (QT.Q4_K, (E, I, H), 2), (QT.Q6_K, (E, H, I), 3))
-    fast = [weight(*spec, device) for spec in specs]
-    cpu = [weight(*spec, "cpu") for spec in specs]
+    cpu = [weight(QT.F32, (E, H), 0), weight(QT.Q4_K, (E, I, H), 1), weight(QT.Q4_K, (E, I, H), 2),
+           weight(QT.Q6_K, (E, H, I), 3)]
+    fast = [on_device(w) for w in cpu]
     moe = TritonMoE(TritonLinear(fast[0]), *fast[1:], 2, True)
     ref = GroupedMoE(TritonLinear(cpu[0]), *(ReferenceExperts(w) for w in cpu[1:]), 2, True)
     out = {}
@@ -432,12 +435,12 @@ def wide_check(device: str) -> dict:
         a, b = moe(h.to(device)).cpu(), ref(h)
         out[f"moe T={T}"] = {"finite": bool(torch.isfinite(a).all()),
                              "rel_err": float((a - b).abs().max() / b.abs().max())}
-    w = weight(QT.Q6_K, (512, 768), 4, device)
-    lin = TritonLinear(w)
+    w = weight(QT.Q6_K, (512, 768), 4)
+    lin = TritonLinear(on_device(w))
     lin.widen()
     for m in (1, 300):
         x = torch.randn(m, 768, generator=torch.Generator().manual_seed(m)) * 1e6
-        a, b = lin(x.to(device)).cpu(), reference_matmul(x, w.data.cpu(), w)
+        a, b = lin(x.to(device)).cpu(), reference_matmul(x, w.data, w)
         out[f"down m={m}"] = {"finite": bool(torch.isfinite(a).all()),
                               "rel_err": float((a - b).abs().max() / b.abs().max())}
     for k, v in out.items():

@@ -649,7 +649,7 @@ class TritonMoE:
             h, act, part, locks, sorted_ids, block_expert, n_rows, n_pairs, h.stride(0), self.inter,
             n_groups // splits, *weight_args(gate)[:6], *weight_args(up), *weight_args(down), self.hidden,
             TOP_K=k, QTYPE=int(gate.qtype), SH=sh, GPI=gpi, BLOCK_M=block_m, BLOCK_N=block_n, SWAP=False,
-            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down, WIDE=gate.qtype == QT.BF16,
+            SPLIT_K=splits, DOWN_QTYPE=int(down.qtype), PREFETCH_DOWN=prefetch_down, WIDE=gate.tf32,
             num_warps=4, num_stages=3, **launch)
 
         sh = half_group(down.qtype)

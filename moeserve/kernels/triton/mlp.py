@@ -37,15 +37,15 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, F, stride_g, stride_u, BLOCK: tl.con
     tl.store(out_ptr + row * F + cols, y, mask=ok)
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor, round_tf32: bool) -> torch.Tensor:
+def silu_mul(g: torch.Tensor, u: torch.Tensor, to_tf32: bool) -> torch.Tensor:
     """float32 `silu(g) * u` for [T, F] g and u (rows may be strided, as halves of one gate|up product); with
-    `round_tf32` rounded to TF32 for a WIDE product."""
+    `to_tf32` rounded to TF32 for a WIDE product."""
     T, F = g.shape
     out = torch.empty(T, F, dtype=torch.float32, device=g.device)
     if T:
         block = min(1024, triton.next_power_of_2(F))
         _silu_mul_kernel[(T, triton.cdiv(F, block))](g, u, out, F, g.stride(0), u.stride(0), BLOCK=block,
-                                                    ROUND=round_tf32, num_warps=4, **pdl(g.device))
+                                                    ROUND=to_tf32, num_warps=4, **pdl(g.device))
     return out
 
 

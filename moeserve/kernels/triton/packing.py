@@ -61,6 +61,11 @@ class PackedWeight:
     qh: torch.Tensor | None = None  # high bits (Q5_*, Q6_K)
 
     @property
+    def tf32(self) -> bool:
+        """Products of this weight run in TF32 (`qmatmul.group_dot`'s WIDE): BF16 is exact there, not in fp16."""
+        return self.qtype == QT.BF16
+
+    @property
     def rows(self) -> int:
         return math.prod(self.shape[:-1])
 
@@ -97,10 +102,15 @@ def _k_scales(blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     return sc.reshape(rows, -1), mn.reshape(rows, -1)
 
 
+def _row_unit(qt: QT) -> int:
+    """Columns a packed row is a whole number of: the type's block, at least the kernels' group."""
+    return max(block_info(qt)[0], _GROUP)
+
+
 def packable(w: PackedTensor) -> bool:
     """Whether `pack_weight` takes `w`'s type and its rows are whole blocks (else a kernel falls back)."""
     qt = QT(w.qtype)
-    return qt in PACKED_QTYPES and w.shape[-1] % max(block_info(qt)[0], _GROUP) == 0
+    return qt in PACKED_QTYPES and w.shape[-1] % _row_unit(qt) == 0
 
 
 def pack_weight(w: PackedTensor) -> PackedWeight:
@@ -112,7 +122,7 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         raise ValueError(f"'{w.name}': expected a 2-D or 3-D weight, got shape {w.shape}")
     block_size, type_size = block_info(qt)
     rows, k = math.prod(w.shape[:-1]), w.shape[-1]
-    if k % max(block_size, _GROUP):
+    if k % _row_unit(qt):
         raise ValueError(f"'{w.name}': {k} columns are not a whole number of {qt.name} blocks")
     shape = tuple(w.shape)
     if qt in (QT.F16, QT.BF16):

@@ -217,18 +217,18 @@ def prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, 
                      QTYPE: tl.constexpr, SH: tl.constexpr):
     """Ask L2 for what groups g0..g1-1 of weight rows `rows` (r0..r1) read (`pdl`): the quant bytes of that K range
     row by row, and the scale arrays of the whole rows (a few lines: the K splits of a tile share them)."""
-    if QTYPE == _F16 or QTYPE == _BF16:  # 32 two-byte weights per group, no scales
+    if QTYPE == _F16 or QTYPE == _BF16:  # 32 two-byte weights per group
         prefetch_row_range(qs_ptr.to(tl.pointer_type(tl.uint8)), rows, 2 * s_qs, g0 * 64, g1 * 64)
     else:
         QSB: tl.constexpr = 2 * SH if QTYPE == _Q8_0 else SH  # quant bytes per group
         prefetch_row_range(qs_ptr, rows, s_qs, g0 * QSB, g1 * QSB)
-        if QTYPE == _Q6_K:
-            prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
-        elif QTYPE == _Q5_K:
-            prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
-        elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
-            prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
-        _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+    if QTYPE == _Q6_K:
+        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
+    elif QTYPE == _Q5_K:
+        prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
+    elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
+        prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
+    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
 
 
 @triton.jit
@@ -238,14 +238,14 @@ def prefetch_rows(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_s
     prefetch_span(qs_ptr, r0 * s_qs, (r1 + 1) * s_qs - 1)
     if QTYPE == _Q5_0 or QTYPE == _Q5_1 or QTYPE == _Q5_K or QTYPE == _Q6_K:
         prefetch_span(qh_ptr, r0 * s_qh, (r1 + 1) * s_qh - 1)
-    if QTYPE != _F16 and QTYPE != _BF16:
-        _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
+    _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
 
 
 @triton.jit
 def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl.constexpr):
-    """The scale arrays (those `QTYPE` has) of whole rows r0..r1."""
-    prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
+    """The scale arrays (those `QTYPE` has: none for F16/BF16) of whole rows r0..r1."""
+    if QTYPE != _F16 and QTYPE != _BF16:
+        prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
     if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K:
         prefetch_span(sc_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
     if QTYPE == _Q4_K or QTYPE == _Q5_K:
@@ -580,7 +580,7 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, split_k: int | None = None, wide: 
     if len(w.shape) != 2:
         raise ValueError(f"qmatmul needs a 2-D weight, got shape {w.shape}")
     n, k = w.shape
-    wide = wide or w.qtype == QT.BF16  # bf16 weights are exact in TF32, not in fp16
+    wide = wide or w.tf32
     x = activations(x)
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
