@@ -16,7 +16,9 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
    one 512-token prefill (`prefill_profile`), and 16 greedy tokens of one stream with CUDA graphs and eager
-   (`token_checks`: they should be equal);
+   (`token_checks`: they should be equal); then `memory_check`: the KV pool sized from free memory
+   (`gpu_memory_utilization=0.5`, `max_num_batched_tokens=8192`) and one 8192-token prompt, whose peak must
+   stay within that half of the GPU;
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, the decode
    profiles at 1 and 64 streams and of a 512-token prefill, and single-stream decode with session 12's fusions
    undone on the same model (`unfused_decode`: the norms as their own kernel, then also q/k/v finished by the
@@ -319,6 +321,43 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
     return r
 
 
+def memory_check(path: str, batched: int = 8192, utilization: float = 0.5, device: str = "cuda") -> dict:
+    """The KV pool sized from free memory (no explicit pool): with `max_num_batched_tokens=batched` the profile
+    run keeps one step's activations free, so a prompt of `batched` tokens must then run within the
+    `utilization` share of the device (what `--gpu-memory-utilization` promises), not run out of memory."""
+    from moeserve import LLM, SamplingParams
+
+    gc.collect()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    llm = LLM(path, device=device, max_model_len=batched, max_num_seqs=4, max_num_batched_tokens=batched,
+              gpu_memory_utilization=utilization, warmup=False, **({} if cuda else {"kernels": "triton"}))
+    pool = llm.engine.pool
+    r: dict[str, Any] = {"load_s": time.perf_counter() - t0, "batched_tokens": batched, "utilization": utilization,
+                         "kv_blocks": pool.num_blocks, "kv_pool_gb": 2 * pool.k.numel() * pool.k.element_size() / 1e9}
+    ids = prompts(1, batched, llm.model.config.vocab_size, seed=5)[0]
+    t0 = time.perf_counter()
+    llm.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    r["prefill_s"] = time.perf_counter() - t0
+    if cuda:
+        sync()
+        free, total = torch.cuda.mem_get_info()
+        outside = (total - free) - torch.cuda.memory_reserved()  # the CUDA context, other processes
+        r["peak_used_gb"] = (outside + torch.cuda.max_memory_reserved()) / 1e9
+        r["limit_gb"] = utilization * total / 1e9
+        r["within_limit"] = r["peak_used_gb"] <= r["limit_gb"]
+        log(f"memory: {batched}-token step, pool {r['kv_pool_gb']:.2f} GB, peak {r['peak_used_gb']:.2f} GB of "
+            f"{r['limit_gb']:.2f} GB allowed")
+    del llm
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return r
+
+
 # --------------------------------------------------------------------------------------------
 # HF transformers
 # --------------------------------------------------------------------------------------------
@@ -527,6 +566,11 @@ def table(res: dict) -> str:
               for name, d in res.get("parity", {}).items() if isinstance(d, dict) and "rel_err" in d]
     if parity:
         rows.append("parity vs CPU reference (max|Δ|/max|logits|): " + "; ".join(parity))
+    mem = res.get("memory", {})
+    if "peak_used_gb" in mem:
+        rows.append(f"pool sized from free memory, one {mem['batched_tokens']}-token step: KV pool "
+                    f"{mem['kv_pool_gb']:.2f} GB, peak {mem['peak_used_gb']:.2f} GB of {mem['limit_gb']:.2f} GB "
+                    f"allowed ({mem['utilization']} of the GPU)")
     wide = [f"{name} finite {d['finite']} {d['rel_err']:.1e}" for name, d in res.get("wide", {}).items()
             if isinstance(d, dict) and "finite" in d]
     if wide:
@@ -542,7 +586,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=400,
                     help="seconds after which the HF and kernel-timing phases (the last ones) are skipped")
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["parity", "wide", "kernels", "4l", "hf", "48l", "48l_nopdl"])
+                    choices=["parity", "wide", "kernels", "4l", "memory", "hf", "48l", "48l_nopdl"])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU + TRITON_INTERPRET=1: checks the script")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="gpu_bench-"))
@@ -568,6 +612,7 @@ def main() -> None:
         res["norms_unfused"] = unfused_decode(llm, 2, qkv_epilogue=True)
         res["qkv_separate"] = unfused_decode(llm, 2, qkv_epilogue=False)
         res["profile_prefill"] = prefill_profile(llm, 32, top=8)
+        res["memory"] = memory_check(str(tmp / "moe-q4k-q6k.gguf"), batched=64, device="cpu")
         print(json.dumps(res, indent=1))
         return
 
@@ -605,6 +650,7 @@ def main() -> None:
     phase("parity", lambda: parity(tmp, "cuda"))
     phase("wide", lambda: wide_check("cuda"))
     phase("4l", lambda: bench_moeserve(str(small), [1, 16, 64], args.steps, "moeserve 4-layer", profile_streams=(1,)))
+    phase("memory", lambda: memory_check(str(small)))  # while the 48-layer file is still being written
     res["moeserve_4l"] = res.get("4l", {})
     if writer is not None:
         _, err = writer.communicate()

@@ -758,9 +758,20 @@ def serve(
     max_num_seqs: Annotated[int | None, typer.Option(envvar="MOESERVE_MAX_NUM_SEQS", min=1, show_default=False,
                                                      help="Sequences decoded together (default 32; env "
                                                           "MOESERVE_MAX_NUM_SEQS).")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        envvar="MOESERVE_MAX_NUM_BATCHED_TOKENS", min=1, show_default=False,
+        help="Tokens per engine step, decode rows plus prefill chunks (default 512; env "
+             "MOESERVE_MAX_NUM_BATCHED_TOKENS).")] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(envvar="MOESERVE_KV_CACHE_MEMORY", show_default=False,
                                                         help="KV pool budget, e.g. 2GiB (env "
                                                              "MOESERVE_KV_CACHE_MEMORY).")] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option(
+        envvar="MOESERVE_KV_CACHE_DTYPE", show_default=False,
+        help="KV pool dtype: auto (float32 on a CPU, float16 on a GPU), float32, float16 or bfloat16 (env "
+             "MOESERVE_KV_CACHE_DTYPE).")] = None,
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        envvar="MOESERVE_ENABLE_PREFIX_CACHING",
+        help="Reuse the KV blocks of prompt prefixes seen before (env MOESERVE_ENABLE_PREFIX_CACHING).")] = True,
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", envvar="MOESERVE_ALLOWED_ORIGINS", show_default=False,
         help="Enable CORS for these origins (repeatable or comma-separated; '*' for any; env "
@@ -793,8 +804,13 @@ def serve(
     _set_threads(threads)
     from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
 
+    if kv_cache_dtype is not None and kv_cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise CLIError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected auto, float32, float16 or bfloat16")
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
-                                           kv_cache_memory=kv_cache_memory, device=device,
+                                           max_num_batched_tokens=max_num_batched_tokens,
+                                           kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                                           enable_prefix_caching=None if enable_prefix_caching else False,
+                                           device=device,
                                            gpu_memory_utilization=gpu_memory_utilization,
                                            enforce_eager=enforce_eager,
                                            batch_invariant=batch_invariant).items() if v is not None}

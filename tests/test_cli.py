@@ -202,8 +202,17 @@ def test_serve_passes_options_to_the_server(tiny_moe, monkeypatch):
     assert args == (str(tiny_moe),)
     assert kwargs["host"] == "0.0.0.0" and kwargs["port"] == 9123 and kwargs["api_key"] == "sk-test"
     assert kwargs["max_model_len"] == 512 and kwargs["max_num_seqs"] == 4 and "kernels" not in kwargs
+    assert {"max_num_batched_tokens", "kv_cache_dtype", "enable_prefix_caching"}.isdisjoint(kwargs)  # defaults
     r = run("serve", "--port", "9124")  # no MODEL: the embedded one
     assert r.exit_code == 0 and calls[-1][0] == (default_model_path(),)
+    r = run("serve", "--max-num-batched-tokens", "2048", "--kv-cache-dtype", "bfloat16", "--no-enable-prefix-caching")
+    assert r.exit_code == 0, r.output
+    kw = calls[-1][1]
+    assert kw["max_num_batched_tokens"] == 2048 and kw["kv_cache_dtype"] == "bfloat16"
+    assert kw["enable_prefix_caching"] is False
+    r = run("serve", "--kv-cache-dtype", "int8")
+    assert r.exit_code == 1 and "--kv-cache-dtype 'int8'" in r.output and "Traceback" not in r.output
+    assert run("serve", "--max-num-batched-tokens", "0").exit_code == 2 and len(calls) == 3
 
 
 # -- errors: one line, exit code != 0, no traceback ----------------------------------------------

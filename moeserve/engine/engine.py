@@ -34,7 +34,7 @@ import torch
 from moeserve.engine.distributed import Driver
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
-from moeserve.engine.runner import ModelRunner
+from moeserve.engine.runner import ModelRunner, profile_activations
 from moeserve.engine.sampling import Sampler, SamplingParams
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput, SeqState, SeqStatus
 from moeserve.engine.sequence import Sequence, request_output
@@ -46,7 +46,8 @@ Prompt = str | Seq[int]
 DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_seqs full sequences need
 
 
-GPU_ACTIVATION_RESERVE = 1024**3  # bytes kept free on a GPU for activations and captured graphs
+GPU_ACTIVATION_RESERVE = 1024**3  # bytes kept for activations where no profile run can measure them (a parallel group)
+GPU_PROFILE_MARGIN = 256 * 1024**2  # bytes kept beside the profiled peaks: the sampler, allocator fragmentation
 
 
 def kv_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -59,13 +60,36 @@ def kv_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def gpu_kv_budget(device: torch.device, utilization: float) -> int:
+def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype, profile: bool = True) -> int:
     """Bytes for the KV pool on a GPU (vLLM's --gpu-memory-utilization): the share `utilization` of the
-    card's memory, less what is already taken (the weights, other processes) and an activation reserve."""
-    if not 0.0 < utilization <= 1.0:
-        raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0, int(utilization * total) - (total - free) - GPU_ACTIVATION_RESERVE)
+    card's memory, less what is already taken (the weights, other processes) and what a step needs on top.
+
+    With `profile`, that last part is measured, not guessed: a dummy step of `max_num_batched_tokens` rows
+    (the largest the scheduler sends) and, when decode steps will be captured, one of `max_num_seqs` rows
+    (the captured graphs keep their own memory pool) run first, and their peaks are kept free. So a
+    `max_num_batched_tokens=8192` engine gets a smaller pool instead of running out of memory in its first
+    long prefill. A parallel group's ranks cannot run a step before their pools exist; they keep
+    `GPU_ACTIVATION_RESERVE` instead."""
+    utilization = c.gpu_memory_utilization  # in (0, 1]: EngineConfig.validate
+    dev = model.device
+    if profile:
+        rows = c.max_num_batched_tokens
+        try:
+            reserve = profile_activations(model, dtype, rows, min(rows, c.max_num_seqs))
+            if model.graph_safe and not c.enforce_eager:
+                reserve += profile_activations(model, dtype, c.max_num_seqs, c.max_num_seqs)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(dev)
+            raise RequestError(
+                f"one step of max_num_batched_tokens={rows} rows does not fit in the {free / 2**30:.2f} GiB the "
+                f"{total / 2**30:.0f} GiB GPU has free after loading the weights: lower max_num_batched_tokens "
+                f"(or max_num_seqs)") from None
+        reserve += GPU_PROFILE_MARGIN
+    else:
+        reserve = GPU_ACTIVATION_RESERVE
+    free, total = torch.cuda.mem_get_info(dev)
+    return max(0, int(utilization * total) - (total - free) - reserve)
 
 
 class OutputKind(enum.Enum):
@@ -87,6 +111,28 @@ class EngineConfig:
     enforce_eager: bool = False  # never capture CUDA graphs (every step runs the forward from Python)
     batch_invariant: bool = False  # a request's logits (greedy tokens) never depend on the batch it runs in: the
     # kernels are chosen when the model is loaded (`LLM(batch_invariant=True)`); the engine checks its model has them
+
+    def validate(self) -> None:
+        """One `RequestError` naming the bad field, before a model is loaded or a pool is sized."""
+        def whole(name: str, minimum: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
+                raise RequestError(f"{name} must be a whole number >= {minimum}, got {v!r}")
+
+        whole("num_kv_blocks", 1, optional=True)
+        whole("max_num_seqs", 1)
+        whole("max_num_batched_tokens", 1)
+        if self.kv_cache_memory is not None:
+            try:
+                parse_memory(self.kv_cache_memory)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"kv_cache_memory: {exc}") from None
+        kv_dtype(self.kv_cache_dtype, torch.device("cpu"))
+        u = self.gpu_memory_utilization
+        if not isinstance(u, (int, float)) or isinstance(u, bool) or not 0.0 < u <= 1.0:
+            raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
 
 
 @dataclass
@@ -130,6 +176,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config or EngineConfig(), source
         self.chat_template = chat_template
         c, cfg = self.config, model.cache_config  # the KV pool holds this rank's KV heads
+        c.validate()
         if c.batch_invariant and not getattr(model, "batch_invariant", False):
             raise RequestError("batch_invariant needs a model loaded with batch-invariant kernels "
                                "(LLM(..., batch_invariant=True), or select_backend(..., batch_invariant=True))")
@@ -141,14 +188,16 @@ class LLMEngine:
             if c.kv_cache_memory is not None:
                 budget = parse_memory(c.kv_cache_memory)
             elif model.device.type == "cuda":
-                budget = gpu_kv_budget(model.device, c.gpu_memory_utilization)
+                budget = gpu_kv_budget(model, c, dtype, profile=driver is None)
             else:
                 budget = DEFAULT_KV_MEMORY
             wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))
             num_blocks = min(budget // KVPool.bytes_per_block(cfg, dtype), wanted)
         if num_blocks < 1:
-            raise RequestError(f"the KV cache budget {c.kv_cache_memory!r} holds no block of "
-                               f"{KVPool.bytes_per_block(cfg, dtype)} bytes")
+            what = (f"the KV cache budget {c.kv_cache_memory!r}" if c.kv_cache_memory is not None or
+                    model.device.type != "cuda" else f"gpu_memory_utilization={c.gpu_memory_utilization} "
+                    f"(after the weights and one step's activations)")
+            raise RequestError(f"{what} holds no KV block of {KVPool.bytes_per_block(cfg, dtype)} bytes")
         if driver is not None:
             driver.start(num_blocks, dtype)  # every rank's pool: the same blocks, its own heads
         self.pool = KVPool(cfg, num_blocks, dtype, model.device)

@@ -101,6 +101,7 @@ class LLM:
         self.engine_config = EngineConfig(num_kv_blocks, kv_cache_memory, kv_cache_dtype, max_num_seqs,
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
                                           enforce_eager, batch_invariant_requested(batch_invariant))
+        self.engine_config.validate()  # before the model is loaded: a bad knob costs no load time
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
         self.parallel.validate()
         if tensor_parallel_size > 1 and self.engine_config.batch_invariant:

@@ -19,7 +19,7 @@ import torch
 
 from moeserve.engine.cuda_graphs import DecodeGraphs
 from moeserve.engine.distributed import FULL, HIDDEN, STEP, Driver
-from moeserve.engine.paged_cache import KVPool, blocks_for
+from moeserve.engine.paged_cache import BLOCK_SIZE, KVPool, blocks_for
 from moeserve.engine.scheduler import Chunk
 from moeserve.kernels.metadata import AttentionMetadata, no_cache_metadata
 from moeserve.model.decoder import Decoder
@@ -165,3 +165,42 @@ class ModelRunner:
         x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         return self.model.hidden_states(x, meta) if hidden else self.model.forward(x, meta)
 
+
+
+def dummy_step(rows: int, seq_len: int, sampled: int) -> HostStep:
+    """A prefill step of `rows` token-0 rows in sequences of at most `seq_len` tokens, each in its own blocks
+    from block 0 on, whose last `sampled` rows are sampled: the shape of the largest step the scheduler can
+    send (the longest sequences make attention's share the largest)."""
+    h = HostStep([0] * rows, [], [], [0], [], [], [], list(range(rows - min(sampled, rows), rows)))
+    first_block = 0
+    while len(h.positions) < rows:
+        n = min(seq_len, rows - len(h.positions))
+        blocks = list(range(first_block, first_block + blocks_for(n)))
+        h.positions.extend(range(n))
+        h.slots.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n))
+        h.starts.append(len(h.positions))
+        h.contexts.append(0)
+        h.lens.append(n)
+        h.tables.append(blocks)
+        first_block += len(blocks)
+    return h
+
+
+def profile_activations(model: Decoder, kv_dtype: torch.dtype, rows: int, sampled: int) -> int:
+    """GPU bytes one step of `rows` rows (`sampled` of them sampled) needs beyond what stays allocated: the
+    peak of a dummy step run through a scratch KV pool (vLLM's profile run). The KV pool is sized after this,
+    from what is left; a step that does not fit at all raises `torch.cuda.OutOfMemoryError` here, at load,
+    instead of in the middle of serving."""
+    dev = model.device
+    step = dummy_step(rows, model.max_positions, sampled)
+    pool = KVPool(model.cache_config, sum(len(t) for t in step.tables), kv_dtype, dev)
+    runner = ModelRunner(model, pool, enforce_eager=True)
+    try:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        runner.run(step)  # its logits are transient too: dropped before what stays allocated is read
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev))
+    finally:  # an out-of-memory error must not keep the scratch pool alive through its traceback
+        del runner, pool
+        torch.cuda.empty_cache()
