@@ -333,7 +333,7 @@ def memory_check(path: str, batched: int = 8192, utilization: float = 0.5, devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    llm = LLM(path, device=device, max_model_len=batched, max_num_seqs=4, max_num_batched_tokens=batched,
+    llm = LLM(path, device=device, max_model_len=batched + 16, max_num_seqs=4, max_num_batched_tokens=batched,
               gpu_memory_utilization=utilization, warmup=False, **({} if cuda else {"kernels": "triton"}))
     pool = llm.engine.pool
     r: dict[str, Any] = {"load_s": time.perf_counter() - t0, "batched_tokens": batched, "utilization": utilization,
