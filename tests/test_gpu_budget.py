@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import moeserve.engine.runner as runner_module
 from moeserve import LLM
-from moeserve.engine.engine import GPU_ACTIVATION_RESERVE, GPU_PROFILE_MARGIN, EngineConfig, gpu_kv_budget
+from moeserve.engine.engine import GPU_PROFILE_MARGIN, EngineConfig, gpu_kv_budget
 from moeserve.engine.paged_cache import BLOCK_SIZE, KVPool
 from moeserve.engine.runner import HostStep, ModelRunner, dummy_step
 from moeserve.errors import RequestError
@@ -47,6 +48,7 @@ class FakeCuda:
 
     def install(self, mp: pytest.MonkeyPatch, model) -> FakeCuda:
         mp.setattr(model, "forward", self.run)
+        mp.setattr(runner_module, "has_allocator_stats", lambda device: True)
         mp.setattr(torch.cuda, "synchronize", lambda device=None: None)
         mp.setattr(torch.cuda, "empty_cache", lambda: None)
         mp.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.allocated))
@@ -93,17 +95,16 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
                                               gpu_memory_utilization=0.5), torch.float16)
     assert fake.steps == [(100, 6, [48, 48, 4])] and eager == budget + PER_ROW * 6
 
-    fake.steps.clear()  # a parallel group cannot run a step yet: the fixed reserve
-    assert gpu_kv_budget(model, c, torch.float16, profile=False) == int(0.5 * 80 * GiB) - 20 * GiB - \
-        GPU_ACTIVATION_RESERVE
-    assert fake.steps == []
 
 
 def test_a_step_that_cannot_fit_is_refused_at_load(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     model = llm.model
     FakeCuda(model, free=2 * GiB, oom_rows=4096).install(monkeypatch, model)
-    with pytest.raises(RequestError, match="max_num_batched_tokens=8192 .* 2.00 GiB .* lower max_num_batched"):
+    with pytest.raises(RequestError, match="max_num_batched_tokens=8192 rows .* 2.00 GiB .* lower max_num_batched"):
         gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=8192), torch.float16)
+    monkeypatch.setattr(model, "graph_safe", True)  # the captured graphs' step is the one that cannot fit
+    with pytest.raises(RequestError, match="max_num_seqs=5000 rows .* lower max_num_seqs"):
+        gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512, max_num_seqs=5000), torch.float16)
     assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512), torch.float16) == 0  # 0.9*80-78 GiB < 0
 
 

@@ -252,3 +252,22 @@ def test_cli_flags_need_two_ranks() -> None:
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          timeout=120)
     assert out.returncode != 0 and "--tensor-parallel-size" in out.stderr
+
+
+def test_profile_step_runs_on_every_rank(make_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizing the pools of a parallel group on GPUs: rank 0's dummy step goes to the workers (PROFILE), all
+    ranks meet in its collectives (no hang), and the group serves exactly as before afterwards."""
+    from moeserve.engine.engine import GPU_PROFILE_MARGIN, EngineConfig, gpu_kv_budget
+    from tests.test_gpu_budget import PER_ROW, FakeCuda
+
+    name = "hd64-gqa4-e8k2-untied-kquants"
+    path = make_model(name, **CONFIGS[name])
+    _, ref_tokens = single(path, "reference")
+    with LLM(str(path), kernels="reference", warmup=False, tensor_parallel_size=2, parallel_timeout=60) as llm:
+        with monkeypatch.context() as mp:
+            fake = FakeCuda(llm.model).install(mp, llm.model)  # rank 0's allocator counters (the workers run on)
+            budget = gpu_kv_budget(llm.model, EngineConfig(max_num_batched_tokens=70, max_num_seqs=3,
+                                                           gpu_memory_utilization=0.5), torch.float32, llm._driver)
+        assert fake.steps == [(70, 3, [70])]  # no captured graphs in a group: one step
+        assert budget == 40 * 1024**3 - 20 * 1024**3 - PER_ROW * 70 - GPU_PROFILE_MARGIN
+        assert greedy(llm, PROMPT) == ref_tokens

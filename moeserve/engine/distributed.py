@@ -36,7 +36,7 @@ import torch.distributed as dist
 from moeserve.errors import MoeServeError, RequestError
 from moeserve.model.parallel import Shard
 
-STOP, STEP, FULL, HIDDEN, START = 0, 1, 2, 3, 4  # what rank 0 tells the workers
+STOP, STEP, FULL, HIDDEN, START, PROFILE = 0, 1, 2, 3, 4, 5  # what rank 0 tells the workers
 MESSAGE = 1024  # ints in a step message's first broadcast: a decode step of up to ~100 sequences fits
 _KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -178,6 +178,11 @@ class Driver:
                 raise ParallelError(f"the parallel group failed ({self.group.shard.size} ranks): "
                                     f"{str(exc).splitlines()[0]}") from exc
 
+    def profile(self, rows: int, sampled: int, kv_dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+        """Every rank runs the same dummy step (`runner.profile_activations`) with rank 0, meeting in its
+        collectives: each measures its own peak before the pools are sized."""
+        return self.step(PROFILE, [rows, sampled, _KV_DTYPES.index(kv_dtype)])
+
     def start(self, num_blocks: int, kv_dtype: torch.dtype) -> None:
         """Tell the workers the KV pool's size and type (every rank numbers its blocks alike)."""
         with self.step(START, [num_blocks, _KV_DTYPES.index(kv_dtype)]):
@@ -195,7 +200,7 @@ class Driver:
 def serve_steps(model: Any, control: Any) -> None:
     """A worker's loop: replay rank 0's steps until it says stop (START: a new engine, with a new KV pool)."""
     from moeserve.engine.paged_cache import KVPool
-    from moeserve.engine.runner import HostStep, ModelRunner
+    from moeserve.engine.runner import HostStep, ModelRunner, profile_activations
 
     runner = None
     while True:
@@ -213,6 +218,8 @@ def serve_steps(model: Any, control: Any) -> None:
             runner = None  # the old pool goes before the new one is allocated
             pool = KVPool(model.cache_config, payload[0], _KV_DTYPES[payload[1]], model.device)
             runner = ModelRunner(model, pool, enforce_eager=True)
+        elif op == PROFILE:
+            profile_activations(model, _KV_DTYPES[payload[2]], payload[0], payload[1])
         elif op == STEP and runner is not None:
             runner.run(HostStep.unpack(payload))
         elif op in (FULL, HIDDEN) and runner is not None:

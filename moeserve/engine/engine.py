@@ -20,6 +20,7 @@ stop string.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import time
@@ -46,7 +47,6 @@ Prompt = str | Seq[int]
 DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_seqs full sequences need
 
 
-GPU_ACTIVATION_RESERVE = 1024**3  # bytes kept for activations where no profile run can measure them (a parallel group)
 GPU_PROFILE_MARGIN = 256 * 1024**2  # bytes kept beside the profiled peaks: the sampler, allocator fragmentation
 
 
@@ -60,36 +60,33 @@ def kv_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype, profile: bool = True) -> int:
+def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype, driver: Driver | None = None) -> int:
     """Bytes for the KV pool on a GPU (vLLM's --gpu-memory-utilization): the share `utilization` of the
     card's memory, less what is already taken (the weights, other processes) and what a step needs on top.
 
-    With `profile`, that last part is measured, not guessed: a dummy step of `max_num_batched_tokens` rows
-    (the largest the scheduler sends) and, when decode steps will be captured, one of `max_num_seqs` rows
-    (the captured graphs keep their own memory pool) run first, and their peaks are kept free. So a
-    `max_num_batched_tokens=8192` engine gets a smaller pool instead of running out of memory in its first
-    long prefill. A parallel group's ranks cannot run a step before their pools exist; they keep
-    `GPU_ACTIVATION_RESERVE` instead."""
-    utilization = c.gpu_memory_utilization  # in (0, 1]: EngineConfig.validate
-    dev = model.device
-    if profile:
-        rows = c.max_num_batched_tokens
-        try:
-            reserve = profile_activations(model, dtype, rows, min(rows, c.max_num_seqs))
-            if model.graph_safe and not c.enforce_eager:
-                reserve += profile_activations(model, dtype, c.max_num_seqs, c.max_num_seqs)
-        except torch.cuda.OutOfMemoryError:
+    That last part is measured, not guessed: a dummy step of `max_num_batched_tokens` rows (the largest the
+    scheduler sends) and, when decode steps will be captured, one of `max_num_seqs` rows (the captured graphs
+    keep their own memory pool) run first, and their peaks are kept free. So a `max_num_batched_tokens=8192`
+    engine gets a smaller pool instead of running out of memory in its first long prefill. With a `driver`
+    (rank 0 of a parallel group) every rank runs the step with it; the ranks hold equal shares, so rank 0's
+    measure sizes every pool."""
+    steps = [("max_num_batched_tokens", c.max_num_batched_tokens, min(c.max_num_batched_tokens, c.max_num_seqs))]
+    if model.graph_safe and not c.enforce_eager and driver is None:  # ModelRunner's condition for capturing
+        steps.append(("max_num_seqs", c.max_num_seqs, c.max_num_seqs))
+    reserve = 0
+    for knob, rows, sampled in steps:
+        peak = None
+        with driver.profile(rows, sampled, dtype) if driver else contextlib.nullcontext():
+            with contextlib.suppress(torch.cuda.OutOfMemoryError):  # (a RuntimeError: the driver blames the group)
+                peak = profile_activations(model, dtype, rows, sampled)
+        if peak is None:
             torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info(dev)
-            raise RequestError(
-                f"one step of max_num_batched_tokens={rows} rows does not fit in the {free / 2**30:.2f} GiB the "
-                f"{total / 2**30:.0f} GiB GPU has free after loading the weights: lower max_num_batched_tokens "
-                f"(or max_num_seqs)") from None
-        reserve += GPU_PROFILE_MARGIN
-    else:
-        reserve = GPU_ACTIVATION_RESERVE
-    free, total = torch.cuda.mem_get_info(dev)
-    return max(0, int(utilization * total) - (total - free) - reserve)
+            free, total = torch.cuda.mem_get_info(model.device)
+            raise RequestError(f"one step of {knob}={rows} rows does not fit in the {free / 2**30:.2f} GiB the "
+                               f"{total / 2**30:.0f} GiB GPU has free after loading the weights: lower {knob}")
+        reserve += peak
+    free, total = torch.cuda.mem_get_info(model.device)
+    return max(0, int(c.gpu_memory_utilization * total) - (total - free) - reserve - GPU_PROFILE_MARGIN)
 
 
 class OutputKind(enum.Enum):
@@ -188,7 +185,7 @@ class LLMEngine:
             if c.kv_cache_memory is not None:
                 budget = parse_memory(c.kv_cache_memory)
             elif model.device.type == "cuda":
-                budget = gpu_kv_budget(model, c, dtype, profile=driver is None)
+                budget = gpu_kv_budget(model, c, dtype, driver)
             else:
                 budget = DEFAULT_KV_MEMORY
             wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))

@@ -186,21 +186,32 @@ def dummy_step(rows: int, seq_len: int, sampled: int) -> HostStep:
     return h
 
 
+def has_allocator_stats(device: torch.device) -> bool:
+    """Whether torch counts this device's allocations (peak and current bytes): CUDA's caching allocator."""
+    return device.type == "cuda"
+
+
 def profile_activations(model: Decoder, kv_dtype: torch.dtype, rows: int, sampled: int) -> int:
     """GPU bytes one step of `rows` rows (`sampled` of them sampled) needs beyond what stays allocated: the
     peak of a dummy step run through a scratch KV pool (vLLM's profile run). The KV pool is sized after this,
     from what is left; a step that does not fit at all raises `torch.cuda.OutOfMemoryError` here, at load,
-    instead of in the middle of serving."""
+    instead of in the middle of serving. Off a GPU the step runs (a parallel group's ranks meet in it) and
+    0 is returned: there is no allocator to read."""
     dev = model.device
+    cuda = has_allocator_stats(dev)
     step = dummy_step(rows, model.max_positions, sampled)
     pool = KVPool(model.cache_config, sum(len(t) for t in step.tables), kv_dtype, dev)
     runner = ModelRunner(model, pool, enforce_eager=True)
     try:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         runner.run(step)  # its logits are transient too: dropped before what stays allocated is read
+        if not cuda:
+            return 0
         torch.cuda.synchronize(dev)
         return max(0, torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev))
     finally:  # an out-of-memory error must not keep the scratch pool alive through its traceback
         del runner, pool
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
