@@ -166,7 +166,6 @@ class ModelRunner:
         return self.model.hidden_states(x, meta) if hidden else self.model.forward(x, meta)
 
 
-
 def dummy_step(rows: int, seq_len: int, sampled: int) -> HostStep:
     """A prefill step of `rows` token-0 rows in sequences of at most `seq_len` tokens, each in its own blocks
     from block 0 on, whose last `sampled` rows are sampled: the shape of the largest step the scheduler can
