@@ -6,7 +6,9 @@ step's `AttentionMetadata` once (positions, slot mapping, block tables, sequence
 offsets), runs `Decoder.forward`, and returns the logits of the rows that end a sequence. The engine
 samples from them. `bench`, warm-up, `generate` and the server all run through `execute`, so what is
 benchmarked is what is served; `LLM.logits` runs `forward_full` (one sequence, no cache). On a GPU with a
-graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda_graphs.py`).
+graph-safe backend, pure decode steps replay captured CUDA graphs instead (`cuda_graphs.py`). Before a GPU's
+pool is sized, `profile_activations` runs the largest step the scheduler may send through a scratch pool and
+reads its peak memory (the engine keeps that much free).
 """
 
 from __future__ import annotations
