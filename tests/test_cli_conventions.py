@@ -99,6 +99,22 @@ def test_a_missing_gguf_is_an_error_not_a_prompt(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
 
 
+def test_a_bad_device_is_one_line_naming_it(tiny_moe):
+    cases = [("tpu", "expected cpu, cuda or cuda:N"), ("cuda:x", "expected cpu, cuda or cuda:N"),
+             ("cpu:2", "expected cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        cases += [("cuda", "use --device cpu"), ("cuda:1", "use --device cpu")]
+    else:
+        cases.append((f"cuda:{torch.cuda.device_count()}", "CUDA device(s)"))
+    for device, needle in cases:
+        for argv in (["generate", str(tiny_moe), "hi", "-n", "1"], ["bench", str(tiny_moe), "-p", "4", "-n", "1"]):
+            r = run(*argv, "--device", device)
+            assert r.exit_code == 1, (argv, device, r.output)
+            assert r.stderr.startswith(f"moeserve: error: device '{device}': ") and needle in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
+    assert LLM(str(tiny_moe), device=" CPU", warmup=False).device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 @pytest.mark.parametrize("flag", ["-c", "--ctx-size", "--max-model-len"])
 def test_ctx_size_is_validated(tiny_moe, command, flag):

@@ -67,6 +67,24 @@ def _available_memory() -> int:
     return 1 << 62
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, checked against this machine: one `RequestError` naming the device, instead of
+    torch's assertion from deep inside the first allocation."""
+    text = str(device).strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise RequestError(f"device {str(device)!r}: expected cpu, cuda or cuda:N")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise RequestError(f"device {str(device)!r}: {why} (torch {torch.__version__}); use --device cpu")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise RequestError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return torch.device(text)
+
+
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
@@ -110,7 +128,7 @@ class LLM:
         self.path = model or default_model_path()
         if device is None:  # a GPU when there is one, unless the cpu kernels were asked for
             device = "cuda" if torch.cuda.is_available() and requested(kernels) != "cpu" else "cpu"
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.backend = select_backend(kernels, self.device, batch_invariant=self.engine_config.batch_invariant)
         self.kernels = self.backend.name
         try:
