@@ -84,15 +84,15 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
     monkeypatch.setattr(model, "graph_safe", True)
     fake = FakeCuda(model).install(monkeypatch, model)
     c = EngineConfig(max_num_batched_tokens=100, max_num_seqs=6, gpu_memory_utilization=0.5)
-    budget = gpu_kv_budget(model, c, torch.float16)
+    budget, kept = gpu_kv_budget(model, c, torch.float16)
     # the largest prefill step (whole sequences of at most max_model_len = 48), then one decode-sized step
     assert fake.steps == [(100, 6, [48, 48, 4]), (6, 6, [6])]
-    reserve = PER_ROW * (100 + 6) + GPU_PROFILE_MARGIN
-    assert budget == int(0.5 * 80 * GiB) - 20 * GiB - reserve
+    assert kept == PER_ROW * (100 + 6)
+    assert budget == int(0.5 * 80 * GiB) - 20 * GiB - kept - GPU_PROFILE_MARGIN
 
     fake.steps.clear()  # no captured graphs: no second pool to keep free
-    eager = gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=100, max_num_seqs=6, enforce_eager=True,
-                                              gpu_memory_utilization=0.5), torch.float16)
+    eager, _ = gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=100, max_num_seqs=6, enforce_eager=True,
+                                                 gpu_memory_utilization=0.5), torch.float16)
     assert fake.steps == [(100, 6, [48, 48, 4])] and eager == budget + PER_ROW * 6
 
 
@@ -105,7 +105,7 @@ def test_a_step_that_cannot_fit_is_refused_at_load(llm: LLM, monkeypatch: pytest
     monkeypatch.setattr(model, "graph_safe", True)  # the captured graphs' step is the one that cannot fit
     with pytest.raises(RequestError, match="max_num_seqs=5000 rows .* lower max_num_seqs"):
         gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512, max_num_seqs=5000), torch.float16)
-    assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512), torch.float16) == 0  # 0.9*80-78 GiB < 0
+    assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512), torch.float16)[0] == 0  # 0.9*80-78 < 0
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -132,3 +132,9 @@ def test_banner_names_model_arch_quants_context_pool_kernels_url(llm):
     for needle in (llm.path, "qwen3moe", "F32", "64 tokens", "KV pool", "blocks", "reference", "cpu",
                    "http://127.0.0.1:8000/v1"):
         assert needle in text, (needle, text)
+    assert "profiled" not in text  # a CPU pool has a fixed budget; a GPU's names the step reserve it measured
+    llm.engine.step_reserve = 3 * 2**30
+    try:
+        assert "3.00 GiB kept free for a step's activations (profiled)" in banner(llm, "tiny", "http://x")
+    finally:
+        llm.engine.step_reserve = None

@@ -60,9 +60,11 @@ def kv_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype, driver: Driver | None = None) -> int:
-    """Bytes for the KV pool on a GPU (vLLM's --gpu-memory-utilization): the share `utilization` of the
-    card's memory, less what is already taken (the weights, other processes) and what a step needs on top.
+def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
+                  driver: Driver | None = None) -> tuple[int, int]:
+    """Bytes for the KV pool on a GPU (vLLM's --gpu-memory-utilization), and the bytes measured for steps beside
+    it: the share `utilization` of the card's memory, less what is already taken (the weights, other processes)
+    and what a step needs on top.
 
     That last part is measured, not guessed: a dummy step of `max_num_batched_tokens` rows (the largest the
     scheduler sends) and, when decode steps will be captured, one of `max_num_seqs` rows (the captured graphs
@@ -86,7 +88,7 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype, driver: D
                                f"{total / 2**30:.0f} GiB GPU has free after loading the weights: lower {knob}")
         reserve += peak
     free, total = torch.cuda.mem_get_info(model.device)
-    return max(0, int(c.gpu_memory_utilization * total) - (total - free) - reserve - GPU_PROFILE_MARGIN)
+    return max(0, int(c.gpu_memory_utilization * total) - (total - free) - reserve - GPU_PROFILE_MARGIN), reserve
 
 
 class OutputKind(enum.Enum):
@@ -179,13 +181,14 @@ class LLMEngine:
                                "(LLM(..., batch_invariant=True), or select_backend(..., batch_invariant=True))")
         self.max_model_len = model.max_positions
         dtype = kv_dtype(c.kv_cache_dtype, model.device)
+        self.step_reserve: int | None = None  # GPU bytes kept free for one step's activations (profiled)
         if c.num_kv_blocks is not None:
             num_blocks = c.num_kv_blocks
         else:
             if c.kv_cache_memory is not None:
                 budget = parse_memory(c.kv_cache_memory)
             elif model.device.type == "cuda":
-                budget = gpu_kv_budget(model, c, dtype, driver)
+                budget, self.step_reserve = gpu_kv_budget(model, c, dtype, driver)
             else:
                 budget = DEFAULT_KV_MEMORY
             wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))

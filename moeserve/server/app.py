@@ -439,7 +439,9 @@ def banner(llm: LLM, name: str, url: str) -> str:
         f"weights:  {quants}",
         f"context:  {llm.max_model_len} tokens (model: {c.context_length})",
         f"KV pool:  {pool.num_blocks} blocks x 16 tokens = {pool.num_blocks * 16} tokens, {_gib(kv_bytes)} "
-        f"({str(pool.dtype).replace('torch.', '')})",
+        f"({str(pool.dtype).replace('torch.', '')})" + ("" if llm.engine.step_reserve is None else
+                                                          f"; {_gib(llm.engine.step_reserve)} kept free for a step's "
+                                                          f"activations (profiled)"),
         f"kernels:  {llm.kernels} on {llm.device}" + (f", {_threads()} threads" if llm.device.type == "cpu" else ""),
         f"serving:  {url}/v1 (health: {url}/health)",
     ]
