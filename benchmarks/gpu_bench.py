@@ -337,7 +337,8 @@ def memory_check(path: str, batched: int = 8192, utilization: float = 0.5, devic
               gpu_memory_utilization=utilization, warmup=False, **({} if cuda else {"kernels": "triton"}))
     pool = llm.engine.pool
     r: dict[str, Any] = {"load_s": time.perf_counter() - t0, "batched_tokens": batched, "utilization": utilization,
-                         "kv_blocks": pool.num_blocks, "kv_pool_gb": 2 * pool.k.numel() * pool.k.element_size() / 1e9}
+                         "kv_blocks": pool.num_blocks, "kv_pool_gb": 2 * pool.k.numel() * pool.k.element_size() / 1e9,
+                         "step_reserve_gb": (llm.engine.step_reserve or 0) / 1e9}
     ids = prompts(1, batched, llm.model.config.vocab_size, seed=5)[0]
     t0 = time.perf_counter()
     llm.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
@@ -569,7 +570,8 @@ def table(res: dict) -> str:
     mem = res.get("memory", {})
     if "peak_used_gb" in mem:
         rows.append(f"pool sized from free memory, one {mem['batched_tokens']}-token step: KV pool "
-                    f"{mem['kv_pool_gb']:.2f} GB, peak {mem['peak_used_gb']:.2f} GB of {mem['limit_gb']:.2f} GB "
+                    f"{mem['kv_pool_gb']:.2f} GB, {mem['step_reserve_gb']:.2f} GB kept for a step (profiled), "
+                    f"peak {mem['peak_used_gb']:.2f} GB of {mem['limit_gb']:.2f} GB "
                     f"allowed ({mem['utilization']} of the GPU)")
     wide = [f"{name} finite {d['finite']} {d['rel_err']:.1e}" for name, d in res.get("wide", {}).items()
             if isinstance(d, dict) and "finite" in d]
