@@ -17,8 +17,8 @@ What it does, in order (each phase is timed, guarded and reported even when anot
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
    one 512-token prefill (`prefill_profile`), and 16 greedy tokens of one stream with CUDA graphs and eager
    (`token_checks`: they should be equal); then `memory_check`: the KV pool sized from free memory
-   (`gpu_memory_utilization=0.5`, `max_num_batched_tokens=8192`) and one 8192-token prompt, whose peak must
-   stay within that half of the GPU;
+   (`gpu_memory_utilization` = what is in use + the file + 4 GB, `max_num_batched_tokens=8192`) and one
+   8192-token prompt, whose peak must stay within that share of the GPU;
 5. moeserve on the full 48-layer file: load, pp512, decode at 1 and 64 streams, peak memory, the decode
    profiles at 1 and 64 streams and of a 512-token prefill, and single-stream decode with session 12's fusions
    undone on the same model (`unfused_decode`: the norms as their own kernel, then also q/k/v finished by the
@@ -321,24 +321,31 @@ def _bench_moeserve(path: str, streams: list[int], steps: int, label: str, enfor
     return r
 
 
-def memory_check(path: str, batched: int = 8192, utilization: float = 0.5, device: str = "cuda") -> dict:
-    """The KV pool sized from free memory (no explicit pool): with `max_num_batched_tokens=batched` the profile
-    run keeps one step's activations free, so a prompt of `batched` tokens must then run within the
-    `utilization` share of the device (what `--gpu-memory-utilization` promises), not run out of memory."""
+def memory_check(path: str, batched: int = 8192, headroom: float = 4e9, device: str = "cuda") -> dict:
+    """The KV pool sized from free memory (no explicit pool), and small enough that the budget, not
+    `max_num_seqs` x context, decides it: `gpu_memory_utilization` is set to what is in use now plus the file plus
+    `headroom` bytes. With `max_num_batched_tokens=batched` the profile run keeps one step's activations free, so
+    a prompt of `batched` tokens, then decoding, must run within that share of the device (what
+    `--gpu-memory-utilization` promises) instead of running out of memory."""
     from moeserve import LLM, SamplingParams
 
     gc.collect()
     cuda = device == "cuda"
+    utilization = 0.9
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        utilization = min(0.95, round((total - free + os.path.getsize(path) + headroom) / total, 4))
     t0 = time.perf_counter()
-    llm = LLM(path, device=device, max_model_len=batched + 16, max_num_seqs=4, max_num_batched_tokens=batched,
+    seqs, context = 16, 4 * batched
+    llm = LLM(path, device=device, max_model_len=context, max_num_seqs=seqs, max_num_batched_tokens=batched,
               gpu_memory_utilization=utilization, warmup=False, **({} if cuda else {"kernels": "triton"}))
     pool = llm.engine.pool
     r: dict[str, Any] = {"load_s": time.perf_counter() - t0, "batched_tokens": batched, "utilization": utilization,
                          "kv_blocks": pool.num_blocks, "kv_pool_gb": 2 * pool.k.numel() * pool.k.element_size() / 1e9,
-                         "step_reserve_gb": (llm.engine.step_reserve or 0) / 1e9}
+                         "step_reserve_gb": (llm.engine.step_reserve or 0) / 1e9,
+                         "pool_budget_limited": pool.num_blocks < seqs * -(-context // 16)}  # < what seqs fill
     ids = prompts(1, batched, llm.model.config.vocab_size, seed=5)[0]
     t0 = time.perf_counter()
     llm.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
@@ -572,7 +579,7 @@ def table(res: dict) -> str:
         rows.append(f"pool sized from free memory, one {mem['batched_tokens']}-token step: KV pool "
                     f"{mem['kv_pool_gb']:.2f} GB, {mem['step_reserve_gb']:.2f} GB kept for a step (profiled), "
                     f"peak {mem['peak_used_gb']:.2f} GB of {mem['limit_gb']:.2f} GB "
-                    f"allowed ({mem['utilization']} of the GPU)")
+                    f"allowed ({mem['utilization']} of the GPU; pool limited by it: {mem['pool_budget_limited']})")
     wide = [f"{name} finite {d['finite']} {d['rel_err']:.1e}" for name, d in res.get("wide", {}).items()
             if isinstance(d, dict) and "finite" in d]
     if wide:
@@ -614,7 +621,7 @@ def main() -> None:
         res["norms_unfused"] = unfused_decode(llm, 2, qkv_epilogue=True)
         res["qkv_separate"] = unfused_decode(llm, 2, qkv_epilogue=False)
         res["profile_prefill"] = prefill_profile(llm, 32, top=8)
-        res["memory"] = memory_check(str(tmp / "moe-q4k-q6k.gguf"), batched=64, device="cpu")
+        res["memory"] = memory_check(str(tmp / "moe-q4k-q6k.gguf"), batched=32, device="cpu")
         print(json.dumps(res, indent=1))
         return
 
