@@ -804,8 +804,6 @@ def serve(
     _set_threads(threads)
     from moeserve.server.app import run  # imported lazily: fastapi/uvicorn are only needed here
 
-    if kv_cache_dtype is not None and kv_cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise CLIError(f"--kv-cache-dtype {kv_cache_dtype!r}: expected auto, float32, float16 or bfloat16")
     engine_kwargs = {k: v for k, v in dict(max_model_len=max_model_len, kernels=kernels, max_num_seqs=max_num_seqs,
                                            max_num_batched_tokens=max_num_batched_tokens,
                                            kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
@@ -814,6 +812,12 @@ def serve(
                                            gpu_memory_utilization=gpu_memory_utilization,
                                            enforce_eager=enforce_eager,
                                            batch_invariant=batch_invariant).items() if v is not None}
+    from dataclasses import fields
+
+    from moeserve.engine.engine import EngineConfig
+
+    knobs = {f.name for f in fields(EngineConfig)}  # checked now, not after the server has started loading
+    EngineConfig(**{k: v for k, v in engine_kwargs.items() if k in knobs}).validate()
     extra: dict[str, Any] = {}
     if origins:
         extra["allowed_origins"] = origins
