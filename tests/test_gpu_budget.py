@@ -90,6 +90,10 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
     assert kept == PER_ROW * (100 + 6)
     assert budget == int(0.5 * 80 * GiB) - 20 * GiB - kept - GPU_PROFILE_MARGIN
 
+    fake.steps.clear()  # more tokens per step than max_num_seqs full contexts hold: the largest possible step
+    gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=10**12, max_num_seqs=2), torch.float16)
+    assert fake.steps == [(96, 2, [48, 48]), (2, 2, [2])]
+
     fake.steps.clear()  # no captured graphs: no second pool to keep free
     eager, _ = gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=100, max_num_seqs=6, enforce_eager=True,
                                                  gpu_memory_utilization=0.5), torch.float16)
@@ -99,11 +103,11 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
 
 def test_a_step_that_cannot_fit_is_refused_at_load(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     model = llm.model
-    FakeCuda(model, free=2 * GiB, oom_rows=4096).install(monkeypatch, model)
-    with pytest.raises(RequestError, match="max_num_batched_tokens=8192 rows .* 2.00 GiB .* lower max_num_batched"):
-        gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=8192), torch.float16)
+    FakeCuda(model, free=2 * GiB, oom_rows=1024).install(monkeypatch, model)
+    with pytest.raises(RequestError, match=r"1536 rows \(max_num_batched_tokens=8192\) .* 2.00 GiB .* lower max_num_b"):
+        gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=8192), torch.float16)  # 32 seqs x 48 positions
     monkeypatch.setattr(model, "graph_safe", True)  # the captured graphs' step is the one that cannot fit
-    with pytest.raises(RequestError, match="max_num_seqs=5000 rows .* lower max_num_seqs"):
+    with pytest.raises(RequestError, match=r"5000 rows \(max_num_seqs=5000\) .* lower max_num_seqs"):
         gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512, max_num_seqs=5000), torch.float16)
     assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512), torch.float16)[0] == 0  # 0.9*80-78 < 0
 

@@ -72,11 +72,12 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
     engine gets a smaller pool instead of running out of memory in its first long prefill. With a `driver`
     (rank 0 of a parallel group) every rank runs the step with it; the ranks hold equal shares, so rank 0's
     measure sizes every pool."""
-    steps = [("max_num_batched_tokens", c.max_num_batched_tokens, min(c.max_num_batched_tokens, c.max_num_seqs))]
+    rows = min(c.max_num_batched_tokens, c.max_num_seqs * model.max_positions)  # no step can be larger
+    steps = [("max_num_batched_tokens", c.max_num_batched_tokens, rows, min(rows, c.max_num_seqs))]
     if model.graph_safe and not c.enforce_eager and driver is None:  # ModelRunner's condition for capturing
-        steps.append(("max_num_seqs", c.max_num_seqs, c.max_num_seqs))
+        steps.append(("max_num_seqs", c.max_num_seqs, c.max_num_seqs, c.max_num_seqs))
     reserve = 0
-    for knob, rows, sampled in steps:
+    for knob, value, rows, sampled in steps:
         peak = None
         with driver.profile(rows, sampled, dtype) if driver else contextlib.nullcontext():
             with contextlib.suppress(torch.cuda.OutOfMemoryError):  # (a RuntimeError: the driver blames the group)
@@ -84,8 +85,8 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
         if peak is None:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(model.device)
-            raise RequestError(f"one step of {knob}={rows} rows does not fit in the {free / 2**30:.2f} GiB the "
-                               f"{total / 2**30:.0f} GiB GPU has free after loading the weights: lower {knob}")
+            raise RequestError(f"one step of {rows} rows ({knob}={value}) does not fit in the {free / 2**30:.2f} "
+                               f"GiB the {total / 2**30:.0f} GiB GPU has free after loading the weights: lower {knob}")
         reserve += peak
     free, total = torch.cuda.mem_get_info(model.device)
     return max(0, int(c.gpu_memory_utilization * total) - (total - free) - reserve - GPU_PROFILE_MARGIN), reserve
