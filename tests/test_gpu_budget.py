@@ -91,7 +91,7 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
     assert budget == int(0.5 * 80 * GiB) - 20 * GiB - kept - GPU_PROFILE_MARGIN
 
     fake.steps.clear()  # more tokens per step than max_num_seqs full contexts hold: the largest possible step
-    gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=10**12, max_num_seqs=2), torch.float16)
+    gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=2**20, max_num_seqs=2), torch.float16)
     assert fake.steps == [(96, 2, [48, 48]), (2, 2, [2])]
 
     fake.steps.clear()  # no captured graphs: no second pool to keep free
@@ -100,21 +100,23 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
     assert fake.steps == [(100, 6, [48, 48, 4])] and eager == budget + PER_ROW * 6
 
 
-
 def test_a_step_that_cannot_fit_is_refused_at_load(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     model = llm.model
-    FakeCuda(model, free=2 * GiB, oom_rows=1024).install(monkeypatch, model)
+    fake = FakeCuda(model, free=2 * GiB, oom_rows=1024).install(monkeypatch, model)
     with pytest.raises(RequestError, match=r"1536 rows \(max_num_batched_tokens=8192\) .* 2.00 GiB .* lower max_num_b"):
         gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=8192), torch.float16)  # 32 seqs x 48 positions
     monkeypatch.setattr(model, "graph_safe", True)  # the captured graphs' step is the one that cannot fit
-    with pytest.raises(RequestError, match=r"5000 rows \(max_num_seqs=5000\) .* lower max_num_seqs"):
-        gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512, max_num_seqs=5000), torch.float16)
-    assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=512), torch.float16)[0] == 0  # 0.9*80-78 < 0
+    monkeypatch.setattr(fake, "oom_rows", 512)  # graphs are captured up to 512 rows; larger batches run eagerly
+    with pytest.raises(RequestError, match=r"512 rows \(max_num_seqs=5000\) .* lower max_num_seqs"):
+        gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=256, max_num_seqs=5000), torch.float16)
+    assert gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=256), torch.float16)[0] == 0  # 0.9*80-78 < 0
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("max_num_batched_tokens", 0, "max_num_batched_tokens must be a whole number >= 1, got 0"),
-    ("max_num_seqs", 2.5, "max_num_seqs must be a whole number >= 1, got 2.5"),
+    ("max_num_batched_tokens", 0, r"max_num_batched_tokens must be a whole number in \[1, 1048576\], got 0"),
+    ("max_num_batched_tokens", 10**12, r"max_num_batched_tokens must be a whole number in \[1, 1048576\]"),
+    ("max_num_seqs", 2.5, r"max_num_seqs must be a whole number in \[1, 65536\], got 2.5"),
+    ("max_num_seqs", 10**9, "max_num_seqs must be a whole number in"),
     ("max_num_seqs", True, "max_num_seqs must be a whole number"),
     ("num_kv_blocks", -3, "num_kv_blocks must be a whole number >= 1, got -3"),
     ("kv_cache_memory", "lots", "kv_cache_memory: cannot parse memory size 'lots'"),
@@ -129,3 +131,14 @@ def test_engine_knobs_are_checked_before_the_model_loads(field: str, value: obje
     monkeypatch.setattr(llm_module, "load_decoder", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(RequestError, match=message):
         LLM(None, warmup=False, **{field: value})
+
+
+def test_graphs_are_captured_up_to_512_rows(llm: LLM) -> None:
+    """vLLM's cap: a decode batch of more rows runs eagerly (its launches are a small share of its time), so a
+    large max_num_seqs costs no 5000-row graph, buffer or profile step."""
+    from moeserve.engine.cuda_graphs import DecodeGraphs
+
+    pool = KVPool(llm.model.cache_config, 4, torch.float32, "cpu")
+    graphs = DecodeGraphs(llm.model, pool, 5000)
+    assert graphs.max_batch == 512 and graphs.buckets[-3:] == [256, 384, 512]
+    assert DecodeGraphs(llm.model, pool, 40).buckets == [1, 2, 4, 8, 16, 24, 32, 40]

@@ -8,8 +8,8 @@ shape fixed, so:
 * the step's ids, positions, slots, sequence lengths and block tables live in one static device buffer,
   filled by one host-to-device copy per step;
 * a batch of n decode rows runs in the smallest captured bucket >= n (1, 2, 4, 8, 16, 24, 32, 48, 64,
-  96, 128, ...), and the padding rows decode token 0 at position 0 into the pool's scratch block, so they
-  never touch a real sequence's keys;
+  96, 128, ... up to 512; a larger batch runs eagerly), and the padding rows decode token 0 at position 0
+  into the pool's scratch block, so they never touch a real sequence's keys;
 * the captured graphs share one memory pool, largest first, so they cost about one forward's activations.
 
 Only backends whose forward never synchronises with the host may be captured (`Decoder.graph_safe`).
@@ -28,6 +28,7 @@ from moeserve.kernels.metadata import AttentionMetadata
 from moeserve.model.decoder import Decoder
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MAX_CAPTURED_BATCH = BUCKETS[-1]  # larger decode steps run eagerly: launches are a small share of them (vLLM: 512)
 
 
 def is_decode_step(chunks: Sequence[Chunk]) -> bool:
@@ -40,6 +41,7 @@ class DecodeGraphs:
 
     def __init__(self, model: Decoder, pool: KVPool, max_batch: int) -> None:
         self.model, self.pool = model, pool
+        max_batch = min(max_batch, MAX_CAPTURED_BATCH)
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = self.buckets[-1]
         self.width = blocks_for(model.max_positions)  # block-table columns: enough for the longest sequence

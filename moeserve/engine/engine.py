@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeserve.engine.cuda_graphs import MAX_CAPTURED_BATCH
 from moeserve.engine.distributed import Driver
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
@@ -47,6 +48,10 @@ Prompt = str | Seq[int]
 DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_seqs full sequences need
 
 
+# Bounds that no machine reaches (a step of 2**20 tokens needs ~8 GiB per 2048-wide float32 hidden state alone),
+# so that a mistyped knob is an error, not a host list of 10**12 ints or a 10**9-row graph buffer.
+MAX_NUM_SEQS = 65536
+MAX_NUM_BATCHED_TOKENS = 2**20
 GPU_PROFILE_MARGIN = 256 * 1024**2  # bytes kept beside the profiled peaks: the sampler, allocator fragmentation
 
 
@@ -75,7 +80,8 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
     rows = min(c.max_num_batched_tokens, c.max_num_seqs * model.max_positions)  # no step can be larger
     steps = [("max_num_batched_tokens", c.max_num_batched_tokens, rows, min(rows, c.max_num_seqs))]
     if model.graph_safe and not c.enforce_eager and driver is None:  # ModelRunner's condition for capturing
-        steps.append(("max_num_seqs", c.max_num_seqs, c.max_num_seqs, c.max_num_seqs))
+        graph_rows = min(c.max_num_seqs, MAX_CAPTURED_BATCH)
+        steps.append(("max_num_seqs", c.max_num_seqs, graph_rows, graph_rows))
     reserve = 0
     for knob, value, rows, sampled in steps:
         peak = None
@@ -114,16 +120,18 @@ class EngineConfig:
 
     def validate(self) -> None:
         """One `RequestError` naming the bad field, before a model is loaded or a pool is sized."""
-        def whole(name: str, minimum: int, optional: bool = False) -> None:
+        def whole(name: str, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
             v = getattr(self, name)
             if optional and v is None:
                 return
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
-                raise RequestError(f"{name} must be a whole number >= {minimum}, got {v!r}")
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum or \
+                    (maximum is not None and v > maximum):
+                bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+                raise RequestError(f"{name} must be a whole number {bounds}, got {v!r}")
 
         whole("num_kv_blocks", 1, optional=True)
-        whole("max_num_seqs", 1)
-        whole("max_num_batched_tokens", 1)
+        whole("max_num_seqs", 1, MAX_NUM_SEQS)
+        whole("max_num_batched_tokens", 1, MAX_NUM_BATCHED_TOKENS)
         if self.kv_cache_memory is not None:
             try:
                 parse_memory(self.kv_cache_memory)
