@@ -3,6 +3,8 @@ against HF LlamaForCausalLM built from its dequantized weights."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -38,9 +40,11 @@ def test_smollm2_matches_hf_llama():
     with torch.no_grad():
         kv = None
         x = torch.tensor([ids])
+        # transformers 5.x renamed past_key_values to cache (the old name goes in 5.40)
+        key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         for _ in range(steps):  # HF greedy with its own cache
-            r = hf(x, past_key_values=kv, use_cache=True)
-            kv = r.past_key_values
+            r = hf(x, use_cache=True, **{key: kv})
+            kv = getattr(r, key)
             ids.append(int(r.logits[0, -1].argmax()))
             x = torch.tensor([[ids[-1]]])
     assert out.outputs[0].token_ids == ids[len(prompt):]
