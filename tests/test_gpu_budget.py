@@ -142,3 +142,21 @@ def test_graphs_are_captured_up_to_512_rows(llm: LLM) -> None:
     graphs = DecodeGraphs(llm.model, pool, 5000)
     assert graphs.max_batch == 512 and graphs.buckets[-3:] == [256, 384, 512]
     assert DecodeGraphs(llm.model, pool, 40).buckets == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+def test_weights_that_cannot_fit_the_gpu_are_one_line(tiny_moe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moeserve.engine.llm as llm_module
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 80 * GiB))
+    llm_module.gpu_weights_fit("m.gguf", 2 * GiB, torch.device("cuda"))  # fits: nothing to say
+    with pytest.raises(RequestError, match=r"m.gguf: the weights need 17.50 GiB on cuda, which has 3.00 GiB of its "
+                                           r"80 GiB free \(a smaller quantization"):
+        llm_module.gpu_weights_fit("m.gguf", int(17.5 * GiB), torch.device("cuda"))
+
+    def upload(*args, **kwargs):  # what load_decoder raises when the upload itself runs out
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(llm_module, "load_decoder", upload)
+    with pytest.raises(RequestError, match=rf"{tiny_moe}: the weights do not fit on cpu, which has 3.00 GiB"):
+        LLM(str(tiny_moe), warmup=False)

@@ -25,6 +25,7 @@ import torch
 from moeserve import LLM, SamplingParams
 from moeserve.engine.distributed import ParallelError
 from moeserve.engine.runner import HostStep
+from moeserve.errors import RequestError
 from moeserve.gguf.reader import GGUFFile
 from moeserve.model.parallel import Shard, VocabHead, plan_heads, split, take_cols, take_rows
 from tests.test_parity_hf import CONFIGS
@@ -271,3 +272,9 @@ def test_profile_step_runs_on_every_rank(make_model, monkeypatch: pytest.MonkeyP
         assert fake.steps == [(70, 3, [70])]  # no captured graphs in a group: one step
         assert kept == PER_ROW * 70 and budget == 40 * 1024**3 - 20 * 1024**3 - kept - GPU_PROFILE_MARGIN
         assert greedy(llm, PROMPT) == ref_tokens
+    # an engine that cannot be made (no KV block fits) stops the ranks it started: none is left waiting
+    import multiprocessing
+
+    with pytest.raises(RequestError, match="holds no KV block"):
+        LLM(str(path), kernels="reference", warmup=False, tensor_parallel_size=2, kv_cache_memory=1)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("moeserve-rank")]

@@ -85,6 +85,18 @@ def parse_device(device: str | torch.device) -> torch.device:
     return torch.device(text)
 
 
+def gpu_weights_fit(path: str, need: int | None, device: torch.device) -> None:
+    """Refuse, in one line naming the file and the GPU, weights of `need` bytes that its free memory cannot hold
+    (`need` None: they already did not fit)."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    if need is None or need > free:
+        size = "do not fit" if need is None else f"need {need / 2**30:.2f} GiB"
+        raise RequestError(f"{path}: the weights {size} on {device}, which has {free / 2**30:.2f} GiB of its "
+                           f"{total / 2**30:.0f} GiB free (a smaller quantization, tensor_parallel_size > 1, "
+                           f"or device='cpu')")
+
+
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
@@ -131,6 +143,7 @@ class LLM:
         self.device = parse_device(device)
         self.backend = select_backend(kernels, self.device, batch_invariant=self.engine_config.batch_invariant)
         self.kernels = self.backend.name
+        out_of_memory = False
         try:
             self.file = GGUFFile(self.path)
             self.config = load_config(self.file)
@@ -142,6 +155,9 @@ class LLM:
             if in_memory:
                 self.file.read_into_memory(progress=progress)
             self.max_model_len = max_model_len or min(self.config.context_length, DEFAULT_MAX_CONTEXT)
+            if self.device.type == "cuda":  # before minutes of uploading: the weights alone must fit
+                gpu_weights_fit(self.path, self.file.total_bytes() // self.parallel.tensor_parallel_size,
+                                self.device)
             shard = self._start_group(kernels) if self.parallel.tensor_parallel_size > 1 else None
             self.model = load_decoder(self.file, self.backend, self.config, max_positions=self.max_model_len,
                                       shard=shard)
@@ -151,11 +167,20 @@ class LLM:
         except (MoeServeError, MemoryError, KeyboardInterrupt):
             self.close()
             raise
+        except torch.cuda.OutOfMemoryError:  # the estimate fitted, the upload did not (other processes, a repack)
+            out_of_memory = True  # reported below, once this traceback (and the tensors it holds) is gone
         except Exception as exc:  # a check we do not have yet: still one line naming the file
             self.close()
             raise GGUFError(f"{self.path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        if out_of_memory:
+            self.close()
+            gpu_weights_fit(self.path, None, self.device)
         self.tokenizer = self._load_tokenizer()
-        self.engine = self.make_engine(self.engine_config)
+        try:
+            self.engine = self.make_engine(self.engine_config)
+        except BaseException:  # a pool that does not fit, a bad knob: the other ranks must not be left waiting
+            self.close()
+            raise
         if warmup:
             self.warmup()
 
