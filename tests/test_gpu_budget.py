@@ -72,10 +72,12 @@ def test_dummy_step_is_the_largest_step_in_whole_sequences() -> None:
 def test_dummy_step_runs_like_a_real_prefill(llm: LLM) -> None:
     """The profile run is a valid step: its last sequence's logits are those of the same ids run alone."""
     model = llm.model
-    h = dummy_step(rows=2 * 48 + 9, seq_len=48, sampled=1)
+    vocab = model.config.vocab_size
+    h = dummy_step(rows=2 * 48 + 9, seq_len=48, sampled=1, vocab=vocab)
+    assert len(set(h.ids)) > 90 and max(h.ids) < vocab  # spread over the vocabulary (a MoE's experts)
     pool = KVPool(model.cache_config, sum(len(t) for t in h.tables), torch.float32, model.device)
     logits = ModelRunner(model, pool, enforce_eager=True).run(h)
-    alone = torch.from_numpy(llm.logits([0] * 9)[-1:])
+    alone = torch.from_numpy(llm.logits(h.ids[-9:])[-1:])
     torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
 
 

@@ -168,11 +168,13 @@ class ModelRunner:
         return self.model.hidden_states(x, meta) if hidden else self.model.forward(x, meta)
 
 
-def dummy_step(rows: int, seq_len: int, sampled: int) -> HostStep:
-    """A prefill step of `rows` token-0 rows in sequences of at most `seq_len` tokens, each in its own blocks
-    from block 0 on, whose last `sampled` rows are sampled: the shape of the largest step the scheduler can
-    send (the longest sequences make attention's share the largest)."""
-    h = HostStep([0] * rows, [], [], [0], [], [], [], list(range(rows - min(sampled, rows), rows)))
+def dummy_step(rows: int, seq_len: int, sampled: int, vocab: int = 1) -> HostStep:
+    """A prefill step of `rows` rows in sequences of at most `seq_len` tokens, each in its own blocks from block
+    0 on, whose last `sampled` rows are sampled: the shape of the largest step the scheduler can send (the
+    longest sequences make attention's share the largest). Its ids are spread over the vocabulary, so a MoE
+    routes them to many experts, as real text does, not all to one token's."""
+    ids = [(7919 * i) % vocab for i in range(rows)]
+    h = HostStep(ids, [], [], [0], [], [], [], list(range(rows - min(sampled, rows), rows)))
     first_block = 0
     while len(h.positions) < rows:
         n = min(seq_len, rows - len(h.positions))
@@ -200,7 +202,7 @@ def profile_activations(model: Decoder, kv_dtype: torch.dtype, rows: int, sample
     0 is returned: there is no allocator to read."""
     dev = model.device
     cuda = has_allocator_stats(dev)
-    step = dummy_step(rows, model.max_positions, sampled)
+    step = dummy_step(rows, model.max_positions, sampled, model.config.vocab_size)
     pool = KVPool(model.cache_config, sum(len(t) for t in step.tables), kv_dtype, dev)
     runner = ModelRunner(model, pool, enforce_eager=True)
     try:
