@@ -338,7 +338,7 @@ def memory_check(path: str, batched: int = 8192, headroom: float = 4e9, device: 
         free, total = torch.cuda.mem_get_info()
         utilization = min(0.95, round((total - free + os.path.getsize(path) + headroom) / total, 4))
     t0 = time.perf_counter()
-    seqs, context = 16, 4 * batched
+    seqs, context = 64, 4 * batched  # the pool 64 full contexts want (8.6 GB on the 4-layer file) > the budget
     llm = LLM(path, device=device, max_model_len=context, max_num_seqs=seqs, max_num_batched_tokens=batched,
               gpu_memory_utilization=utilization, warmup=False, **({} if cuda else {"kernels": "triton"}))
     pool = llm.engine.pool
