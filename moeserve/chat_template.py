@@ -204,7 +204,7 @@ class ChatTemplate:
 
     ``template`` is the Jinja source (``Tokenizer.chat_template``); None selects ChatML.
     ``bos_token``/``eos_token`` are the token *texts* templates interpolate (``None`` -> ``""``).
-    ``source`` names where the template came from, for error messages.
+    ``source`` names where the template came from and ``field`` what it is, for error messages.
     """
 
     def __init__(
@@ -213,6 +213,7 @@ class ChatTemplate:
         bos_token: str | None = None,
         eos_token: str | None = None,
         source: str = "<gguf>",
+        field: str = "tokenizer.chat_template",
     ) -> None:
         self.is_fallback = template is None
         self.source = source
@@ -223,7 +224,7 @@ class ChatTemplate:
             self._template = _make_environment().from_string(self.template_source)
         except TemplateSyntaxError as exc:
             raise GGUFError(
-                f"{source}: tokenizer.chat_template does not compile: {exc.message} (template line {exc.lineno})"
+                f"{source}: {field} does not compile: {exc.message} (template line {exc.lineno})"
             ) from exc
 
     def render(

@@ -143,6 +143,9 @@ Device = Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda
                                             show_default=False)]
 GpuMemory = Annotated[float, typer.Option(help="On a GPU: the share of its memory for weights, KV pool and "
                                                "activations (the KV pool takes what is left).", min=0.01, max=1.0)]
+ChatTemplateOpt = Annotated[str | None, typer.Option(
+    envvar="MOESERVE_CHAT_TEMPLATE", show_default=False,
+    help="Jinja chat template, or a file holding one, instead of the GGUF's (env MOESERVE_CHAT_TEMPLATE).")]
 EnforceEager = Annotated[bool, typer.Option(help="Never capture CUDA graphs for decode steps.")]
 BatchInvariant = Annotated[bool | None, typer.Option(
     "--batch-invariant/--no-batch-invariant",
@@ -504,6 +507,7 @@ def chat(
     expert_parallel: ExpertParallel = False,
     split_attention: SplitAttention = True,
     parallel_timeout: ParallelTimeout = 60.0,
+    chat_template: ChatTemplateOpt = None,
     quiet: Quiet = False,
 ) -> None:
     """Chat with a model: an interactive REPL (reads lines from stdin, so it can be scripted).
@@ -522,7 +526,7 @@ def chat(
     _torchrun_worker(model_arg or model, kernels, device, max_model_len, parallel)
     llm = _load(model_arg or model, max_model_len, kernels, quiet, device=device,
                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                batch_invariant=batch_invariant, **parallel)
+                batch_invariant=batch_invariant, chat_template=chat_template, **parallel)
     if llm.tokenizer is None:
         raise CLIError(f"{llm.path} has no tokenizer; chat needs one")
     interactive = sys.stdin.isatty()
@@ -772,6 +776,7 @@ def serve(
     enable_prefix_caching: Annotated[bool, typer.Option(
         envvar="MOESERVE_ENABLE_PREFIX_CACHING",
         help="Reuse the KV blocks of prompt prefixes seen before (env MOESERVE_ENABLE_PREFIX_CACHING).")] = True,
+    chat_template: ChatTemplateOpt = None,
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", envvar="MOESERVE_ALLOWED_ORIGINS", show_default=False,
         help="Enable CORS for these origins (repeatable or comma-separated; '*' for any; env "
@@ -810,7 +815,7 @@ def serve(
                                            enable_prefix_caching=None if enable_prefix_caching else False,
                                            device=device,
                                            gpu_memory_utilization=gpu_memory_utilization,
-                                           enforce_eager=enforce_eager,
+                                           enforce_eager=enforce_eager, chat_template=chat_template,
                                            batch_invariant=batch_invariant).items() if v is not None}
     from dataclasses import fields
 
@@ -818,6 +823,10 @@ def serve(
 
     knobs = {f.name for f in fields(EngineConfig)}  # checked now, not after the server has started loading
     EngineConfig(**{k: v for k, v in engine_kwargs.items() if k in knobs}).validate()
+    if chat_template is not None:
+        from moeserve.engine.llm import resolve_chat_template
+
+        engine_kwargs["chat_template"] = resolve_chat_template(chat_template)  # a file is read once, here
     extra: dict[str, Any] = {}
     if origins:
         extra["allowed_origins"] = origins

@@ -266,3 +266,40 @@ def test_pydantic_like_messages_are_converted() -> None:
 
     chat = [Msg("user", "hi")]
     assert ChatTemplate(None).render(chat, add_generation_prompt=False) == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+# -- --chat-template: the user's template instead of the GGUF's ---------------------------------------------
+
+MINE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}" \
+       "{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_a_user_template_replaces_the_ggufs(tiny_moe, tmp_path) -> None:
+    from moeserve import LLM
+
+    msgs = [{"role": "user", "content": "hi"}]
+    f = tmp_path / "mine.jinja"
+    f.write_text(MINE)
+    for given in (MINE, str(f)):
+        llm = LLM(str(tiny_moe), warmup=False, chat_template=given)
+        assert llm.render_chat(msgs) == "<user>hi</user><assistant>"
+    assert LLM(str(tiny_moe), warmup=False).render_chat(msgs) != "<user>hi</user><assistant>"
+
+
+def test_a_bad_user_template_is_one_line_before_loading(tiny_moe, tmp_path, monkeypatch) -> None:
+    import moeserve.engine.llm as llm_module
+    from moeserve import LLM
+
+    monkeypatch.setattr(llm_module, "load_decoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    big = tmp_path / "big.jinja"
+    big.write_bytes(b"{{ x }}" * (llm_module.MAX_CHAT_TEMPLATE_BYTES // 7 + 1))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("just words")
+    binary = tmp_path / "bin.jinja"
+    binary.write_bytes(b"\xff\xfe{{")
+    cases = [("{% for m in messages %}", r"the chat_template argument: chat_template does not compile: .*line 1"),
+             (str(tmp_path / "nope.jinja"), "no such file"), (str(big), "1048579 bytes, more than 1048576"),
+             (str(plain), "holds no Jinja"), (str(binary), "cannot be read"), ("  ", "must be a Jinja template")]
+    for given, needle in cases:
+        with pytest.raises(RequestError, match=needle):
+            LLM(str(tiny_moe), warmup=False, chat_template=given)

@@ -147,6 +147,27 @@ def test_chat_ends_at_end_of_input_and_uses_system_prompt(tiny_moe, llm):
     assert r.stdout == expected + "\n"
 
 
+def test_chat_and_serve_take_a_chat_template(tiny_moe, tmp_path, monkeypatch):
+    import moeserve.server.app as server_app
+
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    f = tmp_path / "t.jinja"
+    f.write_text(template)
+    mine = LLM(str(tiny_moe), warmup=False, chat_template=template)
+    r = run("chat", str(tiny_moe), "-n", "6", *GREEDY, "--chat-template", str(f), input="hello\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == chat_reply(mine, [{"role": "user", "content": "hello"}], 6) + "\n"
+    calls = []
+    monkeypatch.setattr(server_app, "run", lambda *a, **k: calls.append(k))
+    assert run("serve", str(tiny_moe), "--chat-template", str(f)).exit_code == 0
+    assert calls[-1]["chat_template"] == template  # the file is read once, before the server starts
+    r = runner.invoke(app, ["serve", str(tiny_moe)], env={"MOESERVE_CHAT_TEMPLATE": template})
+    assert r.exit_code == 0 and calls[-1]["chat_template"] == template
+    r = run("serve", str(tiny_moe), "--chat-template", str(tmp_path / "missing.jinja"))
+    assert r.exit_code == 1 and "no such file" in r.stderr and len(calls) == 2
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_chat_drops_old_turns_when_the_context_is_full(tiny_moe):
     lines = "".join(f"message number {i} with a few more words in it\n" for i in range(12))
     r = run("chat", str(tiny_moe), "-n", "8", "--max-model-len", "160", *GREEDY, input=lines)

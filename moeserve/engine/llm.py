@@ -17,12 +17,13 @@ import atexit
 import os
 import time
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from moeserve.chat_template import CHATML_TEMPLATE
+from moeserve.chat_template import CHATML_TEMPLATE, ChatTemplate
 from moeserve.engine.distributed import (
     Driver,
     ParallelConfig,
@@ -85,6 +86,41 @@ def parse_device(device: str | torch.device) -> torch.device:
     return torch.device(text)
 
 
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # real templates are a few KB; Qwen3's, with tools, is 4 KB
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """`chat_template` as given (vLLM's `--chat-template`): None (the GGUF's own), a file holding a Jinja
+    template, or the template itself; checked to compile, so a typo is one line at start-up, not a 500 on the
+    first chat request."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("chat_template must be a Jinja template or the path of a file holding one")
+    if "{{" not in value and "{%" not in value:  # not a template: a file
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise RequestError(f"chat_template {value!r}: no such file (nor a Jinja template: no '{{{{' or '{{%')")
+        if path.stat().st_size > MAX_CHAT_TEMPLATE_BYTES:
+            raise RequestError(f"chat_template {value!r}: {path.stat().st_size} bytes, more than "
+                               f"{MAX_CHAT_TEMPLATE_BYTES} for a chat template")
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RequestError(f"chat_template {str(path)!r}: cannot be read ({exc})") from None
+        source = str(path)
+        if "{{" not in value and "{%" not in value:  # (so a resolved template resolves to itself)
+            raise RequestError(f"chat_template {source!r} holds no Jinja ('{{{{ ... }}}}' or '{{% ... %}}'): "
+                               f"it could not put the messages in a prompt")
+    else:
+        source = "the chat_template argument"
+    try:
+        ChatTemplate(value, source=source, field="chat_template")
+    except MoeServeError as exc:
+        raise RequestError(str(exc)) from None
+    return value
+
+
 def gpu_weights_fit(path: str, need: int | None, device: torch.device) -> None:
     """Refuse, in one line naming the file and the GPU, weights of `need` bytes that its free memory cannot hold
     (`need` None: they already did not fit)."""
@@ -107,7 +143,8 @@ class LLM:
                  enable_prefix_caching: bool = True, in_memory: bool | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  batch_invariant: bool | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                 split_attention: bool = True, parallel_timeout: float = 60.0) -> None:
+                 split_attention: bool = True, parallel_timeout: float = 60.0,
+                 chat_template: str | None = None) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
         `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: cpu on a CPU, triton on a GPU), 'cpu', 'triton',
@@ -125,6 +162,8 @@ class LLM:
         started here, or by torchrun): attention heads and every expert's FFN are cut across ranks, or whole
         experts with `expert_parallel`; `split_attention=False` keeps attention whole on every rank;
         `parallel_timeout` bounds every collective (seconds). See `engine/distributed.py`; `close()` stops them.
+        `chat_template` replaces the GGUF's own: a Jinja template, or the path of a file holding one (vLLM's
+        `--chat-template`).
         """
         self._workers: Workers | None = None
         self._driver: Driver | None = None
@@ -132,6 +171,7 @@ class LLM:
                                           max_num_batched_tokens, enable_prefix_caching, gpu_memory_utilization,
                                           enforce_eager, batch_invariant_requested(batch_invariant))
         self.engine_config.validate()  # before the model is loaded: a bad knob costs no load time
+        self.chat_template = resolve_chat_template(chat_template)
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
         self.parallel.validate()
         if tensor_parallel_size > 1 and self.engine_config.batch_invariant:
@@ -195,7 +235,8 @@ class LLM:
         """A new engine (its own KV pool and scheduler) over this model, e.g. with other pool or batch limits.
         With several ranks there is one engine at a time: the workers' pools follow the newest."""
         return LLMEngine(self.model, self.tokenizer, config or self.engine_config, source=self.path,
-                         chat_template=self.file.metadata.get("tokenizer.chat_template"), driver=self._driver)
+                         chat_template=self.chat_template or self.file.metadata.get("tokenizer.chat_template"),
+                         driver=self._driver)
 
     # -- parallel group ---------------------------------------------------------------------
     def _start_group(self, kernels: str | None) -> Shard:
