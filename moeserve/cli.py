@@ -777,6 +777,9 @@ def serve(
         envvar="MOESERVE_ENABLE_PREFIX_CACHING",
         help="Reuse the KV blocks of prompt prefixes seen before (env MOESERVE_ENABLE_PREFIX_CACHING).")] = True,
     chat_template: ChatTemplateOpt = None,
+    seed: Annotated[int | None, typer.Option(
+        envvar="MOESERVE_SEED", min=0, show_default=False,
+        help="Seed of the generator that requests without a seed draw from (env MOESERVE_SEED).")] = None,
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", envvar="MOESERVE_ALLOWED_ORIGINS", show_default=False,
         help="Enable CORS for these origins (repeatable or comma-separated; '*' for any; env "
@@ -815,7 +818,7 @@ def serve(
                                            enable_prefix_caching=None if enable_prefix_caching else False,
                                            device=device,
                                            gpu_memory_utilization=gpu_memory_utilization,
-                                           enforce_eager=enforce_eager, chat_template=chat_template,
+                                           enforce_eager=enforce_eager, chat_template=chat_template, seed=seed,
                                            batch_invariant=batch_invariant).items() if v is not None}
     from dataclasses import fields
 

@@ -231,10 +231,11 @@ def test_serve_passes_options_to_the_server(tiny_moe, monkeypatch):
     kw = calls[-1][1]
     assert kw["max_num_batched_tokens"] == 2048 and kw["kv_cache_dtype"] == "bfloat16"
     assert kw["enable_prefix_caching"] is False
+    assert run("serve", "--seed", "7").exit_code == 0 and calls[-1][1]["seed"] == 7
     r = run("serve", "--kv-cache-dtype", "int8")
     assert r.exit_code == 1 and "kv_cache_dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got 'int8'" \
         in r.output and "Traceback" not in r.output
-    assert run("serve", "--max-num-batched-tokens", "0").exit_code == 2 and len(calls) == 3
+    assert run("serve", "--max-num-batched-tokens", "0").exit_code == 2 and len(calls) == 4
 
 
 # -- errors: one line, exit code != 0, no traceback ----------------------------------------------

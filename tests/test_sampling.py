@@ -445,3 +445,22 @@ def test_incremental_check_matches_full_check() -> None:
     text = "abc<|e" + "nd|>tail"
     assert checker.check(text, num_new_chars=len("nd|>tail")) == checker.check(text)
     assert checker.check(text) == (True, "abc")
+
+
+def test_llm_seed_makes_unseeded_requests_reproducible(tiny_moe) -> None:
+    """vLLM's `LLM(seed=...)` / `--seed`: requests without a seed of their own draw from a seeded generator."""
+    from moeserve import LLM
+    from moeserve.engine.sampling import SamplingParams
+    from moeserve.errors import RequestError
+
+    params = SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True)
+
+    def texts(seed: int) -> list[list[int]]:
+        llm = LLM(str(tiny_moe), warmup=False, seed=seed)
+        return [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7]] * 3, params)]
+
+    assert texts(11) == texts(11)
+    assert texts(11) != texts(12)
+    for bad in (-1, 2**63, 1.5, True, "7"):
+        with pytest.raises(RequestError, match="seed must be a whole number"):
+            LLM(str(tiny_moe), warmup=False, seed=bad)

@@ -144,7 +144,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  batch_invariant: bool | None = None, tensor_parallel_size: int = 1, expert_parallel: bool = False,
                  split_attention: bool = True, parallel_timeout: float = 60.0,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, seed: int | None = None) -> None:
         """Load `model` (a GGUF path; the embedded tiny model when None).
 
         `kernels`: 'auto' (default, or `$MOESERVE_KERNELS`: cpu on a CPU, triton on a GPU), 'cpu', 'triton',
@@ -163,7 +163,8 @@ class LLM:
         experts with `expert_parallel`; `split_attention=False` keeps attention whole on every rank;
         `parallel_timeout` bounds every collective (seconds). See `engine/distributed.py`; `close()` stops them.
         `chat_template` replaces the GGUF's own: a Jinja template, or the path of a file holding one (vLLM's
-        `--chat-template`).
+        `--chat-template`). `seed` seeds torch's global generator, which requests without a seed of their own
+        draw from (vLLM's `seed`): the same seed and the same requests in the same order give the same text.
         """
         self._workers: Workers | None = None
         self._driver: Driver | None = None
@@ -172,6 +173,10 @@ class LLM:
                                           enforce_eager, batch_invariant_requested(batch_invariant))
         self.engine_config.validate()  # before the model is loaded: a bad knob costs no load time
         self.chat_template = resolve_chat_template(chat_template)
+        if seed is not None:
+            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+                raise RequestError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+            torch.manual_seed(int(seed))
         self.parallel = ParallelConfig(tensor_parallel_size, expert_parallel, split_attention, parallel_timeout)
         self.parallel.validate()
         if tensor_parallel_size > 1 and self.engine_config.batch_invariant:
