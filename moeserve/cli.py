@@ -778,7 +778,7 @@ def serve(
         help="Reuse the KV blocks of prompt prefixes seen before (env MOESERVE_ENABLE_PREFIX_CACHING).")] = True,
     chat_template: ChatTemplateOpt = None,
     seed: Annotated[int | None, typer.Option(
-        envvar="MOESERVE_SEED", min=0, show_default=False,
+        "--seed", "-s", envvar="MOESERVE_SEED", min=0, show_default=False,
         help="Seed of the generator that requests without a seed draw from (env MOESERVE_SEED).")] = None,
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", envvar="MOESERVE_ALLOWED_ORIGINS", show_default=False,
