@@ -15,9 +15,9 @@ import torch
 
 import moeserve.engine.runner as runner_module
 from moeserve import LLM
-from moeserve.engine.engine import GPU_PROFILE_MARGIN, EngineConfig, gpu_kv_budget
+from moeserve.engine.engine import EngineConfig, gpu_kv_budget
 from moeserve.engine.paged_cache import BLOCK_SIZE, KVPool
-from moeserve.engine.runner import HostStep, ModelRunner, dummy_step
+from moeserve.engine.runner import PROFILE_MARGIN, HostStep, ModelRunner, dummy_step
 from moeserve.errors import RequestError
 
 GiB = 1024**3
@@ -90,7 +90,7 @@ def test_budget_keeps_the_profiled_peaks_free(llm: LLM, monkeypatch: pytest.Monk
     # the largest prefill step (whole sequences of at most max_model_len = 48), then one decode-sized step
     assert fake.steps == [(100, 6, [48, 48, 4]), (6, 6, [6])]
     assert kept == PER_ROW * (100 + 6)
-    assert budget == int(0.5 * 80 * GiB) - 20 * GiB - kept - GPU_PROFILE_MARGIN
+    assert budget == int(0.5 * 80 * GiB) - 20 * GiB - kept - PROFILE_MARGIN
 
     fake.steps.clear()  # more tokens per step than max_num_seqs full contexts hold: the largest possible step
     gpu_kv_budget(model, EngineConfig(max_num_batched_tokens=2**20, max_num_seqs=2), torch.float16)

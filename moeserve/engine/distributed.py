@@ -178,10 +178,18 @@ class Driver:
                 raise ParallelError(f"the parallel group failed ({self.group.shard.size} ranks): "
                                     f"{str(exc).splitlines()[0]}") from exc
 
-    def profile(self, rows: int, sampled: int, kv_dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+    def profile(self, rows: int, sampled: int, kv_dtype: torch.dtype,
+                utilization: float) -> contextlib.AbstractContextManager[None]:
         """Every rank runs the same dummy step (`runner.profile_activations`) with rank 0, meeting in its
-        collectives: each measures its own peak before the pools are sized."""
-        return self.step(PROFILE, [rows, sampled, _KV_DTYPES.index(kv_dtype)])
+        collectives, then works out its own pool budget (`runner.pool_budget`); inside this, rank 0 runs the step
+        too and calls `smallest` with its budget, which every rank meets."""
+        return self.step(PROFILE, [rows, sampled, _KV_DTYPES.index(kv_dtype), round(utilization * 1e6)])
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's `value` (rank 0's here, the workers' in `serve_steps`)."""
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group.control)
+        return int(t)
 
     def start(self, num_blocks: int, kv_dtype: torch.dtype) -> None:
         """Tell the workers the KV pool's size and type (every rank numbers its blocks alike)."""
@@ -200,7 +208,7 @@ class Driver:
 def serve_steps(model: Any, control: Any) -> None:
     """A worker's loop: replay rank 0's steps until it says stop (START: a new engine, with a new KV pool)."""
     from moeserve.engine.paged_cache import KVPool
-    from moeserve.engine.runner import HostStep, ModelRunner, profile_activations
+    from moeserve.engine.runner import HostStep, ModelRunner, pool_budget, profile_activations
 
     runner = None
     while True:
@@ -218,8 +226,10 @@ def serve_steps(model: Any, control: Any) -> None:
             runner = None  # the old pool goes before the new one is allocated
             pool = KVPool(model.cache_config, payload[0], _KV_DTYPES[payload[1]], model.device)
             runner = ModelRunner(model, pool, enforce_eager=True)
-        elif op == PROFILE:
-            profile_activations(model, _KV_DTYPES[payload[2]], payload[0], payload[1])
+        elif op == PROFILE:  # (an out-of-memory here ends this rank: rank 0's step then fails with the group)
+            peak = profile_activations(model, _KV_DTYPES[payload[2]], payload[0], payload[1])
+            t = torch.tensor([pool_budget(model, payload[3] / 1e6, peak)], dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control)
         elif op == STEP and runner is not None:
             runner.run(HostStep.unpack(payload))
         elif op in (FULL, HIDDEN) and runner is not None:

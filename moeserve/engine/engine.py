@@ -36,7 +36,7 @@ from moeserve.engine.cuda_graphs import MAX_CAPTURED_BATCH
 from moeserve.engine.distributed import Driver
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
-from moeserve.engine.runner import ModelRunner, profile_activations
+from moeserve.engine.runner import ModelRunner, pool_budget, profile_activations
 from moeserve.engine.sampling import Sampler, SamplingParams
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput, SeqState, SeqStatus
 from moeserve.engine.sequence import Sequence, request_output
@@ -52,7 +52,6 @@ DEFAULT_KV_MEMORY = 2 * 1024**3  # bytes; the pool never exceeds what max_num_se
 # so that a mistyped knob is an error, not a host list of 10**12 ints or a 10**9-row graph buffer.
 MAX_NUM_SEQS = 65536
 MAX_NUM_BATCHED_TOKENS = 2**20
-GPU_PROFILE_MARGIN = 256 * 1024**2  # bytes kept beside the profiled peaks: the sampler, allocator fragmentation
 
 
 def kv_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -75,27 +74,30 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
     scheduler sends) and, when decode steps will be captured, one of `max_num_seqs` rows (the captured graphs
     keep their own memory pool) run first, and their peaks are kept free. So a `max_num_batched_tokens=8192`
     engine gets a smaller pool instead of running out of memory in its first long prefill. With a `driver`
-    (rank 0 of a parallel group) every rank runs the step with it; the ranks hold equal shares, so rank 0's
-    measure sizes every pool."""
+    (rank 0 of a parallel group) every rank runs the step with it and works out its own budget; every pool has
+    the same blocks, so the smallest budget decides."""
     rows = min(c.max_num_batched_tokens, c.max_num_seqs * model.max_positions)  # no step can be larger
     steps = [("max_num_batched_tokens", c.max_num_batched_tokens, rows, min(rows, c.max_num_seqs))]
     if model.graph_safe and not c.enforce_eager and driver is None:  # ModelRunner's condition for capturing
         graph_rows = min(c.max_num_seqs, MAX_CAPTURED_BATCH)
         steps.append(("max_num_seqs", c.max_num_seqs, graph_rows, graph_rows))
-    reserve = 0
+    reserve, group_budget = 0, None
     for knob, value, rows, sampled in steps:
         peak = None
-        with driver.profile(rows, sampled, dtype) if driver else contextlib.nullcontext():
+        with driver.profile(rows, sampled, dtype, c.gpu_memory_utilization) if driver else contextlib.nullcontext():
             with contextlib.suppress(torch.cuda.OutOfMemoryError):  # (a RuntimeError: the driver blames the group)
                 peak = profile_activations(model, dtype, rows, sampled)
+            if driver is not None:  # every rank has said its budget: the workers wait for this
+                group_budget = driver.smallest(-1 if peak is None else pool_budget(model, c.gpu_memory_utilization,
+                                                                                    peak))
         if peak is None:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(model.device)
             raise RequestError(f"one step of {rows} rows ({knob}={value}) does not fit in the {free / 2**30:.2f} "
                                f"GiB the {total / 2**30:.0f} GiB GPU has free after loading the weights: lower {knob}")
         reserve += peak
-    free, total = torch.cuda.mem_get_info(model.device)
-    return max(0, int(c.gpu_memory_utilization * total) - (total - free) - reserve - GPU_PROFILE_MARGIN), reserve
+    budget = group_budget if group_budget is not None else pool_budget(model, c.gpu_memory_utilization, reserve)
+    return max(0, budget), reserve
 
 
 class OutputKind(enum.Enum):

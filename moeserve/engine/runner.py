@@ -189,6 +189,19 @@ def dummy_step(rows: int, seq_len: int, sampled: int, vocab: int = 1) -> HostSte
     return h
 
 
+PROFILE_MARGIN = 256 * 1024**2  # bytes kept beside the profiled peaks: the sampler, allocator fragmentation
+NO_LIMIT = 2**62  # a device whose memory torch does not count leaves the pool to the engine's other bounds
+
+
+def pool_budget(model: Decoder, utilization: float, reserve: int) -> int:
+    """Bytes this rank's device can give its KV pool (vLLM's --gpu-memory-utilization): the share `utilization`
+    of its memory, less what is taken now (the weights, other processes) and `reserve` for the steps."""
+    if not has_allocator_stats(model.device):
+        return NO_LIMIT
+    free, total = torch.cuda.mem_get_info(model.device)
+    return int(utilization * total) - (total - free) - reserve - PROFILE_MARGIN
+
+
 def has_allocator_stats(device: torch.device) -> bool:
     """Whether torch counts this device's allocations (peak and current bytes): CUDA's caching allocator."""
     return device.type == "cuda"
