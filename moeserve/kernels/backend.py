@@ -105,6 +105,7 @@ class Backend(ABC):
     name: str
     graph_safe = False  # True when a forward never synchronises with the host (CUDA graphs may capture it)
     batch_invariant = False  # True when every kernel's result for a row is independent of the other rows
+    moe_col_unit = 1  # columns a tensor-parallel cut of an expert's FFN must fall on, beyond the quant block's
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)

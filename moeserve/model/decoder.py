@@ -173,8 +173,7 @@ def _moe(f: GGUFFile, backend: Backend, cfg: ModelConfig, p: str, sh: Shard, pac
         local = backend.moe(router, *(packed(take_rows(w, e0, e1)) for w in (gate, up, down)), top_k=k,
                             renormalize=renorm)
         return ExpertParallelMoE(backend.linear(router), local, e0, e1, k, renorm, sh)
-    # whole 32-weight groups of down's columns too: the GPU's fused kernels take float stacks in them
-    cuts = split(I, sh.size, max(col_unit(down), 32))
+    cuts = split(I, sh.size, max(col_unit(down), backend.moe_col_unit))  # whole blocks, and the backend's groups
     i0, i1 = cuts[sh.rank], cuts[sh.rank + 1]
     if i0 == i1:
         return Reduced(ZeroFFN(), sh)

@@ -37,6 +37,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.backend import Backend, Linear
 from moeserve.kernels.reference import EmbeddingRows
 from moeserve.kernels.rope import Rope
+from moeserve.kernels.triton.packing import GROUP
 
 
 def check_runtime(device: torch.device) -> None:
@@ -53,6 +54,7 @@ def check_runtime(device: torch.device) -> None:
 class TritonBackend(Backend):
     name = "triton"
     graph_safe = True  # no host synchronisation inside a forward: decode steps may be captured in CUDA graphs
+    moe_col_unit = GROUP  # the fused MoE's K loop takes whole 32-weight groups, float stacks included
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         super().__init__(device)

@@ -40,7 +40,7 @@ __all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight", "packable"]
 PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
                                           QT.F16, QT.BF16})
 
-_GROUP = 32
+GROUP = 32
 """Weights per group of the kernels' K loop; a float type's rows must be whole groups."""
 
 
@@ -104,7 +104,7 @@ def _k_scales(blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
 
 def _row_unit(qt: QT) -> int:
     """Columns a packed row is a whole number of: the type's block, at least the kernels' group."""
-    return max(block_info(qt)[0], _GROUP)
+    return max(block_info(qt)[0], GROUP)
 
 
 def packable(w: PackedTensor) -> bool:
