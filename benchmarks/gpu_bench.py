@@ -328,6 +328,7 @@ def memory_check(path: str, batched: int = 8192, headroom: float = 4e9, device: 
     a prompt of `batched` tokens, then decoding, must run within that share of the device (what
     `--gpu-memory-utilization` promises) instead of running out of memory."""
     from moeserve import LLM, SamplingParams
+    from moeserve.engine.paged_cache import blocks_for
 
     gc.collect()
     cuda = device == "cuda"
@@ -345,7 +346,7 @@ def memory_check(path: str, batched: int = 8192, headroom: float = 4e9, device: 
     r: dict[str, Any] = {"load_s": time.perf_counter() - t0, "batched_tokens": batched, "utilization": utilization,
                          "kv_blocks": pool.num_blocks, "kv_pool_gb": 2 * pool.k.numel() * pool.k.element_size() / 1e9,
                          "step_reserve_gb": (llm.engine.step_reserve or 0) / 1e9,
-                         "pool_budget_limited": pool.num_blocks < seqs * -(-context // 16)}  # < what seqs fill
+                         "pool_budget_limited": pool.num_blocks < seqs * blocks_for(context)}  # < what seqs fill
     ids = prompts(1, batched, llm.model.config.vocab_size, seed=5)[0]
     t0 = time.perf_counter()
     llm.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))

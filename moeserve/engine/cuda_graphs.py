@@ -31,6 +31,11 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_CAPTURED_BATCH = BUCKETS[-1]  # larger decode steps run eagerly: launches are a small share of them (vLLM: 512)
 
 
+def largest_bucket(max_num_seqs: int) -> int:
+    """The largest decode batch a captured graph runs (and the engine's profile step for the graphs' pool)."""
+    return min(max_num_seqs, MAX_CAPTURED_BATCH)
+
+
 def is_decode_step(chunks: Sequence[Chunk]) -> bool:
     """Every chunk adds one token to a cached context (what a captured graph computes)."""
     return all(c.length == 1 and c.start > 0 for c in chunks)
@@ -41,7 +46,7 @@ class DecodeGraphs:
 
     def __init__(self, model: Decoder, pool: KVPool, max_batch: int) -> None:
         self.model, self.pool = model, pool
-        max_batch = min(max_batch, MAX_CAPTURED_BATCH)
+        max_batch = largest_bucket(max_batch)
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = self.buckets[-1]
         self.width = blocks_for(model.max_positions)  # block-table columns: enough for the longest sequence

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeserve.engine.cuda_graphs import MAX_CAPTURED_BATCH
+from moeserve.engine.cuda_graphs import largest_bucket
 from moeserve.engine.distributed import Driver
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.paged_cache import BLOCK_SIZE, BlockAllocator, KVPool, PoolStats, parse_memory
-from moeserve.engine.runner import ModelRunner, pool_budget, profile_activations
+from moeserve.engine.runner import ModelRunner, may_capture, pool_budget, profile_activations
 from moeserve.engine.sampling import Sampler, SamplingParams
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput, SeqState, SeqStatus
 from moeserve.engine.sequence import Sequence, request_output
@@ -78,8 +78,8 @@ def gpu_kv_budget(model: Decoder, c: EngineConfig, dtype: torch.dtype,
     the same blocks, so the smallest budget decides."""
     rows = min(c.max_num_batched_tokens, c.max_num_seqs * model.max_positions)  # no step can be larger
     steps = [("max_num_batched_tokens", c.max_num_batched_tokens, rows, min(rows, c.max_num_seqs))]
-    if model.graph_safe and not c.enforce_eager and driver is None:  # ModelRunner's condition for capturing
-        graph_rows = min(c.max_num_seqs, MAX_CAPTURED_BATCH)
+    if may_capture(model, c.enforce_eager, driver):  # the captured graphs' own pool
+        graph_rows = largest_bucket(c.max_num_seqs)
         steps.append(("max_num_seqs", c.max_num_seqs, graph_rows, graph_rows))
     reserve, group_budget = 0, None
     for knob, value, rows, sampled in steps:
@@ -193,6 +193,7 @@ class LLMEngine:
         self.max_model_len = model.max_positions
         dtype = kv_dtype(c.kv_cache_dtype, model.device)
         self.step_reserve: int | None = None  # GPU bytes kept free for one step's activations (profiled)
+        budget_name = f"the KV cache budget {c.kv_cache_memory!r}"  # what a pool of no block is blamed on
         if c.num_kv_blocks is not None:
             num_blocks = c.num_kv_blocks
         else:
@@ -200,15 +201,14 @@ class LLMEngine:
                 budget = parse_memory(c.kv_cache_memory)
             elif model.device.type == "cuda":
                 budget, self.step_reserve = gpu_kv_budget(model, c, dtype, driver)
+                budget_name = (f"gpu_memory_utilization={c.gpu_memory_utilization} (after the weights and one "
+                               f"step's activations)")
             else:
                 budget = DEFAULT_KV_MEMORY
             wanted = c.max_num_seqs * (-(-self.max_model_len // BLOCK_SIZE))
             num_blocks = min(budget // KVPool.bytes_per_block(cfg, dtype), wanted)
         if num_blocks < 1:
-            what = (f"the KV cache budget {c.kv_cache_memory!r}" if c.kv_cache_memory is not None or
-                    model.device.type != "cuda" else f"gpu_memory_utilization={c.gpu_memory_utilization} "
-                    f"(after the weights and one step's activations)")
-            raise RequestError(f"{what} holds no KV block of {KVPool.bytes_per_block(cfg, dtype)} bytes")
+            raise RequestError(f"{budget_name} holds no KV block of {KVPool.bytes_per_block(cfg, dtype)} bytes")
         if driver is not None:
             driver.start(num_blocks, dtype)  # every rank's pool: the same blocks, its own heads
         self.pool = KVPool(cfg, num_blocks, dtype, model.device)

@@ -86,6 +86,12 @@ class HostStep:
         return cls(*parts[:6], tables, parts[6], bool(argmax))
 
 
+def may_capture(model: Decoder, enforce_eager: bool, driver: Driver | None) -> bool:
+    """Whether decode steps on a GPU replay CUDA graphs: a backend that never syncs with the host, graphs not
+    turned off, and one process (a parallel group's collectives run eagerly)."""
+    return model.graph_safe and not enforce_eager and driver is None
+
+
 @dataclass
 class StepInput:
     """One step, flattened: token ids [T], attention metadata, and the rows whose logits are sampled."""
@@ -102,7 +108,7 @@ class ModelRunner:
         self.model, self.pool, self.driver = model, pool, driver
         self.device = pool.device
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and model.graph_safe and not enforce_eager and driver is None:
+        if self.device.type == "cuda" and may_capture(model, enforce_eager, driver):
             try:
                 self.graphs = DecodeGraphs(model, pool, max_num_seqs)
                 self.graphs.capture()
