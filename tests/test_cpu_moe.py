@@ -35,6 +35,7 @@ TYPE_PAIRS = [  # (gate/up, down)
     (QT.Q4_0, QT.Q4_1),
     (QT.Q5_K, QT.Q5_0),
     (QT.Q5_1, QT.Q4_K),
+    (QT.Q3_K, QT.Q2_K),
 ]
 
 

@@ -31,6 +31,8 @@ EXPECTED_SIZES = {
     QT.Q5_0: (32, 22),
     QT.Q5_1: (32, 24),
     QT.Q8_0: (32, 34),
+    QT.Q2_K: (256, 84),
+    QT.Q3_K: (256, 110),
     QT.Q4_K: (256, 144),
     QT.Q5_K: (256, 176),
     QT.Q6_K: (256, 210),
@@ -42,6 +44,8 @@ F16_OFFSETS = {
     QT.Q5_0: (0,),
     QT.Q5_1: (0, 2),
     QT.Q8_0: (0,),
+    QT.Q2_K: (80, 82),
+    QT.Q3_K: (108,),
     QT.Q4_K: (0, 2),
     QT.Q5_K: (0, 2),
     QT.Q6_K: (208,),
@@ -185,7 +189,7 @@ def test_random_quant_bytes_rejects_bad_args() -> None:
     with pytest.raises(ValueError):
         random_quant_bytes(QT.Q4_0, (4, 32), rng, scale=0.0)
     with pytest.raises(UnsupportedQuantError):
-        random_quant_bytes(QT.Q2_K, (4, 256), rng)
+        random_quant_bytes(QT.IQ4_XS, (4, 256), rng)
 
 
 def test_row_bytes() -> None:
@@ -201,10 +205,10 @@ def test_row_bytes() -> None:
 
 
 def test_unsupported_qtype() -> None:
-    with pytest.raises(UnsupportedQuantError, match="Q2_K"):
-        block_info(QT.Q2_K)
+    with pytest.raises(UnsupportedQuantError, match="IQ4_XS"):
+        block_info(QT.IQ4_XS)
     with pytest.raises(UnsupportedQuantError):
-        dequantize(torch.zeros(84, dtype=torch.uint8), QT.Q2_K, 256)
+        dequantize(torch.zeros(136, dtype=torch.uint8), QT.IQ4_XS, 256)
     with pytest.raises(ValueError):  # UnsupportedQuantError is a ValueError
         row_bytes(QT.IQ2_XXS, 256)
 

@@ -36,12 +36,13 @@ __all__ = [
 ]
 
 SUPPORTED_QTYPES: frozenset[QT] = frozenset(
-    {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+    {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K,
+     QT.Q6_K}
 )
 """The tensor types moeserve can dequantize; anything else is rejected at load time."""
 
 _FLOAT_QTYPES: frozenset[QT] = frozenset({QT.F32, QT.F16, QT.BF16})
-_K_QTYPES: frozenset[QT] = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
+_K_QTYPES: frozenset[QT] = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 _GGUF_QUANTIZABLE: frozenset[QT] = frozenset({QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
 
 _QK_K = 256  # weights per K-quant super-block
@@ -55,6 +56,8 @@ _F16_FIELD_OFFSETS: dict[QT, tuple[int, ...]] = {
     QT.Q5_0: (0,),  # d
     QT.Q5_1: (0, 2),  # d, m
     QT.Q8_0: (0,),  # d
+    QT.Q2_K: (80, 82),  # d, dmin (after 16 B scale/min nibbles, 64 B 2-bit codes)
+    QT.Q3_K: (108,),  # d (after 32 B high-bit mask, 64 B 2-bit codes, 12 B 6-bit scales)
     QT.Q4_K: (0, 2),  # d, dmin
     QT.Q5_K: (0, 2),  # d, dmin
     QT.Q6_K: (208,),  # d (after 128 B ql, 64 B qh, 16 B scales)
@@ -176,6 +179,45 @@ def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
     return q * d
 
 
+def _two_bits(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K's 64 bytes of 2-bit codes ``[n, 64]`` -> ``[n, 256]``: per 128 weights, 32 bytes whose bit
+    pairs 2j..2j+1 are weights 32j..32j+31."""
+    n = qs.shape[0]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device).view(1, 1, 4, 1)
+    return ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, _QK_K)
+
+
+def q3_k_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes ``[n, 12]`` -> its sixteen 6-bit scales (uint8, 0..63; the weight scale is ``s - 32``):
+    scale s has its low 4 bits in byte s % 8 (low nibble for s < 8, high for s >= 8) and its top 2 bits at
+    bits 2(s // 4).. of byte 8 + s % 4."""
+    n = scales.shape[0]
+    low = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8,
+                                                          device=scales.device).view(1, 2, 1)).reshape(n, 16)
+    high = (scales[:, 8:12].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8,
+                                                             device=scales.device).view(1, 4, 1)).reshape(n, 16)
+    return (low & 0x0F) | ((high & 3) << 4)
+
+
+def _deq_q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16_field(b, 80), _f16_field(b, 82)
+    dl = (d * (b[:, :16] & 0x0F).float()).unsqueeze(-1)  # [n, 16, 1]: one scale and one min per 16 weights
+    ml = (dmin * (b[:, :16] >> 4).float()).unsqueeze(-1)
+    q = _two_bits(b[:, 16:80]).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, _QK_K)
+
+
+def _deq_q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16_field(b, 108)
+    dl = (d * (q3_k_scales(b[:, 96:108]).float() - 32.0)).unsqueeze(-1)  # [n, 16, 1]
+    # the third bit of weight 32i + l is bit i of hmask byte l; a clear bit subtracts 4 (codes -4..3)
+    hbit = _bits(b[:, :32]).reshape(n, 32, 8).transpose(1, 2).reshape(n, _QK_K)
+    q = _two_bits(b[:, 32:96]).float() - 4.0 * (1 - hbit).float()
+    return (dl * q.reshape(n, 16, 16)).reshape(n, _QK_K)
+
+
 def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dmin = _f16_field(b, 0), _f16_field(b, 2)
@@ -220,6 +262,8 @@ _DEQUANT_BLOCKS = {
     QT.Q5_0: _deq_q5_0,
     QT.Q5_1: _deq_q5_1,
     QT.Q8_0: _deq_q8_0,
+    QT.Q2_K: _deq_q2_k,
+    QT.Q3_K: _deq_q3_k,
     QT.Q4_K: _deq_q4_k,
     QT.Q5_K: _deq_q5_k,
     QT.Q6_K: _deq_q6_k,
@@ -276,12 +320,17 @@ _STD_PER_D: dict[QT, float] = {
     QT.Q4_K: math.sqrt(1333.5 * 77.5 - 31.5**2 * 7.5**2 + 7.5**2 * _UNIFORM_VAR_6BIT),
     QT.Q5_K: math.sqrt(1333.5 * 325.5 - 31.5**2 * 15.5**2 + 15.5**2 * _UNIFORM_VAR_6BIT),
     QT.Q6_K: math.sqrt(5461.5 * 341.5),
+    # Q2_K: sc, m ~ U[0,15], q ~ U[0,3], dmin = d*E[q] -> Var(sc*q) + E[q]^2 Var(m)
+    QT.Q2_K: math.sqrt(77.5 * 3.5 - 7.5**2 * 1.5**2 + 1.5**2 * (16**2 - 1) / 12),
+    # Q3_K: sc-32 ~ U[-32,31], q ~ U[-4,3]: E[(sc-32)^2] E[q^2]
+    QT.Q3_K: math.sqrt(341.5 * 5.5),
 }
 # For affine types, the offset field in units of d that centres the weights on zero.
 _OFFSET_PER_D: dict[QT, float] = {
     QT.Q4_1: -7.5,  # m = -E[q] * d
     QT.Q5_1: -15.5,
-    QT.Q4_K: 7.5,  # dmin = E[q] * d, so E[d*sc*q] = E[dmin*m]
+    QT.Q2_K: 1.5,  # dmin = E[q] * d, so E[d*sc*q] = E[dmin*m]
+    QT.Q4_K: 7.5,
     QT.Q5_K: 15.5,
 }
 

@@ -29,7 +29,7 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.cpu import build
 from moeserve.kernels.metadata import AttentionMetadata
 
-NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` replaces the few-row integer kernel, whose cost grows with
@@ -44,7 +44,7 @@ q * scale, pmaddwd against 15-bit activations). Integer dots vs integer GEMM, 2 
 m=2 0.079 vs 0.120 ms, m=4 0.130 vs 0.123, m=8 0.27 vs 0.18, m=16 0.55 vs 0.31; Q6_K lm_head
 151936x2048 m=4 29 vs 28 ms, m=8 60 vs 37, m=16 114 vs 61 (the float32 GEMM: 72 at m=16)."""
 
-KQUANTS = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
+KQUANTS = frozenset({QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
 DOT_CHUNK_BYTES = 1 << 20
 """The few-row integer kernel quantizes all its m activation rows (2 bytes a value) and dots every weight row with

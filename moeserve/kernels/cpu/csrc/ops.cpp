@@ -35,6 +35,8 @@ int64_t row_bytes_of(int64_t qtype, int64_t k) {
     case 6: return k / 32 * 22;    // Q5_0
     case 7: return k / 32 * 24;    // Q5_1
     case 8: return k / 32 * 34;    // Q8_0
+    case 10: return k / 256 * 84;  // Q2_K
+    case 11: return k / 256 * 110; // Q3_K
     case 12: return k / 256 * 144; // Q4_K
     case 13: return k / 256 * 176; // Q5_K
     case 14: return k / 256 * 210; // Q6_K
@@ -75,7 +77,7 @@ void check_weight(const Tensor& w, int64_t qtype, int64_t k, const char* op, con
               w.sizes());
   const int64_t rb = row_bytes_of(qtype, k);
   TORCH_CHECK(rb > 0, "moeserve::", op, ": ", name, " has GGML type ", qtype,
-              ", which has no native kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+              ", which has no native kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)");
   TORCH_CHECK(k > 0 && k % 256 == 0, "moeserve::", op, ": the row length k must be a positive multiple of 256, got ",
               k);
   TORCH_CHECK(w.size(-1) == rb, "moeserve::", op, ": ", name, " rows are ", w.size(-1), " bytes, expected ", rb,
@@ -146,12 +148,12 @@ Tensor qgemm(const Tensor& x, const Tensor& w, int64_t qtype, int64_t k, c10::st
   check_weight(w, qtype, k, op, "w");
   check_input(x, k, op);
   TORCH_CHECK(w.dim() == 2, "moeserve::qgemm: w must be 2-D, got shape ", w.sizes());
-  const bool i16 = qtype == 12 || qtype == 13 || qtype == 14;
+  const bool i16 = qtype == 11 || qtype == 12 || qtype == 13 || qtype == 14;  // Q3_K..Q6_K
   decltype(&mk_gemm) fn = mk_gemm;
   if (kind == "f32") {
     fn = mk_gemm_f32;
   } else if (kind == "i16") {
-    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads the K-quants only, got GGML type ", qtype);
+    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads Q3_K..Q6_K only, got GGML type ", qtype);
     fn = mk_gemm_i16;
   } else {
     TORCH_CHECK(kind == "auto", "moeserve::qgemm: kind must be 'auto', 'f32' or 'i16', got '", std::string(kind),

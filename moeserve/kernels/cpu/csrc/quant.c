@@ -368,6 +368,96 @@ static float dot_q6_k(const uint8_t *w, int64_t K, const xq_t *x) {
     return r;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Q2_K and Q3_K: 2-bit codes (per 128 weights, 32 bytes whose bit pairs 2j..2j+1 are weights 32j..32j+31)
+ * with a scale per 16 weights; Q2_K adds a min per 16 weights (w = d * sc * q - dmin * m), Q3_K a third bit
+ * from a 32-byte mask (bit 4h + j of byte l: weight 128h + 32j + l) that is clear for codes 4 below
+ * (w = d * (sc - 32) * (q - 4 * !bit)). As in Q6_K, the codes enter the products unsigned (q | bit << 2
+ * for Q3_K) and the offset is taken once per sub-block from the activation's per-16 sums.
+ * ------------------------------------------------------------------------------------- */
+
+/* Q3_K's 12 scale bytes -> its sixteen signed scales sc - 32 (int8): the low nibbles are bytes 0-7 (scales
+ * 0-7 low, 8-15 high), the top bit pairs bytes 8-11 (bits 2(s / 4).. of byte 8 + s % 4) */
+static inline __m128i q3_scales(const uint8_t *s) {
+    const uint32_t m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    uint32_t u[3], o[4];
+    memcpy(u, s, 12);
+    o[0] = (u[0] & m2) | ((u[2] & m3) << 4);
+    o[1] = (u[1] & m2) | (((u[2] >> 2) & m3) << 4);
+    o[2] = ((u[0] >> 4) & m2) | (((u[2] >> 4) & m3) << 4);
+    o[3] = ((u[1] >> 4) & m2) | (((u[2] >> 6) & m3) << 4);
+    return _mm_sub_epi8(_mm_loadu_si128((const __m128i *)o), _mm_set1_epi8(32));
+}
+
+/* 32 Q3_K codes 0..7 for weights 128 hf + 32 j + (0..31): bit pair j of the half's code bytes q, and bit
+ * 4 hf + j of the mask bytes hm as bit 2 */
+static inline __m256i q3_codes(__m256i q, __m256i hm, int hf, int j) {
+    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three);
+    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + j), one);
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hb, 2));
+}
+
+/* the offsets' Sum(scale[s] * x16 sum of sub-block s) over a block's 16 sub-blocks, as float32 lanes */
+static inline __m256 sub_sums(__m128i sc8_signed_or_u8, int is_signed, const int32_t *bs) {
+    const __m256i lo = is_signed ? _mm256_cvtepi8_epi32(sc8_signed_or_u8) : _mm256_cvtepu8_epi32(sc8_signed_or_u8);
+    const __m128i h8 = _mm_srli_si128(sc8_signed_or_u8, 8);
+    const __m256i hi = is_signed ? _mm256_cvtepi8_epi32(h8) : _mm256_cvtepu8_epi32(h8);
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_mullo_epi32(lo, _mm256_loadu_si256((const __m256i *)bs)),
+                                               _mm256_mullo_epi32(hi, _mm256_loadu_si256((const __m256i *)(bs + 8)))));
+}
+
+static float dot_q3_k(const uint8_t *w, int64_t K, const xq_t *x) {
+    __m256 acc = _mm256_setzero_ps(), voff = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        const uint8_t *blk = w + b * 110;
+        PREFETCH(blk);
+        PREFETCH(blk + 64);
+        const __m128i sc8 = q3_scales(blk + 96);
+        const float d = h2f(blk + 108) * x->s[b];
+        voff = _mm256_fmadd_ps(sub_sums(sc8, 1, x->bsum + b * 16), _mm256_set1_ps(4.0f * d), voff);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8), hm = _mm256_loadu_si256((const __m256i *)blk);
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        for (int hf = 0; hf < 2; hf++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * hf));
+            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
+            for (int j = 0; j < 4; j++) {
+                const int o = 128 * hf + 32 * j;
+                dot32(q3_codes(q, hm, hf, j), x->hi + b * QK + o, x->lo + b * QK + o,
+                      _mm256_shuffle_epi8(half, q6_pick(j)), &ah, &al);
+            }
+        }
+        acc = fold(acc, ah, al, d);
+    }
+    return hsum8(_mm256_sub_ps(acc, voff));
+}
+
+static float dot_q2_k(const uint8_t *w, int64_t K, const xq_t *x) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m256i three = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps(), vmin = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        const uint8_t *blk = w + b * 84;
+        PREFETCH(blk);
+        const __m128i sm = _mm_loadu_si128((const __m128i *)blk);
+        const __m128i sc8 = _mm_and_si128(sm, m4), mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
+        vmin = _mm256_fmadd_ps(sub_sums(mn8, 0, x->bsum + b * 16), _mm256_set1_ps(h2f(blk + 82) * x->s[b]), vmin);
+        const __m256i sc16 = _mm256_cvtepu8_epi16(sc8);
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        for (int hf = 0; hf < 2; hf++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * hf));
+            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
+            for (int j = 0; j < 4; j++) {
+                const int o = 128 * hf + 32 * j;
+                dot32(_mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three), x->hi + b * QK + o, x->lo + b * QK + o,
+                      _mm256_shuffle_epi8(half, q6_pick(j)), &ah, &al);
+            }
+        }
+        acc = fold(acc, ah, al, h2f(blk + 80) * x->s[b]);
+    }
+    return hsum8(_mm256_sub_ps(acc, vmin));
+}
+
 /* out[a] = row . x[a] for a < n (n >= 1), in groups of up to 4 activations per pass over the row.
  * Returns 0 for one activation or a type without a multi-activation kernel: the caller loops the
  * single-row dot. */
@@ -399,6 +489,8 @@ dot_fn pick_dot(int qtype) {
         case QT_Q5_0: return dot_q5_0;
         case QT_Q5_1: return dot_q5_1;
         case QT_Q8_0: return dot_q8_0;
+        case QT_Q2_K: return dot_q2_k;
+        case QT_Q3_K: return dot_q3_k;
         case QT_Q4_K: return dot_q4_k;
         case QT_Q5_K: return dot_q5_k;
         case QT_Q6_K: return dot_q6_k;
@@ -605,6 +697,31 @@ static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
     }
 }
 
+/* Q2_K: (d * sc) * q - dmin * m, two roundings as in the reference (no FMA: -ffp-contract=off) */
+static void deq_q2_k(const uint8_t *w, int64_t K, float *o) {
+    for (int64_t b = 0; b < K / QK; b++, w += 84, o += QK) {
+        const float d = h2f(w + 80), dmin = h2f(w + 82);
+        for (int i = 0; i < QK; i++) {
+            const int s = i / 16, q = (w[16 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
+            o[i] = (d * (float)(w[s] & 15)) * (float)q - dmin * (float)(w[s] >> 4);
+        }
+    }
+}
+
+/* Q3_K: (d * (sc - 32)) * (q - 4 * !bit), both factors exact in float32: the reference's one rounding */
+static void deq_q3_k(const uint8_t *w, int64_t K, float *o) {
+    for (int64_t b = 0; b < K / QK; b++, w += 110, o += QK) {
+        int8_t sc[16];
+        _mm_storeu_si128((__m128i *)sc, q3_scales(w + 96));
+        const float d = h2f(w + 108);
+        for (int i = 0; i < QK; i++) {
+            const int hf = i / 128, j = (i / 32) % 4, l = i % 32;
+            const int q = ((w[32 + 32 * hf + l] >> (2 * j)) & 3) - (((w[l] >> (4 * hf + j)) & 1) ? 0 : 4);
+            o[i] = (d * (float)sc[i / 16]) * (float)q;
+        }
+    }
+}
+
 typedef void (*deq_fn)(const uint8_t *, int64_t, float *);
 
 static deq_fn pick_deq(int qtype) {
@@ -614,6 +731,8 @@ static deq_fn pick_deq(int qtype) {
         case QT_Q5_0: return deq_q5_0;
         case QT_Q5_1: return deq_q5_1;
         case QT_Q8_0: return deq_q8_0;
+        case QT_Q2_K: return deq_q2_k;
+        case QT_Q3_K: return deq_q3_k;
         case QT_Q4_K: return deq_q4_k;
         case QT_Q5_K: return deq_q5_k;
         case QT_Q6_K: return deq_q6_k;
@@ -734,12 +853,13 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 }
 
 /* ---------------------------------------------------------------------------------------
- * integer GEMM for the K-quants (Q4_K, Q5_K, Q6_K): 16-bit products, decoded once per tile
+ * integer GEMM for the K-quants (Q3_K, Q4_K, Q5_K, Q6_K; Q2_K's sixteen mins take the float32 GEMM): 16-bit
+ * products, decoded once per tile
  *
  * Why: the float32 GEMM above runs at the FMA units' peak (8 multiply-adds per instruction), and
  * spends a quarter of its time writing float32 weights. Here a tile of weight rows is decoded to
- * int16 w16 = q * sc (the sub-block scale folded in: |q * sc| <= 32 * 128 = 4096 for Q6_K's
- * signed codes, <= 31 * 63 for Q4_K/Q5_K) and the activations are quantized per 256 values to
+ * int16 w16 = q * sc (the sub-block scale folded in: |q * sc| <= 32 * 128 = 4096 for Q6_K's signed
+ * codes, <= 4 * 32 for Q3_K's, <= 31 * 63 for Q4_K/Q5_K) and the activations are quantized per 256 values to
  * int16 x16, |x16| <= 16383. One pmaddwd multiplies 16 weight-activation pairs (twice the FMA's 8)
  * and the int32 sums of a whole 256-value block cannot overflow: 32 products per lane, each
  * <= 4096 * 16383, sum <= 2^31 - 1. Each block's sums are converted to float32 and scaled by the
@@ -849,10 +969,27 @@ static void unpack_q6_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, fl
     }
 }
 
+static void unpack_q3_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
+    (void)mn;
+    const __m256i four = _mm256_set1_epi8(4);
+    for (int64_t b = 0; b < K / QK; b++, w += 110, o += ldo) {
+        const __m256i sc16 = _mm256_cvtepi8_epi16(q3_scales(w + 96)), hm = _mm256_loadu_si256((const __m256i *)w);
+        d[b] = h2f(w + 108);
+        for (int hf = 0; hf < 2; hf++) {
+            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 32 + 32 * hf));
+            for (int j = 0; j < 4; j++)
+                put16x2(o + 128 * hf + 32 * j, _mm256_sub_epi8(q3_codes(q, hm, hf, j), four),
+                        _mm256_shuffle_epi8(half, pick16(2 * j)), _mm256_shuffle_epi8(half, pick16(2 * j + 1)), 1);
+        }
+    }
+}
+
 typedef void (*unpack_fn)(const uint8_t *, int64_t, int16_t *, int64_t, float *, float *);
 
 static unpack_fn pick_unpack(int qtype) {
     switch (qtype) {
+        case QT_Q3_K: return unpack_q3_k;
         case QT_Q4_K: return unpack_q4_k;
         case QT_Q5_K: return unpack_q5_k;
         case QT_Q6_K: return unpack_q6_k;
@@ -994,7 +1131,7 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                 return -1;
         return 0;
     }
-    const int mins = qtype != QT_Q6_K;
+    const int mins = qtype != QT_Q6_K && qtype != QT_Q3_K; /* their offsets are in the int16 codes */
     const int64_t nb = K / QK, mp = (m + IG_MR - 1) / IG_MR * IG_MR, ntile = (N + IG_NT - 1) / IG_NT;
     /* quantized activations, block-major (x16[b][i][256]), padded with zero rows to a multiple of IG_MR */
     char *xb = (char *)grow_bytes(&ig_x, &ig_x_bytes, mp * (2 * K + 4 * nb + 4 * (K / 32)));
