@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     qtypes = {"*ffn_gate_inp*": QT.F32, "output.weight": QT.Q6_K,
               "blk.0.attn_v*": QT.Q6_K, "blk.0.attn_output*": QT.Q8_0, "blk.0.ffn_down_exps*": QT.Q5_K,
+              "blk.0.ffn_gate_exps*": QT.Q3_K, "blk.0.ffn_up_exps*": QT.Q3_K, "blk.2.attn_output*": QT.Q2_K,
               # layer 1's float v keeps the separate QK-norm + RoPE kernel; layer 0 finishes its heads in the
               # epilogue of two products (Q4_K q|k, Q6_K v), layer 2 (all Q4_K) of one
               "blk.1.attn_v*": QT.F16, "blk.1.attn_[qk].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0,
@@ -63,8 +64,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     norms = {r["constexprs"]["HAS_DELTA"] for r in rows if r["kernel"] == "_rms_norm_kernel"}
     assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}
-    assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K,
-                                                 QT.Q6_K, QT.F16, QT.BF16)}
+    assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
+                                                 QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16)}
     # no register spills
     assert all(r["stack"] == 0 for r in rows
                if r["kernel"] in ("_qmatmul_kernel", "_qkv_heads_kernel", "_gate_up_kernel", "_down_kernel"))

@@ -15,12 +15,18 @@ stacked: row `r` of expert `e` is `e * N + r`), with the same bits as the file:
 * Q6_K: `d` fp16 `[rows, K/256]`, `sc` int8 `[rows, K/16]`, `ql` as `qs` uint8 `[rows, K/2]` (per 128
   weights: 64 bytes, low nibbles weights 0-63, high 64-127), `qh` uint8 `[rows, K/4]` (per 128: 32
   bytes, bits 2s..2s+1 of byte j -> weight 32s+j).
+* Q2_K: `d`, `dm` (= dmin) fp16 `[rows, K/256]`; `sc` uint8 `[rows, K/16]` as in the file (low nibble the scale,
+  high the min of 16 weights); `qs` uint8 `[rows, K/4]` (per 128 weights: 32 bytes, bit pair j of byte l ->
+  weight 32j+l).
+* Q3_K: `d` fp16 `[rows, K/256]`; the 12 packed 6-bit scale bytes decoded to `sc` int8 `[rows, K/16]` (scale - 32);
+  `qs` as Q2_K's; `qh` uint8 `[rows, K/8]` (per 256: the 32 mask bytes, bit i of byte l -> weight 32i+l's third
+  bit).
 * F16 / BF16 (expert stacks of float GGUF files; float matrices go to cuBLAS instead): `qs` `[rows, K]`, the
   file's values as fp16, or BF16's bits as int16 (the interpreter has no bfloat16); no scales. K is a multiple
   of 32, the kernels' group.
 
-Only Q4_K/Q5_K grow (decoded scales: 148/144 and 180/176 bytes per block); the rest keep the file's
-size. The repack is exact (bits are moved, never rounded), is vectorised torch on whatever device the
+Only Q4_K/Q5_K/Q3_K grow (decoded scales: 148/144, 180/176 and 114/110 bytes per block); the rest keep the
+file's size. The repack is exact (bits are moved, never rounded), is vectorised torch on whatever device the
 bytes are on, and never makes a float copy of the weights.
 """
 
@@ -32,13 +38,13 @@ from dataclasses import dataclass, fields
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from moeserve.gguf.quants import block_info
+from moeserve.gguf.quants import block_info, q3_k_scales
 from moeserve.gguf.reader import PackedTensor
 
 __all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight", "packable"]
 
-PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-                                          QT.F16, QT.BF16})
+PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K,
+                                          QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16})
 
 GROUP = 32
 """Weights per group of the kernels' K loop; a float type's rows must be whole groups."""
@@ -56,9 +62,9 @@ class PackedWeight:
     qs: torch.Tensor  # low bits (Q8_0: the int8 weights; F16/BF16: the weights)
     d: torch.Tensor | None = None  # fp16 block scale (none for F16/BF16)
     dm: torch.Tensor | None = None  # fp16 block offset: m (Q4_1, Q5_1) or dmin (Q4_K, Q5_K)
-    sc: torch.Tensor | None = None  # sub-block scales (uint8 for Q4_K/Q5_K, int8 for Q6_K)
+    sc: torch.Tensor | None = None  # sub-block scales (uint8 for Q4_K/Q5_K, Q2_K: scale|min, int8 for Q6_K/Q3_K)
     mn: torch.Tensor | None = None  # sub-block mins (Q4_K, Q5_K)
-    qh: torch.Tensor | None = None  # high bits (Q5_*, Q6_K)
+    qh: torch.Tensor | None = None  # high bits (Q5_*, Q6_K, Q3_K)
 
     @property
     def tf32(self) -> bool:
@@ -145,6 +151,13 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         qs, qh = (_bytes(b, 16, 144, rows), None) if qt == QT.Q4_K else (_bytes(b, 48, 176, rows),
                                                                          _bytes(b, 16, 48, rows))
         return PackedWeight(qt, shape, qs=qs, d=_f16(b, 0, rows), dm=_f16(b, 2, rows), sc=sc, mn=mn, qh=qh)
+    if qt == QT.Q2_K:
+        return PackedWeight(qt, shape, qs=_bytes(b, 16, 80, rows), d=_f16(b, 80, rows), dm=_f16(b, 82, rows),
+                            sc=_bytes(b, 0, 16, rows))
+    if qt == QT.Q3_K:
+        sc = (q3_k_scales(b[:, 96:108]).view(torch.int8) - 32).reshape(rows, -1)
+        return PackedWeight(qt, shape, qs=_bytes(b, 32, 96, rows), d=_f16(b, 108, rows), sc=sc,
+                            qh=_bytes(b, 0, 32, rows))
     return PackedWeight(qt, shape, qs=_bytes(b, 0, 128, rows), d=_f16(b, 208, rows),  # Q6_K
                         sc=_bytes(b, 192, 208, rows).view(torch.int8), qh=_bytes(b, 128, 192, rows))
 

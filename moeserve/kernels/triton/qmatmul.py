@@ -60,6 +60,8 @@ _Q4_1 = tl.constexpr(int(QT.Q4_1))
 _Q5_0 = tl.constexpr(int(QT.Q5_0))
 _Q5_1 = tl.constexpr(int(QT.Q5_1))
 _Q8_0 = tl.constexpr(int(QT.Q8_0))
+_Q2_K = tl.constexpr(int(QT.Q2_K))
+_Q3_K = tl.constexpr(int(QT.Q3_K))
 _Q4_K = tl.constexpr(int(QT.Q4_K))
 _Q5_K = tl.constexpr(int(QT.Q5_K))
 _Q6_K = tl.constexpr(int(QT.Q6_K))
@@ -79,7 +81,7 @@ row tile, so o_proj (2048 columns) would otherwise run 32 programs on 132 SMs, e
 
 def half_group(qtype: QT) -> int:
     """SH: weights per half group = bytes of quant bits per group for the quant types (module docstring)."""
-    return {QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 64}.get(QT(qtype), 16)
+    return {QT.Q2_K: 32, QT.Q3_K: 32, QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 64}.get(QT(qtype), 16)
 
 
 def groups_per_step(qtype: QT, n_groups: int, block_m: int) -> int:
@@ -171,6 +173,38 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
                            (BN, 64))
         lo = ds_lo * q_lo
         hi = ds_hi * q_hi
+    elif QTYPE == _Q2_K or QTYPE == _Q3_K:
+        # group g: weights 64g..64g+63, bit pairs 4(g%2) (first half) and 4(g%2)+2 (second) of the 32 code bytes
+        # of weights 128(g//2).. ; one scale (Q2_K: and min) per 16 weights
+        q = tl.load(qs_ptr + r * s_qs + (g // 2) * 32 + j).to(tl.int32)
+        shift = 4 * (g % 2)
+        c_lo = (q >> shift) & 3
+        c_hi = (q >> (shift + 2)) & 3
+        BN: tl.constexpr = rows.shape[0]
+        sc = sc_ptr + r * s_sc + 4 * g + tl.arange(0, 2)[None, :]
+        d = tl.load(d_ptr + rows * s_d + g // 4).to(tl.float32)[:, None]
+        if QTYPE == _Q3_K:  # codes -4..3: bit 2(g%4) (and the next) of mask byte j is the third bit, set = no -4
+            hm = tl.load(qh_ptr + r * s_qh + (g // 4) * 32 + j).to(tl.int32)
+            bit = 2 * (g % 4)
+            q_lo = _int_f32(c_lo | (((hm >> bit) & 1) << 2), 4.0)
+            q_hi = _int_f32(c_hi | (((hm >> (bit + 1)) & 1) << 2), 4.0)
+            ds_lo = tl.reshape(tl.broadcast_to((d * tl.load(sc).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
+            ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 2).to(tl.float32))[:, :, None], (BN, 2, 16)),
+                               (BN, 32))
+            lo = ds_lo * q_lo
+            hi = ds_hi * q_hi
+        else:  # Q2_K: a scale byte holds the scale (low nibble) and the min (high)
+            dmin = tl.load(dm_ptr + rows * s_d + g // 4).to(tl.float32)[:, None]
+            s_lo = tl.load(sc).to(tl.int32)
+            s_hi = tl.load(sc + 2).to(tl.int32)
+            dl_lo = tl.reshape(tl.broadcast_to((d * (s_lo & 15).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
+            dl_hi = tl.reshape(tl.broadcast_to((d * (s_hi & 15).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
+            ml_lo = tl.reshape(tl.broadcast_to((dmin * (s_lo >> 4).to(tl.float32))[:, :, None], (BN, 2, 16)),
+                               (BN, 32))
+            ml_hi = tl.reshape(tl.broadcast_to((dmin * (s_hi >> 4).to(tl.float32))[:, :, None], (BN, 2, 16)),
+                               (BN, 32))
+            lo = dl_lo * _int_f32(c_lo, 0.0) - ml_lo
+            hi = dl_hi * _int_f32(c_hi, 0.0) - ml_hi
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
         # the high nibble stays 16x (not shifted down): its scale is divided by 16 instead, exactly
         q = tl.load(qs_ptr + r * s_qs + g * 32 + j).to(tl.int32)
@@ -219,12 +253,14 @@ def prefetch_weights(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, 
     row by row, and the scale arrays of the whole rows (a few lines: the K splits of a tile share them)."""
     if QTYPE == _F16 or QTYPE == _BF16:  # 32 two-byte weights per group
         prefetch_row_range(qs_ptr.to(tl.pointer_type(tl.uint8)), rows, 2 * s_qs, g0 * 64, g1 * 64)
+    elif QTYPE == _Q2_K or QTYPE == _Q3_K:  # two groups share 32 code bytes
+        prefetch_row_range(qs_ptr, rows, s_qs, (g0 // 2) * 32, ((g1 + 1) // 2) * 32)
     else:
         QSB: tl.constexpr = 2 * SH if QTYPE == _Q8_0 else SH  # quant bytes per group
         prefetch_row_range(qs_ptr, rows, s_qs, g0 * QSB, g1 * QSB)
     if QTYPE == _Q6_K:
         prefetch_row_range(qh_ptr, rows, s_qh, g0 * 32, g1 * 32)
-    elif QTYPE == _Q5_K:
+    elif QTYPE == _Q5_K or QTYPE == _Q3_K:
         prefetch_row_range(qh_ptr, rows, s_qh, (g0 // 4) * 32, ((g1 + 3) // 4) * 32)
     elif QTYPE == _Q5_0 or QTYPE == _Q5_1:
         prefetch_row_range(qh_ptr, rows, s_qh, g0 * 4, g1 * 4)
@@ -236,7 +272,7 @@ def prefetch_rows(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_s
                   QTYPE: tl.constexpr):
     """Ask L2 for every array's bytes of whole weight rows r0..r1 (contiguous spans)."""
     prefetch_span(qs_ptr, r0 * s_qs, (r1 + 1) * s_qs - 1)
-    if QTYPE == _Q5_0 or QTYPE == _Q5_1 or QTYPE == _Q5_K or QTYPE == _Q6_K:
+    if QTYPE == _Q5_0 or QTYPE == _Q5_1 or QTYPE == _Q5_K or QTYPE == _Q6_K or QTYPE == _Q3_K:
         prefetch_span(qh_ptr, r0 * s_qh, (r1 + 1) * s_qh - 1)
     _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE)
 
@@ -246,11 +282,11 @@ def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl
     """The scale arrays (those `QTYPE` has: none for F16/BF16) of whole rows r0..r1."""
     if QTYPE != _F16 and QTYPE != _BF16:
         prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
-    if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K:
+    if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K or QTYPE == _Q2_K or QTYPE == _Q3_K:
         prefetch_span(sc_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
     if QTYPE == _Q4_K or QTYPE == _Q5_K:
         prefetch_span(mn_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
-    if QTYPE == _Q4_1 or QTYPE == _Q5_1 or QTYPE == _Q4_K or QTYPE == _Q5_K:
+    if QTYPE == _Q4_1 or QTYPE == _Q5_1 or QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q2_K:
         prefetch_span(dm_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
 
 
