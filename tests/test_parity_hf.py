@@ -3,7 +3,7 @@
 Bounds (issue 2): max |Δlogits| ≤ 1e-3·max|logits| over ≥ 16 positions, and identical greedy tokens
 for 32 steps — the same suite for every kernel backend (`reference`, `cpu`). The configurations
 together vary head_dim (64, 128), GQA ratio (1, 4, 8),
-experts/top-k (4/1, 8/2, 16/4, 128/8), tied/untied output, and mix F32, F16, Q8_0, Q4_K and Q6_K.
+experts/top-k (4/1, 8/2, 16/4, 128/8), tied/untied output, and mix F32, F16, Q8_0, Q2_K..Q6_K.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ CONFIGS = {
     "hd64-gqa4-e8k2-untied-kquants": dict(hidden_size=256, head_dim=64, n_heads=8, n_kv_heads=2, n_experts=8,
                                           n_experts_used=2, expert_ffn=256, qtype=QT.Q6_K,
                                           qtypes={"*exps*": QT.Q4_K, "output.weight": QT.Q8_0}),
+    "hd64-gqa4-e8k2-untied-q3k-q2k": dict(hidden_size=256, head_dim=64, n_heads=8, n_kv_heads=2, n_experts=8,
+                                          n_experts_used=2, expert_ffn=256, qtype=QT.Q3_K,
+                                          qtypes={"*ffn_gate_exps*": QT.Q2_K, "*ffn_up_exps*": QT.Q2_K,
+                                                  "*attn_v*": QT.Q2_K, "output.weight": QT.Q6_K,
+                                                  "*ffn_gate_inp*": QT.F32}),
     # dense decoders on the same layers
     "qwen3-dense-q8": dict(arch="qwen3", hidden_size=128, head_dim=64, n_heads=4, n_kv_heads=2, ffn=256,
                            qtype=QT.Q8_0),
