@@ -9,9 +9,9 @@ What it does, in order (each phase is timed, guarded and reported even when anot
 1. starts writing the full 48-layer Qwen3-30B-A3B-shaped Q4_K_M file (`make_qwen3_30b.py`) in the background;
 2. writes the 4-layer file of the same shapes;
 3. parity: small random models (MoE Q4_K/Q6_K, MoE Q8_0/Q5_K/Q4_0, dense qwen3 Q5_0/Q4_1, MoE with BF16/F16
-   experts) on the GPU through the triton backend against the reference backend on the CPU: max|Δlogits| /
-   max|logits|, top-1 agreement, and 16 greedy tokens; then `wide_check`: activations past fp16's range into the
-   MoE block and a dense down projection (finite, and their error against the float32 reference);
+   experts, MoE Q3_K/Q2_K) on the GPU through the triton backend against the reference backend on the CPU:
+   max|Δlogits| / max|logits|, top-1 agreement, and 16 greedy tokens; then `wide_check`: activations past fp16's
+   range into the MoE block and a dense down projection (finite, and their error against the float32 reference);
 4. moeserve on the 4-layer file: load time, pp512, decode at 1 / 16 / 64 streams through the engine (what
    `LLM.generate` runs), peak GPU memory (weights, KV pool and activations), then a torch.profiler breakdown of
    a decode step (`decode_profile`: wall time, summed kernel time, kernels per step, the top kernels) and of
@@ -431,6 +431,9 @@ def parity(tmp: Path, device: str, only: int | None = None) -> dict:
         "qwen3-q5_0-q4_1": dict(arch="qwen3", qtype=QT.Q5_0, qtypes={"*ffn_down*": QT.Q4_1}, n_experts=0),
         "moe-bf16-experts": dict(arch="qwen3moe", qtype=QT.Q8_0, qtypes={"*ffn_gate_exps*": QT.BF16,
                                  "*ffn_up_exps*": QT.BF16, "*ffn_down_exps*": QT.F16, "*ffn_gate_inp*": QT.F32}),
+        "moe-q3k-q2k": dict(arch="qwen3moe", qtype=QT.Q3_K, qtypes={"*ffn_gate_exps*": QT.Q2_K,
+                            "*ffn_up_exps*": QT.Q2_K, "*attn_v*": QT.Q2_K, "output.weight": QT.Q6_K,
+                            "*ffn_gate_inp*": QT.F32}),
     }
     out = {}
     for name, kw in list(cases.items())[:only]:

@@ -42,9 +42,10 @@ from moeserve.kernels.triton.qmatmul import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 80  # not a multiple of any BLOCK_N
-# K per type: 32-weight types get 12 blocks (several groups per K step) or 13 (one group per step).
+# K per type: 32-weight types get 12 blocks (several groups per K step) or 13 (one group per step). Float expert
+# stacks are packed too (32-weight groups, no scales).
 K = {QT.Q4_0: 384, QT.Q4_1: 416, QT.Q5_0: 416, QT.Q5_1: 384, QT.Q8_0: 416, QT.Q2_K: 768, QT.Q3_K: 512, QT.Q4_K: 768,
-     QT.Q5_K: 512, QT.Q6_K: 768, QT.F16: 416, QT.BF16: 384}  # float expert stacks are packed too (32-weight groups, no scales)
+     QT.Q5_K: 512, QT.Q6_K: 768, QT.F16: 416, QT.BF16: 384}
 QUANT = list(K)
 BOUND = 2e-3
 
