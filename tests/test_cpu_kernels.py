@@ -187,7 +187,7 @@ def test_ops_check_their_arguments() -> None:
         op(torch.randn(1, 256), w.data, int(QT.Q4_K), 256, 4, 0)
     with pytest.raises(RuntimeError, match="qgemm: kind must be"):
         torch.ops.moeserve.qgemm(torch.randn(1, 256), w.data, int(QT.Q4_K), 256, "f64")
-    with pytest.raises(RuntimeError, match="Q3_K..Q6_K only"):
+    with pytest.raises(RuntimeError, match="Q2_K..Q6_K only"):
         torch.ops.moeserve.qgemm(torch.randn(1, 256), _weight(QT.Q8_0, (8, 256)).data, int(QT.Q8_0), 256, "i16")
     with pytest.raises(RuntimeError, match="argmax: x has no columns"):
         torch.ops.moeserve.argmax(torch.empty(2, 0))

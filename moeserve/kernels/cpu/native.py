@@ -39,12 +39,12 @@ AVX2 machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=
 0.51 vs 0.40 (the K-quants have their own threshold below)."""
 
 GEMM_MIN_ROWS_KQUANT = 4
-"""The same for Q4_K/Q5_K/Q6_K, whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
+"""The same for the K-quants (Q2_K..Q6_K), whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
 q * scale, pmaddwd against 15-bit activations). Integer dots vs integer GEMM, 2 threads: Q4_K 768x2048
 m=2 0.079 vs 0.120 ms, m=4 0.130 vs 0.123, m=8 0.27 vs 0.18, m=16 0.55 vs 0.31; Q6_K lm_head
 151936x2048 m=4 29 vs 28 ms, m=8 60 vs 37, m=16 114 vs 61 (the float32 GEMM: 72 at m=16)."""
 
-KQUANTS = frozenset({QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+KQUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 
 DOT_CHUNK_BYTES = 1 << 20
 """The few-row integer kernel quantizes all its m activation rows (2 bytes a value) and dots every weight row with

@@ -148,12 +148,12 @@ Tensor qgemm(const Tensor& x, const Tensor& w, int64_t qtype, int64_t k, c10::st
   check_weight(w, qtype, k, op, "w");
   check_input(x, k, op);
   TORCH_CHECK(w.dim() == 2, "moeserve::qgemm: w must be 2-D, got shape ", w.sizes());
-  const bool i16 = qtype == 11 || qtype == 12 || qtype == 13 || qtype == 14;  // Q3_K..Q6_K
+  const bool i16 = qtype >= 10 && qtype <= 14;  // Q2_K..Q6_K
   decltype(&mk_gemm) fn = mk_gemm;
   if (kind == "f32") {
     fn = mk_gemm_f32;
   } else if (kind == "i16") {
-    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads Q3_K..Q6_K only, got GGML type ", qtype);
+    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads Q2_K..Q6_K only, got GGML type ", qtype);
     fn = mk_gemm_i16;
   } else {
     TORCH_CHECK(kind == "auto", "moeserve::qgemm: kind must be 'auto', 'f32' or 'i16', got '", std::string(kind),

@@ -853,8 +853,7 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 }
 
 /* ---------------------------------------------------------------------------------------
- * integer GEMM for the K-quants (Q3_K, Q4_K, Q5_K, Q6_K; Q2_K's sixteen mins take the float32 GEMM): 16-bit
- * products, decoded once per tile
+ * integer GEMM for the K-quants (Q2_K..Q6_K): 16-bit products, decoded once per tile
  *
  * Why: the float32 GEMM above runs at the FMA units' peak (8 multiply-adds per instruction), and
  * spends a quarter of its time writing float32 weights. Here a tile of weight rows is decoded to
@@ -863,7 +862,8 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
  * int16 x16, |x16| <= 16383. One pmaddwd multiplies 16 weight-activation pairs (twice the FMA's 8)
  * and the int32 sums of a whole 256-value block cannot overflow: 32 products per lane, each
  * <= 4096 * 16383, sum <= 2^31 - 1. Each block's sums are converted to float32 and scaled by the
- * block scale d times the activation scale; Q4_K/Q5_K mins use the activation's per-32 sums.
+ * block scale d times the activation scale; Q4_K/Q5_K mins use the activation's per-32 sums, Q2_K's (one per 16
+ * values) its per-16 sums.
  *
  * Relative activation error ~2^-15 of the block maximum (the few-row integer kernel: ~2^-16; the
  * float32 GEMM: none): this GEMM is not bit-identical to either, and is checked against the
@@ -877,8 +877,9 @@ int mk_gemm_f32(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 #define IG_NR 2  /* weight rows per micro-kernel */
 #define IG_MMAX 64 /* activation rows per call (more are done in chunks; each chunk decodes the weights again) */
 
-/* x [K] -> x16 (block b at q + b * ldq), s [K / 256] (x = s * x16), fs [K / 32]: s * Sum(x16) per 32 values */
-static void quant_row_i16(const float *x, int64_t K, int16_t *q, int64_t ldq, float *s, float *fs) {
+/* x [K] -> x16 (block b at q + b * ldq), s [K / 256] (x = s * x16), fs: s * Sum(x16) per `fg` (32, or 16 for Q2_K's
+ * mins) values */
+static void quant_row_i16(const float *x, int64_t K, int16_t *q, int64_t ldq, float *s, float *fs, int fg) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
         const float amax = absmax256(xb);
@@ -893,7 +894,8 @@ static void quant_row_i16(const float *x, int64_t K, int16_t *q, int64_t ldq, fl
             __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8);
             _mm256_storeu_si256((__m256i *)(q + b * ldq + g), p);
             const int32_t t = hsum_i32(_mm256_add_epi32(v0, v1));
-            if (g % 32 == 0) fs[(b * QK + g) / 32] = (float)t;
+            if (fg == 16) fs[(b * QK + g) / 16] = (float)t * s[b];
+            else if (g % 32 == 0) fs[(b * QK + g) / 32] = (float)t;
             else fs[(b * QK + g) / 32] = (fs[(b * QK + g) / 32] + (float)t) * s[b];
         }
     }
@@ -969,6 +971,29 @@ static void unpack_q6_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, fl
     }
 }
 
+/* Q2_K: w16 = q * sc (codes 0..3, scales 0..15) and sixteen mins per block, mn [K / 256][16] = dmin * m */
+static void unpack_q2_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < K / QK; b++, w += 84, o += ldo) {
+        const __m128i sm = _mm_loadu_si128((const __m128i *)w);
+        const __m128i mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
+        const __m256 dmin = _mm256_set1_ps(h2f(w + 82));
+        _mm256_storeu_ps(mn + 16 * b, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn8))));
+        _mm256_storeu_ps(mn + 16 * b + 8,
+                         _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn8, 8)))));
+        const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+        d[b] = h2f(w + 80);
+        for (int hf = 0; hf < 2; hf++) {
+            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * hf));
+            for (int j = 0; j < 4; j++)
+                put16x2(o + 128 * hf + 32 * j, _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three),
+                        _mm256_shuffle_epi8(half, pick16(2 * j)), _mm256_shuffle_epi8(half, pick16(2 * j + 1)), 0);
+        }
+    }
+}
+
 static void unpack_q3_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
     (void)mn;
     const __m256i four = _mm256_set1_epi8(4);
@@ -989,6 +1014,7 @@ typedef void (*unpack_fn)(const uint8_t *, int64_t, int16_t *, int64_t, float *,
 
 static unpack_fn pick_unpack(int qtype) {
     switch (qtype) {
+        case QT_Q2_K: return unpack_q2_k;
         case QT_Q3_K: return unpack_q3_k;
         case QT_Q4_K: return unpack_q4_k;
         case QT_Q5_K: return unpack_q5_k;
@@ -1108,7 +1134,8 @@ static inline __attribute__((always_inline)) void ukernel_i16(const int16_t *x, 
         for (int r = 0; r < IG_NR; r++) {
             __m256 *o = acc + i * lda + r;
             __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i][r]), _mm256_broadcast_ss(sc + i * lda + r), *o);
-            if (mins) f = _mm256_fnmadd_ps(_mm256_loadu_ps(xfs + i * ldxf), _mm256_loadu_ps(wmn + r * ldwm), f);
+            for (int v = 0; v < mins; v++) /* 8 mins per block (Q4_K/Q5_K), or 16 (Q2_K) */
+                f = _mm256_fnmadd_ps(_mm256_loadu_ps(xfs + i * ldxf + 8 * v), _mm256_loadu_ps(wmn + r * ldwm + 8 * v), f);
             *o = f;
         }
 }
@@ -1131,10 +1158,13 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                 return -1;
         return 0;
     }
-    const int mins = qtype != QT_Q6_K && qtype != QT_Q3_K; /* their offsets are in the int16 codes */
+    /* min vectors of 8 per block: Q6_K/Q3_K have none (their offsets are in the int16 codes), Q2_K two (a min per
+     * 16 values, against the activation's per-16 sums), Q4_K/Q5_K one (per 32) */
+    const int mins = qtype == QT_Q6_K || qtype == QT_Q3_K ? 0 : qtype == QT_Q2_K ? 2 : 1;
+    const int64_t nm = 8 * mins, fg = qtype == QT_Q2_K ? 16 : 32, ldf = K / fg; /* mins per block, sums per row */
     const int64_t nb = K / QK, mp = (m + IG_MR - 1) / IG_MR * IG_MR, ntile = (N + IG_NT - 1) / IG_NT;
     /* quantized activations, block-major (x16[b][i][256]), padded with zero rows to a multiple of IG_MR */
-    char *xb = (char *)grow_bytes(&ig_x, &ig_x_bytes, mp * (2 * K + 4 * nb + 4 * (K / 32)));
+    char *xb = (char *)grow_bytes(&ig_x, &ig_x_bytes, mp * (2 * K + 4 * nb + 4 * ldf));
     if (!xb) return -1;
     int16_t *x16 = (int16_t *)xb;
     float *xs = (float *)(x16 + mp * K), *xfs = xs + mp * nb;
@@ -1145,15 +1175,15 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < mp; i++) {
             if (i < m) {
-                quant_row_i16(x + i * K, K, x16 + i * QK, mp * QK, xs + i * nb, xfs + i * (K / 32));
+                quant_row_i16(x + i * K, K, x16 + i * QK, mp * QK, xs + i * nb, xfs + i * ldf, (int)fg);
             } else {
                 for (int64_t b = 0; b < nb; b++) memset(x16 + (b * mp + i) * QK, 0, 2 * QK);
                 memset(xs + i * nb, 0, 4 * nb);
-                memset(xfs + i * (K / 32), 0, 4 * (K / 32));
+                memset(xfs + i * ldf, 0, 4 * ldf);
             }
         }
         /* per thread: the chunk's accumulators and the decoded tile (block-major int16 rows, scales, mins) */
-        char *tb = (char *)grow_bytes(&ig_tile, &ig_tile_bytes, 32 * IG_MC * IG_NT + IG_NT * (2 * K + 36 * nb));
+        char *tb = (char *)grow_bytes(&ig_tile, &ig_tile_bytes, 32 * IG_MC * IG_NT + IG_NT * (2 * K + 68 * nb));
         if (!tb) {
 #pragma omp atomic write
             failed = 1;
@@ -1170,10 +1200,10 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             const char *pf_end = pf_next + (tn < ntile ? (N - nn0 < IG_NT ? N - nn0 : IG_NT) * row_bytes : 0);
             __m256 *acc = (__m256 *)tb; /* [IG_MC][IG_NT] */
             int16_t *wt = (int16_t *)(tb + 32 * IG_MC * IG_NT); /* [nb][IG_NT][256] */
-            float *wd = (float *)(wt + IG_NT * K), *wmn = wd + IG_NT * nb; /* [IG_NT][nb], [IG_NT][nb][8] */
+            float *wd = (float *)(wt + IG_NT * K), *wmn = wd + IG_NT * nb; /* [IG_NT][nb], [IG_NT][nb][nm] */
             const int64_t n0 = t * IG_NT, rows = N - n0 < IG_NT ? N - n0 : IG_NT;
             for (int64_t r = 0; r < rows; r++)
-                unpack(w + (n0 + r) * row_bytes, K, wt + r * QK, IG_NT * QK, wd + r * nb, wmn + r * 8 * nb);
+                unpack(w + (n0 + r) * row_bytes, K, wt + r * QK, IG_NT * QK, wd + r * nb, wmn + r * nm * nb);
             const int64_t rp = (rows + IG_NR - 1) / IG_NR * IG_NR;
             float wdb[IG_NT * (K / QK)]; /* the block scales again, block-major: [nb][IG_NT] (zero past rows) */
             for (int64_t b = 0; b < nb; b++)
@@ -1182,7 +1212,7 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
             for (int64_t r = rows; r < rp; r++) {
                 for (int64_t b = 0; b < nb; b++) memset(wt + (b * IG_NT + r) * QK, 0, 2 * QK);
                 memset(wd + r * nb, 0, 4 * nb);
-                memset(wmn + r * 8 * nb, 0, 32 * nb);
+                memset(wmn + r * nm * nb, 0, 4 * nm * nb);
             }
             for (int64_t c0 = 0; c0 < mp; c0 += IG_MC) {
                 const int64_t cm = mp - c0 < IG_MC ? mp - c0 : IG_MC;
@@ -1202,9 +1232,12 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                         for (int64_t i = 0; i < cm; i += IG_MR) {
                             const int64_t ii = c0 + i;
                             const int16_t *xq = x16 + (b * mp + ii) * QK, *wq = wt + (b * IG_NT + r) * QK;
-                            if (mins)
-                                ukernel_i16(xq, wq, sc + i * IG_NT + r, xfs + ii * (K / 32) + 8 * b, K / 32,
-                                            wmn + r * 8 * nb + 8 * b, 8 * nb, acc + i * IG_NT + r, IG_NT, 1);
+                            if (mins == 1)
+                                ukernel_i16(xq, wq, sc + i * IG_NT + r, xfs + ii * ldf + nm * b, ldf,
+                                            wmn + r * nm * nb + nm * b, nm * nb, acc + i * IG_NT + r, IG_NT, 1);
+                            else if (mins == 2)
+                                ukernel_i16(xq, wq, sc + i * IG_NT + r, xfs + ii * ldf + nm * b, ldf,
+                                            wmn + r * nm * nb + nm * b, nm * nb, acc + i * IG_NT + r, IG_NT, 2);
                             else
                                 ukernel_i16(xq, wq, sc + i * IG_NT + r, 0, 0, 0, 0, acc + i * IG_NT + r, IG_NT, 0);
                         }
