@@ -135,6 +135,14 @@ def _nibbles_f32(q):
 
 
 @triton.jit
+def _per16(v):
+    """[BN, n] values of 16-weight sub-blocks (scales, mins) -> [BN, 16 n], each repeated over its 16 weights."""
+    BN: tl.constexpr = v.shape[0]
+    N: tl.constexpr = v.shape[1]
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, N, 16)), (BN, N * 16))
+
+
+@triton.jit
 def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                    QTYPE: tl.constexpr, SH: tl.constexpr):
     """Group `g` of weight rows `rows` (int64 [BN], all valid): float32 ([BN, SH] first half, second half),
@@ -166,13 +174,9 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         q_lo = _int_f32((ql & 0x0F) | (u & 0x30), 32.0)
         q_hi = _int_f32((ql & 0xF0) | (u & 0x300), 512.0)
         d = tl.load(d_ptr + rows * s_d + g // 2).to(tl.float32)[:, None]
-        BN: tl.constexpr = rows.shape[0]
         sc = sc_ptr + r * s_sc + g * 8 + tl.arange(0, 4)[None, :]
-        ds_lo = tl.reshape(tl.broadcast_to((d * tl.load(sc).to(tl.float32))[:, :, None], (BN, 4, 16)), (BN, 64))
-        ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 4).to(tl.float32) * 0.0625)[:, :, None], (BN, 4, 16)),
-                           (BN, 64))
-        lo = ds_lo * q_lo
-        hi = ds_hi * q_hi
+        lo = _per16(d * tl.load(sc).to(tl.float32)) * q_lo
+        hi = _per16(d * tl.load(sc + 4).to(tl.float32) * 0.0625) * q_hi
     elif QTYPE == _Q2_K or QTYPE == _Q3_K:
         # group g: weights 64g..64g+63, bit pairs 4(g%2) (first half) and 4(g%2)+2 (second) of the 32 code bytes
         # of weights 128(g//2).. ; one scale (Q2_K: and min) per 16 weights
@@ -180,31 +184,21 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
         shift = 4 * (g % 2)
         c_lo = (q >> shift) & 3
         c_hi = (q >> (shift + 2)) & 3
-        BN: tl.constexpr = rows.shape[0]
         sc = sc_ptr + r * s_sc + 4 * g + tl.arange(0, 2)[None, :]
         d = tl.load(d_ptr + rows * s_d + g // 4).to(tl.float32)[:, None]
         if QTYPE == _Q3_K:  # codes -4..3: bit 2(g%4) (and the next) of mask byte j is the third bit, set = no -4
             hm = tl.load(qh_ptr + r * s_qh + (g // 4) * 32 + j).to(tl.int32)
             bit = 2 * (g % 4)
-            q_lo = _int_f32(c_lo | (((hm >> bit) & 1) << 2), 4.0)
-            q_hi = _int_f32(c_hi | (((hm >> (bit + 1)) & 1) << 2), 4.0)
-            ds_lo = tl.reshape(tl.broadcast_to((d * tl.load(sc).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
-            ds_hi = tl.reshape(tl.broadcast_to((d * tl.load(sc + 2).to(tl.float32))[:, :, None], (BN, 2, 16)),
-                               (BN, 32))
-            lo = ds_lo * q_lo
-            hi = ds_hi * q_hi
+            lo = _per16(d * tl.load(sc).to(tl.float32)) * _int_f32(c_lo | (((hm >> bit) & 1) << 2), 4.0)
+            hi = _per16(d * tl.load(sc + 2).to(tl.float32)) * _int_f32(c_hi | (((hm >> (bit + 1)) & 1) << 2), 4.0)
         else:  # Q2_K: a scale byte holds the scale (low nibble) and the min (high)
             dmin = tl.load(dm_ptr + rows * s_d + g // 4).to(tl.float32)[:, None]
             s_lo = tl.load(sc).to(tl.int32)
             s_hi = tl.load(sc + 2).to(tl.int32)
-            dl_lo = tl.reshape(tl.broadcast_to((d * (s_lo & 15).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
-            dl_hi = tl.reshape(tl.broadcast_to((d * (s_hi & 15).to(tl.float32))[:, :, None], (BN, 2, 16)), (BN, 32))
-            ml_lo = tl.reshape(tl.broadcast_to((dmin * (s_lo >> 4).to(tl.float32))[:, :, None], (BN, 2, 16)),
-                               (BN, 32))
-            ml_hi = tl.reshape(tl.broadcast_to((dmin * (s_hi >> 4).to(tl.float32))[:, :, None], (BN, 2, 16)),
-                               (BN, 32))
-            lo = dl_lo * _int_f32(c_lo, 0.0) - ml_lo
-            hi = dl_hi * _int_f32(c_hi, 0.0) - ml_hi
+            ml_lo = _per16(dmin * (s_lo >> 4).to(tl.float32))
+            ml_hi = _per16(dmin * (s_hi >> 4).to(tl.float32))
+            lo = _per16(d * (s_lo & 15).to(tl.float32)) * _int_f32(c_lo, 0.0) - ml_lo
+            hi = _per16(d * (s_hi & 15).to(tl.float32)) * _int_f32(c_hi, 0.0) - ml_hi
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
         # the high nibble stays 16x (not shifted down): its scale is divided by 16 instead, exactly
         q = tl.load(qs_ptr + r * s_qs + g * 32 + j).to(tl.int32)
