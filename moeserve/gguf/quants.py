@@ -180,8 +180,8 @@ def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
 
 
 def _two_bits(qs: torch.Tensor) -> torch.Tensor:
-    """Q2_K/Q3_K's 64 bytes of 2-bit codes ``[n, 64]`` -> ``[n, 256]``: per 128 weights, 32 bytes whose bit
-    pairs 2j..2j+1 are weights 32j..32j+31."""
+    """64 bytes of 2-bit fields ``[n, 64]`` -> ``[n, 256]``: per 128 weights, 32 bytes whose bit pairs 2j..2j+1
+    are weights 32j..32j+31 (Q2_K/Q3_K's codes, Q6_K's high bits)."""
     n = qs.shape[0]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device).view(1, 1, 4, 1)
     return ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, _QK_K)
@@ -250,8 +250,7 @@ def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
     # Each half of the block (128 weights) uses 64 ql bytes (low nibbles = weights 0-63, high
     # nibbles = 64-127) and 32 qh bytes (2-bit fields at shifts 0,2,4,6 -> 4 groups of 32).
     ql = _nibbles(b[:, 0:128].reshape(n, 2, 64)).reshape(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
-    qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
+    qh = _two_bits(b[:, 128:192]).reshape(n, 8, 32)
     q = (ql | (qh << 4)).float() - 32.0
     return (dl * q.reshape(n, 16, 16)).reshape(n, _QK_K)
 

@@ -389,41 +389,59 @@ static inline __m128i q3_scales(const uint8_t *s) {
     return _mm_sub_epi8(_mm_loadu_si128((const __m128i *)o), _mm_set1_epi8(32));
 }
 
-/* 32 Q3_K codes 0..7 for weights 128 hf + 32 j + (0..31): bit pair j of the half's code bytes q, and bit
- * 4 hf + j of the mask bytes hm as bit 2 */
-static inline __m256i q3_codes(__m256i q, __m256i hm, int hf, int j) {
-    const __m256i three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
-    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three);
-    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + j), one);
+/* 32 codes for weights 128 hf + 32 j + (0..31): bit pair j of the half's code bytes q, and for Q3_K (q3) bit
+ * 4 hf + j of the mask bytes hm as bit 2 (codes 0..7; Q2_K: 0..3) */
+static inline __m256i q23_codes(__m256i q, __m256i hm, int hf, int j, const int q3) {
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
+    if (!q3) return lo;
+    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hm, 4 * hf + j), _mm256_set1_epi8(1));
     return _mm256_or_si256(lo, _mm256_slli_epi16(hb, 2));
 }
 
 /* the offsets' Sum(scale[s] * x16 sum of sub-block s) over a block's 16 sub-blocks, as float32 lanes */
-static inline __m256 sub_sums(__m128i sc8_signed_or_u8, int is_signed, const int32_t *bs) {
-    const __m256i lo = is_signed ? _mm256_cvtepi8_epi32(sc8_signed_or_u8) : _mm256_cvtepu8_epi32(sc8_signed_or_u8);
-    const __m128i h8 = _mm_srli_si128(sc8_signed_or_u8, 8);
+static inline __m256 sub_sums(__m128i v8, int is_signed, const int32_t *bs) {
+    const __m256i lo = is_signed ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8);
+    const __m128i h8 = _mm_srli_si128(v8, 8);
     const __m256i hi = is_signed ? _mm256_cvtepi8_epi32(h8) : _mm256_cvtepu8_epi32(h8);
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_mullo_epi32(lo, _mm256_loadu_si256((const __m256i *)bs)),
                                                _mm256_mullo_epi32(hi, _mm256_loadu_si256((const __m256i *)(bs + 8)))));
 }
 
-static float dot_q3_k(const uint8_t *w, int64_t K, const xq_t *x) {
+/* Q2_K (q3 = 0) or Q3_K (q3 = 1) row . x: the header gives the sixteen scales, the block scale and the offsets
+ * (Q2_K: dmin * m, Q3_K: 4 * (sc - 32)); the eight 32-code vectors and their per-16 scales are the same loop */
+static inline __attribute__((always_inline)) float dot_q23_k(const uint8_t *w, int64_t K, const xq_t *x,
+                                                            const int q3) {
+    const int64_t bytes = q3 ? 110 : 84;
     __m256 acc = _mm256_setzero_ps(), voff = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / QK; b++) {
-        const uint8_t *blk = w + b * 110;
+        const uint8_t *blk = w + b * bytes;
         PREFETCH(blk);
         PREFETCH(blk + 64);
-        const __m128i sc8 = q3_scales(blk + 96);
-        const float d = h2f(blk + 108) * x->s[b];
-        voff = _mm256_fmadd_ps(sub_sums(sc8, 1, x->bsum + b * 16), _mm256_set1_ps(4.0f * d), voff);
-        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8), hm = _mm256_loadu_si256((const __m256i *)blk);
+        float d;
+        __m256i sc16, hm = _mm256_setzero_si256();
+        const uint8_t *qs;
+        if (q3) {
+            const __m128i sc8 = q3_scales(blk + 96);
+            d = h2f(blk + 108) * x->s[b];
+            voff = _mm256_fmadd_ps(sub_sums(sc8, 1, x->bsum + b * 16), _mm256_set1_ps(4.0f * d), voff);
+            sc16 = _mm256_cvtepi8_epi16(sc8);
+            hm = _mm256_loadu_si256((const __m256i *)blk);
+            qs = blk + 32;
+        } else {
+            const __m128i m4 = _mm_set1_epi8(0x0F), sm = _mm_loadu_si128((const __m128i *)blk);
+            const __m128i mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
+            voff = _mm256_fmadd_ps(sub_sums(mn8, 0, x->bsum + b * 16), _mm256_set1_ps(h2f(blk + 82) * x->s[b]), voff);
+            d = h2f(blk + 80) * x->s[b];
+            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+            qs = blk + 16;
+        }
         __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
         for (int hf = 0; hf < 2; hf++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * hf));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * hf));
             const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
             for (int j = 0; j < 4; j++) {
                 const int o = 128 * hf + 32 * j;
-                dot32(q3_codes(q, hm, hf, j), x->hi + b * QK + o, x->lo + b * QK + o,
+                dot32(q23_codes(q, hm, hf, j, q3), x->hi + b * QK + o, x->lo + b * QK + o,
                       _mm256_shuffle_epi8(half, q6_pick(j)), &ah, &al);
             }
         }
@@ -432,31 +450,9 @@ static float dot_q3_k(const uint8_t *w, int64_t K, const xq_t *x) {
     return hsum8(_mm256_sub_ps(acc, voff));
 }
 
-static float dot_q2_k(const uint8_t *w, int64_t K, const xq_t *x) {
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m256i three = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps(), vmin = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / QK; b++) {
-        const uint8_t *blk = w + b * 84;
-        PREFETCH(blk);
-        const __m128i sm = _mm_loadu_si128((const __m128i *)blk);
-        const __m128i sc8 = _mm_and_si128(sm, m4), mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
-        vmin = _mm256_fmadd_ps(sub_sums(mn8, 0, x->bsum + b * 16), _mm256_set1_ps(h2f(blk + 82) * x->s[b]), vmin);
-        const __m256i sc16 = _mm256_cvtepu8_epi16(sc8);
-        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
-        for (int hf = 0; hf < 2; hf++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * hf));
-            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
-            for (int j = 0; j < 4; j++) {
-                const int o = 128 * hf + 32 * j;
-                dot32(_mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three), x->hi + b * QK + o, x->lo + b * QK + o,
-                      _mm256_shuffle_epi8(half, q6_pick(j)), &ah, &al);
-            }
-        }
-        acc = fold(acc, ah, al, h2f(blk + 80) * x->s[b]);
-    }
-    return hsum8(_mm256_sub_ps(acc, vmin));
-}
+static float dot_q2_k(const uint8_t *w, int64_t K, const xq_t *x) { return dot_q23_k(w, K, x, 0); }
+
+static float dot_q3_k(const uint8_t *w, int64_t K, const xq_t *x) { return dot_q23_k(w, K, x, 1); }
 
 /* out[a] = row . x[a] for a < n (n >= 1), in groups of up to 4 activations per pass over the row.
  * Returns 0 for one activation or a type without a multi-activation kernel: the caller loops the
@@ -971,43 +967,47 @@ static void unpack_q6_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, fl
     }
 }
 
-/* Q2_K: w16 = q * sc (codes 0..3, scales 0..15) and sixteen mins per block, mn [K / 256][16] = dmin * m */
-static void unpack_q2_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
+/* Q2_K (q3 = 0): w16 = q * sc (codes 0..3, scales 0..15) and sixteen mins per block, mn [K / 256][16] = dmin * m;
+ * Q3_K (q3 = 1): w16 = (q - 4) * (sc - 32), no mins */
+static inline __attribute__((always_inline)) void unpack_q23_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo,
+                                                              float *d, float *mn, const int q3) {
     const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m256i three = _mm256_set1_epi8(3);
-    for (int64_t b = 0; b < K / QK; b++, w += 84, o += ldo) {
-        const __m128i sm = _mm_loadu_si128((const __m128i *)w);
-        const __m128i mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
-        const __m256 dmin = _mm256_set1_ps(h2f(w + 82));
-        _mm256_storeu_ps(mn + 16 * b, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn8))));
-        _mm256_storeu_ps(mn + 16 * b + 8,
-                         _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn8, 8)))));
-        const __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
-        d[b] = h2f(w + 80);
+    const __m256i bias = _mm256_set1_epi8(q3 ? 4 : 0);
+    for (int64_t b = 0; b < K / QK; b++, w += q3 ? 110 : 84, o += ldo) {
+        __m256i sc16, hm = _mm256_setzero_si256();
+        const uint8_t *qs;
+        if (q3) {
+            sc16 = _mm256_cvtepi8_epi16(q3_scales(w + 96));
+            hm = _mm256_loadu_si256((const __m256i *)w);
+            d[b] = h2f(w + 108);
+            qs = w + 32;
+        } else {
+            const __m128i sm = _mm_loadu_si128((const __m128i *)w);
+            const __m128i mn8 = _mm_and_si128(_mm_srli_epi16(sm, 4), m4);
+            const __m256 dmin = _mm256_set1_ps(h2f(w + 82));
+            _mm256_storeu_ps(mn + 16 * b, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn8))));
+            _mm256_storeu_ps(mn + 16 * b + 8,
+                             _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn8, 8)))));
+            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+            d[b] = h2f(w + 80);
+            qs = w + 16;
+        }
         for (int hf = 0; hf < 2; hf++) {
             const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * hf));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * hf));
             for (int j = 0; j < 4; j++)
-                put16x2(o + 128 * hf + 32 * j, _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), three),
-                        _mm256_shuffle_epi8(half, pick16(2 * j)), _mm256_shuffle_epi8(half, pick16(2 * j + 1)), 0);
+                put16x2(o + 128 * hf + 32 * j, _mm256_sub_epi8(q23_codes(q, hm, hf, j, q3), bias),
+                        _mm256_shuffle_epi8(half, pick16(2 * j)), _mm256_shuffle_epi8(half, pick16(2 * j + 1)), q3);
         }
     }
 }
 
+static void unpack_q2_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
+    unpack_q23_k(w, K, o, ldo, d, mn, 0);
+}
+
 static void unpack_q3_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
-    (void)mn;
-    const __m256i four = _mm256_set1_epi8(4);
-    for (int64_t b = 0; b < K / QK; b++, w += 110, o += ldo) {
-        const __m256i sc16 = _mm256_cvtepi8_epi16(q3_scales(w + 96)), hm = _mm256_loadu_si256((const __m256i *)w);
-        d[b] = h2f(w + 108);
-        for (int hf = 0; hf < 2; hf++) {
-            const __m256i half = _mm256_permute2x128_si256(sc16, sc16, hf ? 0x11 : 0x00);
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 32 + 32 * hf));
-            for (int j = 0; j < 4; j++)
-                put16x2(o + 128 * hf + 32 * j, _mm256_sub_epi8(q3_codes(q, hm, hf, j), four),
-                        _mm256_shuffle_epi8(half, pick16(2 * j)), _mm256_shuffle_epi8(half, pick16(2 * j + 1)), 1);
-        }
-    }
+    unpack_q23_k(w, K, o, ldo, d, mn, 1);
 }
 
 typedef void (*unpack_fn)(const uint8_t *, int64_t, int16_t *, int64_t, float *, float *);
