@@ -83,11 +83,11 @@ def test_router_out_features_not_expert_count(good, tmp_path):
 
 
 def test_unsupported_quant_type(good, tmp_path):
-    raw = np.zeros((256, 136), dtype=np.uint8)  # IQ4_XS: 136 bytes per 256 weights; attn_q is [256, 256]
-    p = write_model(tmp_path / "iq4.gguf", ModelSpec(**{**SMALL, "hidden_size": 256, "head_dim": 64}),
+    raw = np.zeros((256, 110), dtype=np.uint8)  # IQ3_S: 110 bytes per 256 weights; attn_q is [256, 256]
+    p = write_model(tmp_path / "iq3.gguf", ModelSpec(**{**SMALL, "hidden_size": 256, "head_dim": 64}),
                     qtypes={"blk.0.attn_q.weight": QT.Q8_0})
-    p2 = rewrite(p, tmp_path / "iq4_bad.gguf", replace_tensor=("blk.0.attn_q.weight", raw, QT.IQ4_XS))
-    msg = expect(p2, UnsupportedQuantError, "blk.0.attn_q.weight", "IQ4_XS")
+    p2 = rewrite(p, tmp_path / "iq3_bad.gguf", replace_tensor=("blk.0.attn_q.weight", raw, QT.IQ3_S))
+    msg = expect(p2, UnsupportedQuantError, "blk.0.attn_q.weight", "IQ3_S")
     assert "supported" in msg
 
 

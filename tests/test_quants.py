@@ -36,6 +36,8 @@ EXPECTED_SIZES = {
     QT.Q4_K: (256, 144),
     QT.Q5_K: (256, 176),
     QT.Q6_K: (256, 210),
+    QT.IQ4_NL: (32, 18),
+    QT.IQ4_XS: (256, 136),
 }
 # Offsets of f16 scale fields inside a block (independent of the module's own table).
 F16_OFFSETS = {
@@ -49,6 +51,8 @@ F16_OFFSETS = {
     QT.Q4_K: (0, 2),
     QT.Q5_K: (0, 2),
     QT.Q6_K: (208,),
+    QT.IQ4_NL: (0,),
+    QT.IQ4_XS: (0,),
 }
 
 
@@ -189,7 +193,7 @@ def test_random_quant_bytes_rejects_bad_args() -> None:
     with pytest.raises(ValueError):
         random_quant_bytes(QT.Q4_0, (4, 32), rng, scale=0.0)
     with pytest.raises(UnsupportedQuantError):
-        random_quant_bytes(QT.IQ4_XS, (4, 256), rng)
+        random_quant_bytes(QT.IQ3_S, (4, 256), rng)
 
 
 def test_row_bytes() -> None:
@@ -205,10 +209,10 @@ def test_row_bytes() -> None:
 
 
 def test_unsupported_qtype() -> None:
-    with pytest.raises(UnsupportedQuantError, match="IQ4_XS"):
-        block_info(QT.IQ4_XS)
+    with pytest.raises(UnsupportedQuantError, match="IQ3_S"):
+        block_info(QT.IQ3_S)
     with pytest.raises(UnsupportedQuantError):
-        dequantize(torch.zeros(136, dtype=torch.uint8), QT.IQ4_XS, 256)
+        dequantize(torch.zeros(110, dtype=torch.uint8), QT.IQ3_S, 256)
     with pytest.raises(ValueError):  # UnsupportedQuantError is a ValueError
         row_bytes(QT.IQ2_XXS, 256)
 
@@ -249,7 +253,7 @@ def test_quantize_np_matches_gguf(qtype: QT) -> None:
         assert np.abs(y - x).max() < 0.5  # coarse sanity: decodes to the same values
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS], ids=lambda t: t.name)
 def test_quantize_np_rejects_k_quants(qtype: QT) -> None:
     with pytest.raises(ValueError, match="random_quant_bytes"):
         quantize_np(np.zeros((2, 256), dtype=np.float32), qtype)

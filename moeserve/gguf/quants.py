@@ -37,12 +37,13 @@ __all__ = [
 
 SUPPORTED_QTYPES: frozenset[QT] = frozenset(
     {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K,
-     QT.Q6_K}
+     QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
 )
 """The tensor types moeserve can dequantize; anything else is rejected at load time."""
 
 _FLOAT_QTYPES: frozenset[QT] = frozenset({QT.F32, QT.F16, QT.BF16})
 _K_QTYPES: frozenset[QT] = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+_NO_QUANTIZER: frozenset[QT] = _K_QTYPES | {QT.IQ4_NL, QT.IQ4_XS}  # gguf-py cannot write these
 _GGUF_QUANTIZABLE: frozenset[QT] = frozenset({QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
 
 _QK_K = 256  # weights per K-quant super-block
@@ -61,7 +62,13 @@ _F16_FIELD_OFFSETS: dict[QT, tuple[int, ...]] = {
     QT.Q4_K: (0, 2),  # d, dmin
     QT.Q5_K: (0, 2),  # d, dmin
     QT.Q6_K: (208,),  # d (after 128 B ql, 64 B qh, 16 B scales)
+    QT.IQ4_NL: (0,),  # d
+    QT.IQ4_XS: (0,),  # d (then 2 B high scale bits, 4 B low scale nibbles, 128 B codes)
 }
+
+IQ4_VALUES: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+"""The sixteen int8 weights a 4-bit IQ4_NL / IQ4_XS code stands for (ggml's `kvalues_iq4nl`): a non-uniform grid,
+denser near zero where trained weights cluster."""
 
 
 def _check_qtype(qtype: QT) -> QT:
@@ -255,6 +262,36 @@ def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q.reshape(n, 16, 16)).reshape(n, _QK_K)
 
 
+def iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS blocks ``[n, 136]`` -> the eight 6-bit sub-block scales (uint8, 0..63; the weight scale is ``s - 32``):
+    scale s has its low 4 bits in byte 4 + s // 2 (low nibble for even s) and its top 2 bits at bits 2s.. of the
+    little-endian uint16 at byte 2."""
+    n = b.shape[0]
+    low = (b[:, 4:8].reshape(n, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).view(1, 1, 2))
+    high = b[:, 2:4].reshape(n, 2, 1) >> torch.tensor(
+        [0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4)
+    return (low.reshape(n, 8) & 0x0F) | ((high.reshape(n, 8) & 3) << 4)
+
+
+def _iq4_values(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8) -> their IQ4 grid values as float32."""
+    table = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def _deq_iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    d = _f16_field(b, 0)
+    return d * _iq4_values(_nibbles(b[:, 2:18]))
+
+
+def _deq_iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16_field(b, 0)
+    dl = (d * (iq4_xs_scales(b).float() - 32.0)).unsqueeze(-1)  # [n, 8, 1]: one scale per 32 weights
+    q = _iq4_values(_nibbles(b[:, 8:136].reshape(n, 8, 16)))  # per 32 weights 16 bytes, low nibbles first
+    return (dl * q).reshape(n, _QK_K)
+
+
 _DEQUANT_BLOCKS = {
     QT.Q4_0: _deq_q4_0,
     QT.Q4_1: _deq_q4_1,
@@ -266,6 +303,8 @@ _DEQUANT_BLOCKS = {
     QT.Q4_K: _deq_q4_k,
     QT.Q5_K: _deq_q5_k,
     QT.Q6_K: _deq_q6_k,
+    QT.IQ4_NL: _deq_iq4_nl,
+    QT.IQ4_XS: _deq_iq4_xs,
 }
 
 
@@ -323,6 +362,9 @@ _STD_PER_D: dict[QT, float] = {
     QT.Q2_K: math.sqrt(77.5 * 3.5 - 7.5**2 * 1.5**2 + 1.5**2 * (16**2 - 1) / 12),
     # Q3_K: sc-32 ~ U[-32,31], q ~ U[-4,3]: E[(sc-32)^2] E[q^2]
     QT.Q3_K: math.sqrt(341.5 * 5.5),
+    # IQ4_NL: a uniform pick of the sixteen grid values; IQ4_XS: times sc-32 ~ U[-32,31]
+    QT.IQ4_NL: math.sqrt(sum(v * v for v in IQ4_VALUES) / 16),
+    QT.IQ4_XS: math.sqrt(sum(v * v for v in IQ4_VALUES) / 16 * 341.5),
 }
 # For affine types, the offset field in units of d that centres the weights on zero.
 _OFFSET_PER_D: dict[QT, float] = {
@@ -411,12 +453,12 @@ def quantize_np(values: np.ndarray, qtype: QT) -> np.ndarray:
 
     F32/F16 are plain little-endian casts; BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 delegate to
     ``gguf.quants.quantize`` so the bytes match what gguf-py / llama.cpp's converter would write.
-    K-quants raise ValueError: gguf-py has no quantizer for them and a home-grown one would be
+    K-quants and IQ4 raise ValueError: gguf-py has no quantizer for them and a home-grown one would be
     an unverified second implementation; use :func:`random_quant_bytes` for test data instead.
     """
     qt = _check_qtype(qtype)
-    if qt in _K_QTYPES:
-        raise ValueError(f"no K-quant quantizer for {qt.name}; use random_quant_bytes")
+    if qt in _NO_QUANTIZER:
+        raise ValueError(f"no quantizer for {qt.name} in gguf-py; use random_quant_bytes")
     values = np.asarray(values)
     if values.ndim == 0:
         raise ValueError("quantize_np needs an array with at least one (column) dimension")
