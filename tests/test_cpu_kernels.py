@@ -24,7 +24,7 @@ from moeserve.kernels.cpu import build, native
 from moeserve.kernels.metadata import positions_metadata
 from moeserve.kernels.rope import Rope
 
-QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
 ROWS = (1, 2, 5, 7, 64, 512)  # 2, 5, 7: the multi-row integer dots (groups of 4 + remainders)
 N, K = 256, 512
 BOUND = 5e-3
@@ -187,7 +187,7 @@ def test_ops_check_their_arguments() -> None:
         op(torch.randn(1, 256), w.data, int(QT.Q4_K), 256, 4, 0)
     with pytest.raises(RuntimeError, match="qgemm: kind must be"):
         torch.ops.moeserve.qgemm(torch.randn(1, 256), w.data, int(QT.Q4_K), 256, "f64")
-    with pytest.raises(RuntimeError, match="Q2_K..Q6_K only"):
+    with pytest.raises(RuntimeError, match="Q2_K..Q6_K and IQ4_XS only"):
         torch.ops.moeserve.qgemm(torch.randn(1, 256), _weight(QT.Q8_0, (8, 256)).data, int(QT.Q8_0), 256, "i16")
     with pytest.raises(RuntimeError, match="argmax: x has no columns"):
         torch.ops.moeserve.argmax(torch.empty(2, 0))

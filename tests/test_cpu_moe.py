@@ -36,6 +36,7 @@ TYPE_PAIRS = [  # (gate/up, down)
     (QT.Q5_K, QT.Q5_0),
     (QT.Q5_1, QT.Q4_K),
     (QT.Q3_K, QT.Q2_K),
+    (QT.IQ4_XS, QT.IQ4_NL),
 ]
 
 

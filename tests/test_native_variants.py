@@ -37,7 +37,7 @@ ops = native.ops()
 out = {}
 gen = torch.Generator().manual_seed(0)
 N, K = 96, 512
-for qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K):
+for qt in sorted(native.NATIVE_TYPES):
     raw = torch.from_numpy(random_quant_bytes(qt, (N, K), np.random.default_rng(int(qt))))
     lin = native.NativeLinear(PackedTensor("w", qt, (N, K), raw))
     for m in (1, 2, 3, 4, 5, 8, 16, 33, 64, 70):
@@ -48,7 +48,7 @@ for qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_
     out[f"float/qgemm_f32/{qt.name}"] = ops.qgemm(x, raw, int(qt), K, "f32")
     out[f"float/dequant/{qt.name}"] = ops.dequant_rows(raw, int(qt), K)
 E, H, I = 8, 512, 256
-for gt, dt in ((QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q8_0), (QT.Q3_K, QT.Q2_K)):
+for gt, dt in ((QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q8_0), (QT.Q3_K, QT.Q2_K), (QT.IQ4_XS, QT.IQ4_NL)):
     def stack(qt, shape, seed):
         raw = torch.from_numpy(random_quant_bytes(qt, shape, np.random.default_rng(seed)))
         return native.NativeExperts(PackedTensor("e", qt, shape, raw))

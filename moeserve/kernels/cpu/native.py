@@ -29,22 +29,24 @@ from moeserve.gguf.reader import PackedTensor
 from moeserve.kernels.cpu import build
 from moeserve.kernels.metadata import AttentionMetadata
 
-NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+                          QT.IQ4_NL, QT.IQ4_XS})
 
 GEMM_MIN_ROWS = 12
 """From this many activation rows on, `mk_gemm` replaces the few-row integer kernel, whose cost grows with
-every row (it decodes each block once per group of up to 4 rows). For Q4_0..Q8_0 `mk_gemm` dequantizes a
+every row (it decodes each block once per group of up to 4 rows). For Q4_0..Q8_0 and IQ4_NL `mk_gemm` dequantizes a
 tile of weight rows to exact float32 in L2 and runs a float32 FMA micro-kernel; measured on the 2-core
 AVX2 machine, 2 threads, integer vs tiled: Q4_K 768x2048 m=8 0.28 vs 0.29 ms, m=12 0.39 vs 0.38, m=16
 0.51 vs 0.40 (the K-quants have their own threshold below)."""
 
 GEMM_MIN_ROWS_KQUANT = 4
-"""The same for the K-quants (Q2_K..Q6_K), whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
+"""The same for the K-quants (Q2_K..Q6_K) and IQ4_XS, whose `mk_gemm` is the integer GEMM (a tile decoded once to int16
 q * scale, pmaddwd against 15-bit activations). Integer dots vs integer GEMM, 2 threads: Q4_K 768x2048
 m=2 0.079 vs 0.120 ms, m=4 0.130 vs 0.123, m=8 0.27 vs 0.18, m=16 0.55 vs 0.31; Q6_K lm_head
 151936x2048 m=4 29 vs 28 ms, m=8 60 vs 37, m=16 114 vs 61 (the float32 GEMM: 72 at m=16)."""
 
-KQUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+KQUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS})
+"""The types of 256-weight super-blocks, whose `mk_gemm` is the integer GEMM: the K-quants and IQ4_XS."""
 
 DOT_CHUNK_BYTES = 1 << 20
 """The few-row integer kernel quantizes all its m activation rows (2 bytes a value) and dots every weight row with

@@ -40,7 +40,7 @@
 #include <string.h>
 
 enum { QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q5_0 = 6, QT_Q5_1 = 7, QT_Q8_0 = 8, QT_Q2_K = 10, QT_Q3_K = 11, QT_Q4_K = 12,
-       QT_Q5_K = 13, QT_Q6_K = 14 };
+       QT_Q5_K = 13, QT_Q6_K = 14, QT_IQ4_NL = 20, QT_IQ4_XS = 23 };
 
 #define QK 256
 #define XMAX 32512.0f /* 255 * 127 + 127 */

@@ -40,6 +40,8 @@ int64_t row_bytes_of(int64_t qtype, int64_t k) {
     case 12: return k / 256 * 144; // Q4_K
     case 13: return k / 256 * 176; // Q5_K
     case 14: return k / 256 * 210; // Q6_K
+    case 20: return k / 32 * 18;   // IQ4_NL
+    case 23: return k / 256 * 136; // IQ4_XS
     default: return 0;
   }
 }
@@ -77,7 +79,8 @@ void check_weight(const Tensor& w, int64_t qtype, int64_t k, const char* op, con
               w.sizes());
   const int64_t rb = row_bytes_of(qtype, k);
   TORCH_CHECK(rb > 0, "moeserve::", op, ": ", name, " has GGML type ", qtype,
-              ", which has no native kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)");
+              ", which has no native kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,"
+              " IQ4_XS)");
   TORCH_CHECK(k > 0 && k % 256 == 0, "moeserve::", op, ": the row length k must be a positive multiple of 256, got ",
               k);
   TORCH_CHECK(w.size(-1) == rb, "moeserve::", op, ": ", name, " rows are ", w.size(-1), " bytes, expected ", rb,
@@ -148,12 +151,13 @@ Tensor qgemm(const Tensor& x, const Tensor& w, int64_t qtype, int64_t k, c10::st
   check_weight(w, qtype, k, op, "w");
   check_input(x, k, op);
   TORCH_CHECK(w.dim() == 2, "moeserve::qgemm: w must be 2-D, got shape ", w.sizes());
-  const bool i16 = qtype >= 10 && qtype <= 14;  // Q2_K..Q6_K
+  const bool i16 = (qtype >= 10 && qtype <= 14) || qtype == 23;  // Q2_K..Q6_K, IQ4_XS
   decltype(&mk_gemm) fn = mk_gemm;
   if (kind == "f32") {
     fn = mk_gemm_f32;
   } else if (kind == "i16") {
-    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads Q2_K..Q6_K only, got GGML type ", qtype);
+    TORCH_CHECK(i16, "moeserve::qgemm: the integer GEMM reads Q2_K..Q6_K and IQ4_XS only, got GGML type ",
+                qtype);
     fn = mk_gemm_i16;
   } else {
     TORCH_CHECK(kind == "auto", "moeserve::qgemm: kind must be 'auto', 'f32' or 'i16', got '", std::string(kind),

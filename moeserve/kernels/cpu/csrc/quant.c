@@ -454,6 +454,74 @@ static float dot_q2_k(const uint8_t *w, int64_t K, const xq_t *x) { return dot_q
 
 static float dot_q3_k(const uint8_t *w, int64_t K, const xq_t *x) { return dot_q23_k(w, K, x, 1); }
 
+/* ---------------------------------------------------------------------------------------
+ * IQ4_NL (32 weights: fp16 d, 16 code bytes) and IQ4_XS (256 weights: fp16 d, the sub-block scales' top 2 bits
+ * (uint16) and low nibbles (4 bytes), 128 code bytes): a 4-bit code stands for one of sixteen int8 grid values
+ * (kvalues_iq4nl), looked up with one pshufb per 32 weights. The values are signed, so they enter pmaddubsw as
+ * |v| against the activation with v's sign (as Q8_0's): |v| <= 127 keeps the pair sums unsaturated.
+ * ------------------------------------------------------------------------------------- */
+
+/* 16 code bytes -> the 32 weights' grid values (int8), in weight order */
+static inline __m256i iq4_values(const uint8_t *p) {
+    const __m128i grid = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(grid), nibbles16(p));
+}
+
+/* dot32 for signed weights v (int8, never -128: none of the grid values) */
+static inline void dot32_signed(__m256i v, const int8_t *h, const int8_t *l, __m256i sc, __m256i *ah, __m256i *al) {
+    const __m256i av = _mm256_sign_epi8(v, v);
+    __m256i ph = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)h), v));
+    __m256i pl = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)l), v));
+    *ah = madd_add(*ah, ph, sc);
+    *al = madd_add(*al, pl, sc);
+}
+
+/* IQ4_XS block header -> its eight sub-block scales ls - 32 as int16, in both 128-bit lanes (for pick16): scale s
+ * has its low nibble at bits 4s.. of the little-endian uint32 at byte 4 and its top 2 bits at bits 2s.. of the
+ * uint16 at byte 2 */
+static inline __m256i iq4_xs_scales(const uint8_t *blk) {
+    uint32_t lo;
+    uint16_t hi;
+    memcpy(&lo, blk + 4, 4);
+    memcpy(&hi, blk + 2, 2);
+    const __m256i l = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)lo), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                       _mm256_set1_epi32(15));
+    const __m256i h = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(hi), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                       _mm256_set1_epi32(3));
+    const __m256i s = _mm256_sub_epi32(_mm256_or_si256(l, _mm256_slli_epi32(h, 4)), _mm256_set1_epi32(32));
+    return _mm256_broadcastsi128_si256(_mm_packs_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+}
+
+static float dot_iq4_nl(const uint8_t *w, int64_t K, const xq_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = w + b * 18;
+        if (!(b & 1)) PREFETCH(blk);
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        dot32_signed(iq4_values(blk + 2), x->hi + b * 32, x->lo + b * 32, ones, &ah, &al);
+        acc = fold(acc, ah, al, h2f(blk) * x->s[b / 8]);
+    }
+    return hsum8(acc);
+}
+
+static float dot_iq4_xs(const uint8_t *w, int64_t K, const xq_t *x) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / QK; b++) {
+        const uint8_t *blk = w + b * 136;
+        PREFETCH(blk);
+        PREFETCH(blk + 64);
+        PREFETCH(blk + 128);
+        const __m256i sc16 = iq4_xs_scales(blk);
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++)
+            dot32_signed(iq4_values(blk + 8 + 16 * s), x->hi + b * QK + 32 * s, x->lo + b * QK + 32 * s,
+                         _mm256_shuffle_epi8(sc16, pick16(s)), &ah, &al);
+        acc = fold(acc, ah, al, h2f(blk) * x->s[b]);
+    }
+    return hsum8(acc);
+}
+
 /* out[a] = row . x[a] for a < n (n >= 1), in groups of up to 4 activations per pass over the row.
  * Returns 0 for one activation or a type without a multi-activation kernel: the caller loops the
  * single-row dot. */
@@ -490,6 +558,8 @@ dot_fn pick_dot(int qtype) {
         case QT_Q4_K: return dot_q4_k;
         case QT_Q5_K: return dot_q5_k;
         case QT_Q6_K: return dot_q6_k;
+        case QT_IQ4_NL: return dot_iq4_nl;
+        case QT_IQ4_XS: return dot_iq4_xs;
         default: return 0;
     }
 }
@@ -629,6 +699,15 @@ static inline void store32(float *o, __m256i q, __m256 s, __m256 m) {
     }
 }
 
+/* 32 int8 codes -> 32 floats d * c, with d = d0 for the first 16 and d1 for the last 16 (one rounding) */
+static inline void store32_i8(float *o, __m256i c, float d0, float d1) {
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++)
+        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_set1_ps(i < 2 ? d0 : d1),
+                                                  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]))));
+}
+
 static void deq_q4_k(const uint8_t *w, int64_t K, float *o) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < K / QK; b++, w += 144, o += QK) {
@@ -680,14 +759,7 @@ static void deq_q6_k(const uint8_t *w, int64_t K, float *o) {
             q6_codes(ql, qhp, q);
             for (int qq = 0; qq < 4; qq++) {
                 const int s = 8 * hf + 2 * qq;
-                float *oo = o + 128 * hf + 32 * qq;
-                const __m256i c = _mm256_sub_epi8(q[qq], k32); /* -32..31 */
-                const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-                const __m256 d0 = _mm256_broadcast_ss(dsc + s), d1 = _mm256_broadcast_ss(dsc + s + 1);
-                _mm256_storeu_ps(oo, _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
-                _mm256_storeu_ps(oo + 8, _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
-                _mm256_storeu_ps(oo + 16, _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
-                _mm256_storeu_ps(oo + 24, _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+                store32_i8(o + 128 * hf + 32 * qq, _mm256_sub_epi8(q[qq], k32) /* -32..31 */, dsc[s], dsc[s + 1]);
             }
         }
     }
@@ -718,6 +790,26 @@ static void deq_q3_k(const uint8_t *w, int64_t K, float *o) {
     }
 }
 
+static void deq_iq4_nl(const uint8_t *w, int64_t K, float *o) {
+    for (int64_t b = 0; b < K / 32; b++, w += 18, o += 32) {
+        const float d = h2f(w);
+        store32_i8(o, iq4_values(w + 2), d, d);
+    }
+}
+
+/* IQ4_XS: (d * (ls - 32)) * v, the first factor exact in float32: the reference's one rounding */
+static void deq_iq4_xs(const uint8_t *w, int64_t K, float *o) {
+    for (int64_t b = 0; b < K / QK; b++, w += 136, o += QK) {
+        int16_t sc[16];
+        _mm256_storeu_si256((__m256i *)sc, iq4_xs_scales(w));
+        const float d = h2f(w);
+        for (int s = 0; s < 8; s++) {
+            const float dl = d * (float)sc[s];
+            store32_i8(o + 32 * s, iq4_values(w + 8 + 16 * s), dl, dl);
+        }
+    }
+}
+
 typedef void (*deq_fn)(const uint8_t *, int64_t, float *);
 
 static deq_fn pick_deq(int qtype) {
@@ -732,6 +824,8 @@ static deq_fn pick_deq(int qtype) {
         case QT_Q4_K: return deq_q4_k;
         case QT_Q5_K: return deq_q5_k;
         case QT_Q6_K: return deq_q6_k;
+        case QT_IQ4_NL: return deq_iq4_nl;
+        case QT_IQ4_XS: return deq_iq4_xs;
         default: return 0;
     }
 }
@@ -1010,6 +1104,19 @@ static void unpack_q3_k(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, fl
     unpack_q23_k(w, K, o, ldo, d, mn, 1);
 }
 
+/* IQ4_XS: w16 = v * (ls - 32) (|w16| <= 127 * 32), no mins */
+static void unpack_iq4_xs(const uint8_t *w, int64_t K, int16_t *o, int64_t ldo, float *d, float *mn) {
+    (void)mn;
+    for (int64_t b = 0; b < K / QK; b++, w += 136, o += ldo) {
+        const __m256i sc16 = iq4_xs_scales(w);
+        d[b] = h2f(w);
+        for (int s = 0; s < 8; s++) {
+            const __m256i sv = _mm256_shuffle_epi8(sc16, pick16(s));
+            put16x2(o + 32 * s, iq4_values(w + 8 + 16 * s), sv, sv, 1);
+        }
+    }
+}
+
 typedef void (*unpack_fn)(const uint8_t *, int64_t, int16_t *, int64_t, float *, float *);
 
 static unpack_fn pick_unpack(int qtype) {
@@ -1019,6 +1126,7 @@ static unpack_fn pick_unpack(int qtype) {
         case QT_Q4_K: return unpack_q4_k;
         case QT_Q5_K: return unpack_q5_k;
         case QT_Q6_K: return unpack_q6_k;
+        case QT_IQ4_XS: return unpack_iq4_xs;
         default: return 0;
     }
 }
@@ -1158,9 +1266,9 @@ int mk_gemm_i16(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64
                 return -1;
         return 0;
     }
-    /* min vectors of 8 per block: Q6_K/Q3_K have none (their offsets are in the int16 codes), Q2_K two (a min per
+    /* min vectors of 8 per block: Q6_K/Q3_K/IQ4_XS have none (their offsets are in the int16 codes), Q2_K two (a min per
      * 16 values, against the activation's per-16 sums), Q4_K/Q5_K one (per 32) */
-    const int mins = qtype == QT_Q6_K || qtype == QT_Q3_K ? 0 : qtype == QT_Q2_K ? 2 : 1;
+    const int mins = qtype == QT_Q6_K || qtype == QT_Q3_K || qtype == QT_IQ4_XS ? 0 : qtype == QT_Q2_K ? 2 : 1;
     const int64_t nm = 8 * mins, fg = qtype == QT_Q2_K ? 16 : 32, ldf = K / fg; /* mins per block, sums per row */
     const int64_t nb = K / QK, mp = (m + IG_MR - 1) / IG_MR * IG_MR, ntile = (N + IG_NT - 1) / IG_NT;
     /* quantized activations, block-major (x16[b][i][256]), padded with zero rows to a multiple of IG_MR */
