@@ -431,9 +431,9 @@ def parity(tmp: Path, device: str, only: int | None = None) -> dict:
         "qwen3-q5_0-q4_1": dict(arch="qwen3", qtype=QT.Q5_0, qtypes={"*ffn_down*": QT.Q4_1}, n_experts=0),
         "moe-bf16-experts": dict(arch="qwen3moe", qtype=QT.Q8_0, qtypes={"*ffn_gate_exps*": QT.BF16,
                                  "*ffn_up_exps*": QT.BF16, "*ffn_down_exps*": QT.F16, "*ffn_gate_inp*": QT.F32}),
-        "moe-q3k-q2k": dict(arch="qwen3moe", qtype=QT.Q3_K, qtypes={"*ffn_gate_exps*": QT.Q2_K,
-                            "*ffn_up_exps*": QT.Q2_K, "*attn_v*": QT.Q2_K, "output.weight": QT.Q6_K,
-                            "*ffn_gate_inp*": QT.F32}),
+        "moe-q3k-q2k-iq4": dict(arch="qwen3moe", qtype=QT.Q3_K, qtypes={"*ffn_gate_exps*": QT.Q2_K,
+                                "*ffn_up_exps*": QT.Q2_K, "*ffn_down_exps*": QT.IQ4_XS, "*attn_v*": QT.Q2_K,
+                                "*attn_k*": QT.IQ4_NL, "output.weight": QT.Q6_K, "*ffn_gate_inp*": QT.F32}),
     }
     out = {}
     for name, kw in list(cases.items())[:only]:

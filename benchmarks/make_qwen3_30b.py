@@ -1,4 +1,4 @@
-"""Write a Qwen3-30B-A3B-shaped GGUF with random valid blocks in llama.cpp's Q4_K_M layout (or Q3_K_M, Q2_K).
+"""Write a Qwen3-30B-A3B-shaped GGUF with random valid blocks in llama.cpp's Q4_K_M layout (or Q3_K_M, Q2_K, IQ4_XS).
 
 Real dimensions (REFERENCE.md §2): hidden 2048, 32 heads / 4 KV heads of 128, 128 experts top-8,
 expert FFN 768, vocab 151936, rope 1e6. Q4_K everywhere except where llama.cpp's Q4_K_M recipe
@@ -8,8 +8,9 @@ materialised: tensors are generated and streamed to disk one at a time.
 
 `--mix q3_k_m` and `--mix q2_k` follow llama.cpp's recipes of those names for a model of this shape: Q3_K_M is
 Q3_K with Q4_K attn_output, attn_v Q5_K on the first two layers and Q4_K after, ffn_down_exps Q5_K on the first
-sixteenth and Q4_K after; Q2_K is Q2_K with Q3_K attn_output / ffn_down_exps and Q4_K attn_v. `output` is Q6_K in
-all three.
+sixteenth and Q4_K after; Q2_K is Q2_K with Q3_K attn_output / ffn_down_exps and Q4_K attn_v. `--mix iq4_xs` is
+IQ4_XS with Q5_K attn_v (4+ query heads per KV head) and Q5_K ffn_down_exps on the first eighth of the layers (a file
+quantized without an importance matrix). `output` is Q6_K in all four.
 
     python benchmarks/make_qwen3_30b.py /tmp/qwen3-30b-a3b-q4km.gguf            # 48 layers, ~18.5 GB
     python benchmarks/make_qwen3_30b.py /tmp/qwen3-30b-a3b-4l.gguf --layers 4   # quick runs
@@ -30,7 +31,7 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-MIXES = ("q4_k_m", "q3_k_m", "q2_k")
+MIXES = ("q4_k_m", "q3_k_m", "q2_k", "iq4_xs")
 
 
 def mix_qtypes(mix: str, n_layers: int) -> tuple[QT, dict[str, QT]]:
@@ -51,6 +52,11 @@ def mix_qtypes(mix: str, n_layers: int) -> tuple[QT, dict[str, QT]]:
     if mix == "q2_k":
         qtypes |= {"*attn_output.weight": QT.Q3_K, "*ffn_down_exps.weight": QT.Q3_K, "*attn_v.weight": QT.Q4_K}
         return QT.Q2_K, qtypes
+    if mix == "iq4_xs":
+        qtypes["*attn_v.weight"] = QT.Q5_K
+        for i in range(n_layers // 8):
+            qtypes[f"blk.{i}.ffn_down_exps.weight"] = QT.Q5_K
+        return QT.IQ4_XS, qtypes
     raise ValueError(f"unknown mix {mix!r} (one of {', '.join(MIXES)})")
 
 

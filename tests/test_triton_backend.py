@@ -32,7 +32,7 @@ CONFIGS = PARITY_CONFIGS | {
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the 128-expert case takes minutes under the interpreter: gpu_bench runs it
 CASES = ["hd128-gqa4-e8k2-untied-mixed", "hd64-gqa8-e16k4-untied-f16q8-window", "hd64-gqa4-e8k2-untied-kquants",
-         "hd64-gqa4-e8k2-untied-q3k-q2k", "qwen2-bias-q5", "llama-q4", "moe-bf16-experts"]
+         "hd64-gqa4-e8k2-untied-q3k-q2k-iq4", "qwen2-bias-q5", "llama-q4", "moe-bf16-experts"]
 N_POS, STEPS = 20, 16
 TIE = 2e-3
 """A greedy pick may differ from the reference's only where the reference's top logits tie within 2e-3·max|logits|
