@@ -32,7 +32,7 @@ from moeserve.kernels.select import select_backend
 
 EXPERT_SHAPES = [(768, 2048), (2048, 768)]
 LM_HEAD = (151936, 2048)
-ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 CLOCK = time.perf_counter
