@@ -53,6 +53,7 @@ TYPE_PAIRS = [  # (gate/up, down): every packed type at least once
     (QT.Q4_1, QT.Q8_0),
     (QT.Q5_0, QT.Q4_K),
     (QT.Q3_K, QT.Q2_K),
+    (QT.IQ4_XS, QT.IQ4_NL),
     (QT.BF16, QT.F16),  # a BF16 file's experts: float stacks, TF32 gate/up
 ]
 CASES = [(1, 2, True), (5, 3, False), (33, 3, True)]  # (T, top_k, renormalize)

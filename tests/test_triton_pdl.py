@@ -54,7 +54,7 @@ def test_a_failing_probe_turns_it_off(caplog: pytest.LogCaptureFixture) -> None:
 # the prefetches' addresses, under the interpreter: `prefetch` (inline PTX) replaced by a recorder
 # --------------------------------------------------------------------------------------------
 
-QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16]
+QUANT = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS, QT.F16, QT.BF16]
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="records the prefetches of CPU tensors under Triton's interpreter")
 

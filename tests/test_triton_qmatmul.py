@@ -9,6 +9,8 @@
   the float32 reference, and within 1e-5 of the same product on fp16-rounded operands (so only the
   fp16 operands the tensor cores take separate it from the reference, not a dequantization slip); BF16
   weights: of the product with x rounded to TF32 (their TF32 product).
+* IQ4's code -> grid value lookup (a rounded quartic, no table) gives `quants.IQ4_VALUES` for all 16 codes, with
+  and without fused multiply-adds.
 * `TritonEmbedding` (the step's rows, one launch) equal to `PackedTensor.rows`, for every packed type.
 * `TritonLinear`: leading dims, dtypes, non-contiguous input, bias, and the F32/F16/BF16 path.
 * Inputs past fp16's range (a down projection's SwiGLU product): `qmatmul(wide=True)` (TF32) and an F16
@@ -26,11 +28,14 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from moeserve.gguf.quants import dequantize, random_quant_bytes  # noqa: E402
+from moeserve.gguf.quants import IQ4_VALUES, dequantize, random_quant_bytes  # noqa: E402
 from moeserve.gguf.reader import PackedTensor  # noqa: E402
 from moeserve.kernels.qlinear import reference_matmul  # noqa: E402
+from moeserve.kernels.triton import qmatmul as qm  # noqa: E402
 from moeserve.kernels.triton.packing import pack_weight  # noqa: E402
 from moeserve.kernels.triton.qmatmul import (  # noqa: E402
     TritonEmbedding,
@@ -45,7 +50,7 @@ N = 80  # not a multiple of any BLOCK_N
 # K per type: 32-weight types get 12 blocks (several groups per K step) or 13 (one group per step). Float expert
 # stacks are packed too (32-weight groups, no scales).
 K = {QT.Q4_0: 384, QT.Q4_1: 416, QT.Q5_0: 416, QT.Q5_1: 384, QT.Q8_0: 416, QT.Q2_K: 768, QT.Q3_K: 512, QT.Q4_K: 768,
-     QT.Q5_K: 512, QT.Q6_K: 768, QT.F16: 416, QT.BF16: 384}
+     QT.Q5_K: 512, QT.Q6_K: 768, QT.IQ4_NL: 416, QT.IQ4_XS: 512, QT.F16: 416, QT.BF16: 384}
 QUANT = list(K)
 BOUND = 2e-3
 
@@ -79,6 +84,28 @@ def test_pack_is_exact(qt: QT, shape: tuple[int, ...]) -> None:
         assert torch.equal(got, ref)
     else:
         assert _rel(got, ref) <= 1e-6
+
+
+@triton.jit
+def _iq4_grid_kernel(out_ptr, STEP: tl.constexpr):
+    codes = tl.arange(0, 16)
+    tl.store(out_ptr + codes, qm._iq4_grid(codes.to(tl.float32) * STEP, STEP) - qm._IQ4_BIAS)
+
+
+@pytest.mark.parametrize("step", [1, 16], ids=["low_nibble", "high_nibble"])
+def test_iq4_grid_is_the_table(step: int) -> None:
+    """`_iq4_grid` (IQ4's code -> value lookup: a quartic rounded by adding 1.5 * 2^23) gives IQ4_VALUES exactly for
+    all 16 codes, taking the code as it is or 16x (the high nibble); and so does the quartic in float32 without FMAs
+    (each multiply and add rounded): the margin to the rounding (0.06) does not hang on how it is evaluated."""
+    out = torch.empty(16, device=DEVICE)
+    _iq4_grid_kernel[(1,)](out, STEP=step)
+    values = torch.tensor(IQ4_VALUES, dtype=torch.float32)
+    assert torch.equal(out.cpu(), values)
+    f = np.arange(16, dtype=np.float32) * np.float32(step)
+    t = np.float32(qm._IQ4_C4.value / step**4)
+    for k, c in ((3, qm._IQ4_C3), (2, qm._IQ4_C2), (1, qm._IQ4_C1), (0, qm._IQ4_BIAS.value - 127.0)):
+        t = t * f + np.float32(c.value / step**k if k else c)
+    assert np.array_equal(t - np.float32(qm._IQ4_BIAS.value), values.numpy())
 
 
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)

@@ -35,8 +35,11 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
               "blk.1.attn_v*": QT.F16, "blk.1.attn_[qk].*": QT.Q5_1, "blk.1.attn_output*": QT.Q4_0,
               "blk.1.ffn_gate_exps*": QT.Q5_0, "blk.1.ffn_up_exps*": QT.Q5_0, "blk.1.ffn_down_exps*": QT.Q4_1,
               # a BF16 file's experts (TF32 gate/up) and an F16 down, beside layer 2's Q4_K attention
-              "blk.2.ffn_gate_exps*": QT.BF16, "blk.2.ffn_up_exps*": QT.BF16, "blk.2.ffn_down_exps*": QT.F16}
-    spec = ModelSpec(n_layers=3, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
+              "blk.2.ffn_gate_exps*": QT.BF16, "blk.2.ffn_up_exps*": QT.BF16, "blk.2.ffn_down_exps*": QT.F16,
+              # IQ4 experts, and an IQ4_NL o_proj beside layer 1's Q4_0 one (same shape: their SASS compares)
+              "blk.3.attn_output*": QT.IQ4_NL, "blk.3.ffn_gate_exps*": QT.IQ4_XS, "blk.3.ffn_up_exps*": QT.IQ4_XS,
+              "blk.3.ffn_down_exps*": QT.IQ4_NL}
+    spec = ModelSpec(n_layers=4, hidden_size=256, vocab_size=512, n_heads=4, n_kv_heads=2, head_dim=64, n_experts=8,
                      n_experts_used=4, expert_ffn=256, ffn=512, qtype=QT.Q4_K, qtypes=qtypes)
     path = write_model(tmp_path / "mixed.gguf", spec)
     out = tmp_path / "report.json"
@@ -65,7 +68,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     assert norms == {False, True}  # the plain norm and the fused residual add + norm
     qtypes_compiled = {r["constexprs"]["QTYPE"] for r in rows if "QTYPE" in r["constexprs"]}
     assert qtypes_compiled == {int(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
-                                                 QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16)}
+                                                 QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS, QT.F16,
+                                                 QT.BF16)}
     # no register spills
     assert all(r["stack"] == 0 for r in rows
                if r["kernel"] in ("_qmatmul_kernel", "_qkv_heads_kernel", "_gate_up_kernel", "_down_kernel"))

@@ -21,13 +21,16 @@ stacked: row `r` of expert `e` is `e * N + r`), with the same bits as the file:
 * Q3_K: `d` fp16 `[rows, K/256]`; the 12 packed 6-bit scale bytes decoded to `sc` int8 `[rows, K/16]` (scale - 32);
   `qs` as Q2_K's; `qh` uint8 `[rows, K/8]` (per 256: the 32 mask bytes, bit i of byte l -> weight 32i+l's third
   bit).
+* IQ4_NL: `d` fp16 `[rows, K/32]`, `qs` uint8 `[rows, K/2]` as Q4_0's (the 4-bit codes index `quants.IQ4_VALUES`).
+* IQ4_XS: `d` fp16 `[rows, K/256]`; the 6-bit sub-block scales (split over 2 + 4 bytes) decoded to `sc` int8
+  `[rows, K/32]` (scale - 32); `qs` uint8 `[rows, K/2]` (per 32 weights 16 bytes as IQ4_NL's).
 * F16 / BF16 (expert stacks of float GGUF files; float matrices go to cuBLAS instead): `qs` `[rows, K]`, the
   file's values as fp16, or BF16's bits as int16 (the interpreter has no bfloat16); no scales. K is a multiple
   of 32, the kernels' group.
 
-Only Q4_K/Q5_K/Q3_K grow (decoded scales: 148/144, 180/176 and 114/110 bytes per block); the rest keep the
-file's size. The repack is exact (bits are moved, never rounded), is vectorised torch on whatever device the
-bytes are on, and never makes a float copy of the weights.
+Only Q4_K/Q5_K/Q3_K/IQ4_XS grow (decoded scales: 148/144, 180/176, 114/110 and 138/136 bytes per block); the
+rest keep the file's size. The repack is exact (bits are moved, never rounded), is vectorised torch on whatever
+device the bytes are on, and never makes a float copy of the weights.
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ from dataclasses import dataclass, fields
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from moeserve.gguf.quants import block_info, q3_k_scales
+from moeserve.gguf.quants import block_info, iq4_xs_scales, q3_k_scales
 from moeserve.gguf.reader import PackedTensor
 
 __all__ = ["PACKED_QTYPES", "PackedWeight", "pack_weight", "packable"]
 
 PACKED_QTYPES: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K,
-                                          QT.Q5_K, QT.Q6_K, QT.F16, QT.BF16})
+                                          QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS, QT.F16, QT.BF16})
 
 GROUP = 32
 """Weights per group of the kernels' K loop; a float type's rows must be whole groups."""
@@ -62,7 +65,7 @@ class PackedWeight:
     qs: torch.Tensor  # low bits (Q8_0: the int8 weights; F16/BF16: the weights)
     d: torch.Tensor | None = None  # fp16 block scale (none for F16/BF16)
     dm: torch.Tensor | None = None  # fp16 block offset: m (Q4_1, Q5_1) or dmin (Q4_K, Q5_K)
-    sc: torch.Tensor | None = None  # sub-block scales (uint8 for Q4_K/Q5_K, Q2_K: scale|min, int8 for Q6_K/Q3_K)
+    sc: torch.Tensor | None = None  # sub-block scales (uint8 for Q4_K/Q5_K, Q2_K: scale|min, int8 for Q6_K/Q3_K/IQ4_XS)
     mn: torch.Tensor | None = None  # sub-block mins (Q4_K, Q5_K)
     qh: torch.Tensor | None = None  # high bits (Q5_*, Q6_K, Q3_K)
 
@@ -135,7 +138,7 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         values = w.data.reshape(rows, 2 * k).contiguous()
         return PackedWeight(qt, shape, qs=values.view(torch.float16 if qt == QT.F16 else torch.int16))
     b = w.data.reshape(rows * (k // block_size), type_size)
-    if qt == QT.Q4_0:
+    if qt in (QT.Q4_0, QT.IQ4_NL):
         return PackedWeight(qt, shape, qs=_bytes(b, 2, 18, rows), d=_f16(b, 0, rows))
     if qt == QT.Q4_1:
         return PackedWeight(qt, shape, qs=_bytes(b, 4, 20, rows), d=_f16(b, 0, rows), dm=_f16(b, 2, rows))
@@ -158,6 +161,9 @@ def pack_weight(w: PackedTensor) -> PackedWeight:
         sc = (q3_k_scales(b[:, 96:108]).view(torch.int8) - 32).reshape(rows, -1)
         return PackedWeight(qt, shape, qs=_bytes(b, 32, 96, rows), d=_f16(b, 108, rows), sc=sc,
                             qh=_bytes(b, 0, 32, rows))
+    if qt == QT.IQ4_XS:
+        sc = (iq4_xs_scales(b).view(torch.int8) - 32).reshape(rows, -1)
+        return PackedWeight(qt, shape, qs=_bytes(b, 8, 136, rows), d=_f16(b, 0, rows), sc=sc)
     return PackedWeight(qt, shape, qs=_bytes(b, 0, 128, rows), d=_f16(b, 208, rows),  # Q6_K
                         sc=_bytes(b, 192, 208, rows).view(torch.int8), qh=_bytes(b, 128, 192, rows))
 

@@ -1,9 +1,9 @@
 """Matrix products on packed GGUF weights (`packing.py`), dequantized in registers: `y = x @ W.T`.
 
 The unit of work is a *group*: 2*SH consecutive weights of a row whose quant bits are SH consecutive
-bytes (32 weights / 16 bytes for Q4_0..Q8_0, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K; F16/BF16 expert
-stacks: 32 two-byte weights, SH = 16 weights). In every GGUF type the low nibbles of those bytes are the
-group's first half and the high nibbles its second half (Q8_0 and the float types: 16 / 16), so
+bytes (32 weights / 16 bytes for Q4_0..Q8_0 and IQ4_NL/IQ4_XS, 64 / 32 for Q4_K and Q5_K, 128 / 64 for Q6_K;
+F16/BF16 expert stacks: 32 two-byte weights, SH = 16 weights). In every GGUF type the low nibbles of those
+bytes are the group's first half and the high nibbles its second half (Q8_0 and the float types: 16 / 16), so
 `_dequant_group` loads each byte once and returns both halves as `[BLOCK_N, SH]` tiles (the rows' own layout);
 the product takes them, transposed, as two `tl.dot`s against the matching halves of x. Tiles never cross a
 group, so a group's scales are one load per row (Q6_K: per 16 weights).
@@ -65,6 +65,8 @@ _Q3_K = tl.constexpr(int(QT.Q3_K))
 _Q4_K = tl.constexpr(int(QT.Q4_K))
 _Q5_K = tl.constexpr(int(QT.Q5_K))
 _Q6_K = tl.constexpr(int(QT.Q6_K))
+_IQ4_NL = tl.constexpr(int(QT.IQ4_NL))
+_IQ4_XS = tl.constexpr(int(QT.IQ4_XS))
 _F16 = tl.constexpr(int(QT.F16))
 _BF16 = tl.constexpr(int(QT.BF16))
 
@@ -142,6 +144,31 @@ def _per16(v):
     return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, N, 16)), (BN, N * 16))
 
 
+_IQ4_BIAS = tl.constexpr(12582912.0)
+"""1.5 * 2^23: float32s in [2^23, 2^24) are spaced 1 apart, so a sum landing there is rounded to an integer."""
+# `_iq4_grid`'s quartic: the minimax fit to quants.IQ4_VALUES over codes 0..15 with the constant term held at the
+# integer -127 (so that it adds exactly to _IQ4_BIAS); max error 0.4397, float32 coefficients.
+_IQ4_C1 = tl.constexpr(24.500598907470703)
+_IQ4_C2 = tl.constexpr(-1.4385637044906616)
+_IQ4_C3 = tl.constexpr(0.03627324849367142)
+_IQ4_C4 = tl.constexpr(0.0014480184763669968)
+
+
+@triton.jit
+def _iq4_grid(f, STEP: tl.constexpr):
+    """IQ4_VALUES[code] + _IQ4_BIAS, exactly, for f = STEP * code (float32, code 0..15; STEP 16 takes
+    `_nibbles_f32`'s high nibble as it is). A table lookup without a table: the kernels' signatures carry no
+    pointer for one, and selects among the grid packed into int32 words cost about 10 integer operations a weight.
+    Here it is 4 FMAs: a quartic within 0.44 of every grid value, whose last FMA adds the bias (and its integer
+    constant term) and so rounds to the nearest integer, the grid value (0.06 to spare: float32's own error is
+    ~1e-5, with or without FMAs). STEP's coefficients are divided by STEP^k, powers of two: every intermediate is
+    the STEP = 1 one times a power of two, the same roundings (`tests/test_triton_qmatmul.py` checks all 16 codes)."""
+    t = tl.fma(f, _IQ4_C4 / (STEP * STEP * STEP * STEP), _IQ4_C3 / (STEP * STEP * STEP))
+    t = tl.fma(t, f, _IQ4_C2 / (STEP * STEP))
+    t = tl.fma(t, f, _IQ4_C1 / STEP)
+    return tl.fma(t, f, _IQ4_BIAS - 127.0)
+
+
 @triton.jit
 def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_sc, s_d, rows, g,
                    QTYPE: tl.constexpr, SH: tl.constexpr):
@@ -199,6 +226,15 @@ def _dequant_group(qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, s_qs, s_qh, s_
             ml_hi = _per16(dmin * (s_hi >> 4).to(tl.float32))
             lo = _per16(d * (s_lo & 15).to(tl.float32)) * _int_f32(c_lo, 0.0) - ml_lo
             hi = _per16(d * (s_hi & 15).to(tl.float32)) * _int_f32(c_hi, 0.0) - ml_hi
+    elif QTYPE == _IQ4_NL or QTYPE == _IQ4_XS:  # one 32-weight block (IQ4_XS: sub-block, scale d * sc) per group
+        f_lo, f_hi = _nibbles_f32(tl.load(qs_ptr + r * s_qs + g * 16 + j).to(tl.int32))
+        if QTYPE == _IQ4_XS:
+            dl = tl.load(d_ptr + rows * s_d + g // 8).to(tl.float32) * tl.load(sc_ptr + rows * s_sc + g).to(tl.float32)
+        else:
+            dl = tl.load(d_ptr + rows * s_d + g).to(tl.float32)
+        dl = dl[:, None]  # times the exact grid value: the reference's one rounding (and its signed zeros, infs)
+        lo = dl * (_iq4_grid(f_lo, 1) - _IQ4_BIAS)
+        hi = dl * (_iq4_grid(f_hi, 16) - _IQ4_BIAS)
     elif QTYPE == _Q4_K or QTYPE == _Q5_K:
         # the high nibble stays 16x (not shifted down): its scale is divided by 16 instead, exactly
         q = tl.load(qs_ptr + r * s_qs + g * 32 + j).to(tl.int32)
@@ -276,7 +312,8 @@ def _prefetch_scales(sc_ptr, mn_ptr, d_ptr, dm_ptr, s_sc, s_d, r0, r1, QTYPE: tl
     """The scale arrays (those `QTYPE` has: none for F16/BF16) of whole rows r0..r1."""
     if QTYPE != _F16 and QTYPE != _BF16:
         prefetch_span(d_ptr, r0 * s_d, (r1 + 1) * s_d - 1)
-    if QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K or QTYPE == _Q2_K or QTYPE == _Q3_K:
+    if (QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K or QTYPE == _Q2_K or QTYPE == _Q3_K
+            or QTYPE == _IQ4_XS):
         prefetch_span(sc_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
     if QTYPE == _Q4_K or QTYPE == _Q5_K:
         prefetch_span(mn_ptr, r0 * s_sc, (r1 + 1) * s_sc - 1)
