@@ -235,7 +235,7 @@ def compile_report(launches: list[dict], keep: str | None = None) -> list[dict]:
                                   check=True).stdout
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
-            Path(keep, f"{n:02d}_{launch['kernel']}.sass").write_text(sass)
+            Path(keep, f"{launch.get('index', n):02d}_{launch['kernel']}.sass").write_text(sass)
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
         row |= {"regs": int(m[1]), "stack": int(m[2]), "shared": int(m[3]), "loops": loops(sass),
                 "pdl_waits_first": waits_before_memory(sass)}
@@ -249,6 +249,26 @@ def compile_report(launches: list[dict], keep: str | None = None) -> list[dict]:
                     "bound_by_issue": min(1.0, budget / slots)}
         out.append(row)
     return out
+
+
+def compile_in_processes(path: str, launches: list[dict], jobs: int, keep: str | None) -> list[dict]:
+    """`compile_report` of the launches in `jobs` processes without the interpreter (each compile is one busy core:
+    LLVM, then ptxas), shard j taking launches j, j + jobs, ...; the rows in the launches' order."""
+    jobs = max(1, min(jobs, len(launches)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for j in range(jobs):
+            shard = Path(tmp, f"launches{j}.json")
+            shard.write_text(json.dumps([lc | {"index": n} for n, lc in enumerate(launches)][j::jobs]))
+            cmd = [sys.executable, __file__, path, "--launches", str(shard)] + (["--keep-sass", keep] if keep else [])
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        if p.returncode:
+            sys.exit(f"compiling failed:\n{err[-3000:]}")
+    shards = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return [shards[n % jobs][n // jobs] for n in range(len(launches))]
 
 
 def table(rows: list[dict]) -> str:
@@ -280,6 +300,8 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="leave out the prefill launches")
     ap.add_argument("--attention-splits", type=int, help="force this many key splits in decode attention")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per sequence (512: prefill GEMMs)")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="compiling processes (default: one per CPU this process may run on)")
     ap.add_argument("--launches", help=argparse.SUPPRESS)  # internal: the recorded launches (second process)
     args = ap.parse_args()
     if args.launches:  # the compiling process: no interpreter here
@@ -289,16 +311,7 @@ def main() -> None:
     launches = record(args.path, args.tokens, args.attention_splits, args.prompt_len)
     if args.decode_only:
         launches = [lc for lc in launches if max(lc["rows"]) >= 0]
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(launches, fh)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, __file__, args.path, "--launches", fh.name] + (["--keep-sass", args.keep_sass]
-                                                                          if args.keep_sass else [])
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    os.unlink(fh.name)
-    if done.returncode:
-        sys.exit(f"compiling failed:\n{done.stderr[-3000:]}")
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = compile_in_processes(args.path, launches, args.jobs, args.keep_sass)
     print(table(rows))
     for n, count in sorted(LAUNCHES.items()):
         if n >= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -17,6 +18,44 @@ import torch
 # before triton is first imported (tests/test_triton_*.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_language_once() -> None:
+    """Let Triton's interpreter patch `triton.language` once per launch, not again in every @triton.jit helper call.
+
+    A launch patches the language (its builtins replaced by interpreter versions, restored when the grid is done);
+    every device-function call inside the kernel then calls `_patch_lang` again, which finds nothing left to patch
+    in a module the launch patched but scans five namespaces with `inspect.getmembers` first: ~1 ms a call, and the
+    quant kernels call helpers (`_dequant_group`, `_per16`, ...) tens of thousands of times per forward (~40 % of a
+    whole-model decode step under the interpreter, profiled). So the call is skipped when every language module the
+    helper sees (`tl`, or `tl.core` in triton's own helpers) is patched already; otherwise it runs as before. Only
+    when the interpreter is the one expected (its private `_patch_lang` and `_LangPatchScope` exist)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch, scope = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    if patch is None or scope is None or getattr(patch, "_moeserve_once", False):
+        return
+
+    langs_of: dict = {}  # fn -> the language modules its globals hold
+
+    def patch_once(fn):  # noqa: ANN001, ANN202 (the interpreter's private signature)
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
+        if langs and not any(tl.core.is_builtin(lang.arange) for lang in langs):  # all patched already
+            return scope()
+        return patch(fn)
+
+    patch_once._moeserve_once = True
+    interpreter._patch_lang = patch_once
+
+
+_patch_language_once()
 
 from moeserve.testing import ModelSpec, write_model  # noqa: E402
 
