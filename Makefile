@@ -16,7 +16,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check moeserve tests benchmarks scripts
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -n 2 tests
 
 fuzz: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m tests.fuzz.gguf_fuzz --cases 10000 --seed 1 --json fuzz-result.json
