@@ -316,14 +316,14 @@ class Tokenizer:
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Read the ``tokenizer.*`` keys of a GGUF file and build the tokenizer.
 
-        Only metadata is read (``GGUFReader`` memory-maps the file; tensor data is not touched).
+        Only metadata is read (the reader memory-maps the file; tensor data is not touched).
         """
-        import gguf  # imported lazily: only needed for this convenience path
+        from moeserve.gguf.reader import PlainArrayReader  # imported lazily: only needed for this convenience path
 
         source = os.fspath(path)
         meta: dict[str, Any] = {}
         try:
-            reader = gguf.GGUFReader(source, "r")
+            reader = PlainArrayReader(source, "r")
             for name, field in reader.fields.items():
                 if name.startswith("tokenizer.") or name == "general.architecture":
                     meta[name] = field.contents()

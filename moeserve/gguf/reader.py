@@ -23,6 +23,23 @@ from moeserve.gguf.quants import SUPPORTED_QTYPES, dequantize, row_bytes
 _REQUIRED = object()
 
 
+class PlainArrayReader(GGUFReader):
+    """`gguf.GGUFReader` reading its memory map through a plain ndarray view: the same fields and tensors, 3x sooner.
+
+    gguf-py parses the metadata element by element, slicing its `np.memmap` a few times per value; every slice of a
+    memmap subclass pays `memmap.__array_finalize__` and `__getitem__` in Python. A Qwen3 file's 151,936 vocabulary
+    strings and 151,387 merges are ~1.4 million slices: measured 7.6-8.9 s to open a 1.75 GB 4-layer file, against
+    2.8 s through a plain view of the same map (the map stays open: the view holds it)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, mapped: np.ndarray) -> None:  # GGUFReader.__init__ assigns its np.memmap here
+        self._plain = mapped.view(np.ndarray)
+
+
 @dataclass
 class PackedTensor:
     """A weight exactly as stored in the file: GGML blocks, one row of blocks per output row.
@@ -59,7 +76,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: no such file")
         check_structure(self.path)  # every count and offset bounded by the file's size, before gguf-py reads it
         try:
-            self._reader = GGUFReader(self.path, "r")
+            self._reader = PlainArrayReader(self.path, "r")
         except Exception as exc:  # the gguf package raises bare ValueError/IndexError/KeyError
             raise self._explain_parse_failure(exc) from None
         self.tensors: dict[str, Any] = {t.name: t for t in self._reader.tensors}
