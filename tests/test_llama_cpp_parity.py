@@ -26,40 +26,27 @@ def compare(path: str, tokens: list[int], kernels: str) -> tuple[float, float]:
     return rel, top1
 
 
-@pytest.mark.parametrize("kernels", ["reference", "cpu"])
-def test_random_qwen3moe_vs_llama_cpp(make_model, kernels):
-    path = make_model("llamacpp-q4km", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
-                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.Q4_K,
-                      qtypes={"output.weight": QT.Q6_K, "*ffn_down_exps*": QT.Q6_K, "*attn_v*": QT.Q8_0,
-                              "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.Q8_0})
-    tokens = np.random.default_rng(3).integers(0, 1000, 64).tolist()
-    rel, top1 = compare(path, tokens, kernels)
-    assert top1 >= 0.9
-    assert rel <= 0.1
+RANDOM_MOES = {  # name: (base type, per-tensor types, token seed)
+    # llama.cpp's Q4_K_M layout
+    "q4km": (QT.Q4_K, {"output.weight": QT.Q6_K, "*ffn_down_exps*": QT.Q6_K, "*attn_v*": QT.Q8_0,
+                       "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.Q8_0}, 3),
+    # Q3_K and Q2_K (llama.cpp's Q3_K_M and Q2_K files)
+    "q3k-q2k": (QT.Q3_K, {"output.weight": QT.Q6_K, "*ffn_gate_exps*": QT.Q2_K, "*ffn_up_exps*": QT.Q2_K,
+                          "*attn_v*": QT.Q2_K, "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.Q2_K}, 4),
+    # IQ4_XS and IQ4_NL (llama.cpp's IQ4_XS files, and its IQ4_NL fallback tensors)
+    "iq4": (QT.IQ4_XS, {"output.weight": QT.Q6_K, "*ffn_down_exps*": QT.IQ4_NL, "*attn_v*": QT.IQ4_NL,
+                        "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.IQ4_XS}, 5),
+}
 
 
 @pytest.mark.parametrize("kernels", ["reference", "cpu"])
-def test_random_q3k_q2k_vs_llama_cpp(make_model, kernels):
-    """Q3_K and Q2_K (llama.cpp's Q3_K_M and Q2_K files) read the same as llama.cpp reads them."""
-    path = make_model("llamacpp-q3k-q2k", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
-                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.Q3_K,
-                      qtypes={"output.weight": QT.Q6_K, "*ffn_gate_exps*": QT.Q2_K, "*ffn_up_exps*": QT.Q2_K,
-                              "*attn_v*": QT.Q2_K, "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.Q2_K})
-    tokens = np.random.default_rng(4).integers(0, 1000, 64).tolist()
-    rel, top1 = compare(path, tokens, kernels)
-    assert top1 >= 0.9
-    assert rel <= 0.1
-
-
-@pytest.mark.parametrize("kernels", ["reference", "cpu"])
-def test_random_iq4_vs_llama_cpp(make_model, kernels):
-    """IQ4_XS and IQ4_NL (llama.cpp's IQ4_XS files, and its IQ4_NL fallback tensors) read the same as llama.cpp
-    reads them."""
-    path = make_model("llamacpp-iq4", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
-                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=QT.IQ4_XS,
-                      qtypes={"output.weight": QT.Q6_K, "*ffn_down_exps*": QT.IQ4_NL, "*attn_v*": QT.IQ4_NL,
-                              "*ffn_gate_inp*": QT.F32, "token_embd.weight": QT.IQ4_XS})
-    tokens = np.random.default_rng(5).integers(0, 1000, 64).tolist()
+@pytest.mark.parametrize("name", list(RANDOM_MOES))
+def test_random_qwen3moe_vs_llama_cpp(make_model, name, kernels):
+    """A random Qwen3-MoE of each quant mix reads the same as llama.cpp reads it."""
+    qtype, qtypes, seed = RANDOM_MOES[name]
+    path = make_model(f"llamacpp-{name}", n_layers=4, hidden_size=512, head_dim=128, n_heads=8, n_kv_heads=2,
+                      n_experts=16, n_experts_used=4, expert_ffn=256, vocab_size=1024, qtype=qtype, qtypes=qtypes)
+    tokens = np.random.default_rng(seed).integers(0, 1000, 64).tolist()
     rel, top1 = compare(path, tokens, kernels)
     assert top1 >= 0.9
     assert rel <= 0.1
