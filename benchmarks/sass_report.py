@@ -256,11 +256,12 @@ def compile_in_processes(path: str, launches: list[dict], jobs: int, keep: str |
     LLVM, then ptxas), shard j taking launches j, j + jobs, ...; the rows in the launches' order."""
     jobs = max(1, min(jobs, len(launches)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    indexed = [lc | {"index": n} for n, lc in enumerate(launches)]  # --keep-sass names files by the launch's index
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for j in range(jobs):
             shard = Path(tmp, f"launches{j}.json")
-            shard.write_text(json.dumps([lc | {"index": n} for n, lc in enumerate(launches)][j::jobs]))
+            shard.write_text(json.dumps(indexed[j::jobs]))
             cmd = [sys.executable, __file__, path, "--launches", str(shard)] + (["--keep-sass", keep] if keep else [])
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate() for p in procs]

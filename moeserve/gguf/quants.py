@@ -42,8 +42,6 @@ SUPPORTED_QTYPES: frozenset[QT] = frozenset(
 """The tensor types moeserve can dequantize; anything else is rejected at load time."""
 
 _FLOAT_QTYPES: frozenset[QT] = frozenset({QT.F32, QT.F16, QT.BF16})
-_K_QTYPES: frozenset[QT] = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
-_NO_QUANTIZER: frozenset[QT] = _K_QTYPES | {QT.IQ4_NL, QT.IQ4_XS}  # gguf-py cannot write these
 _GGUF_QUANTIZABLE: frozenset[QT] = frozenset({QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
 
 _QK_K = 256  # weights per K-quant super-block
@@ -457,7 +455,7 @@ def quantize_np(values: np.ndarray, qtype: QT) -> np.ndarray:
     an unverified second implementation; use :func:`random_quant_bytes` for test data instead.
     """
     qt = _check_qtype(qtype)
-    if qt in _NO_QUANTIZER:
+    if qt not in (QT.F32, QT.F16) and qt not in _GGUF_QUANTIZABLE:
         raise ValueError(f"no quantizer for {qt.name} in gguf-py; use random_quant_bytes")
     values = np.asarray(values)
     if values.ndim == 0:
@@ -471,6 +469,5 @@ def quantize_np(values: np.ndarray, qtype: QT) -> np.ndarray:
     elif qt == QT.F16:
         packed = values.astype("<f2")
     else:
-        assert qt in _GGUF_QUANTIZABLE
         packed = gguf_quantize(values, qt)
     return np.ascontiguousarray(packed).view(np.uint8).reshape(*lead, nbytes)

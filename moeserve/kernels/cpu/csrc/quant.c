@@ -67,6 +67,16 @@ static inline void dot32(__m256i q, const int8_t *h, const int8_t *l, __m256i sc
     *al = madd_add(*al, pl, sc);
 }
 
+/* dot32 for signed int8 weights v: |v| as u8 (128 for -128, still exact) against the activations with v's sign,
+ * so the pair sums stay within pmaddubsw's int16 (2 * 128 * 127) */
+static inline void dot32_signed(__m256i v, const int8_t *h, const int8_t *l, __m256i sc, __m256i *ah, __m256i *al) {
+    const __m256i av = _mm256_sign_epi8(v, v);
+    __m256i ph = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)h), v));
+    __m256i pl = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)l), v));
+    *ah = madd_add(*ah, ph, sc);
+    *al = madd_add(*al, pl, sc);
+}
+
 /* acc += d * (255 * ah + al) */
 static inline __m256 fold(__m256 acc, __m256i ah, __m256i al, float d) {
     __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ah), _mm256_set1_ps(255.0f), _mm256_cvtepi32_ps(al));
@@ -173,14 +183,9 @@ static float dot_q8_0(const uint8_t *w, int64_t K, const xq_t *x) {
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = w + b * 34;
         PREFETCH(blk);
-        float d = h2f(blk) * x->s[b / 8];
-        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        __m256i aq = _mm256_sign_epi8(q, q); /* |q| as u8 (128 for -128) */
-        __m256i h = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->hi + b * 32)), q);
-        __m256i l = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->lo + b * 32)), q);
-        __m256i ah = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, h), ones);
-        __m256i al = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, l), ones);
-        acc = fold(acc, ah, al, d);
+        __m256i ah = _mm256_setzero_si256(), al = _mm256_setzero_si256();
+        dot32_signed(_mm256_loadu_si256((const __m256i *)(blk + 2)), x->hi + b * 32, x->lo + b * 32, ones, &ah, &al);
+        acc = fold(acc, ah, al, h2f(blk) * x->s[b / 8]);
     }
     return hsum8(acc);
 }
@@ -467,15 +472,6 @@ static inline __m256i iq4_values(const uint8_t *p) {
     return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(grid), nibbles16(p));
 }
 
-/* dot32 for signed weights v (int8, never -128: none of the grid values) */
-static inline void dot32_signed(__m256i v, const int8_t *h, const int8_t *l, __m256i sc, __m256i *ah, __m256i *al) {
-    const __m256i av = _mm256_sign_epi8(v, v);
-    __m256i ph = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)h), v));
-    __m256i pl = _mm256_maddubs_epi16(av, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)l), v));
-    *ah = madd_add(*ah, ph, sc);
-    *al = madd_add(*al, pl, sc);
-}
-
 /* IQ4_XS block header -> its eight sub-block scales ls - 32 as int16, in both 128-bit lanes (for pick16): scale s
  * has its low nibble at bits 4s.. of the little-endian uint32 at byte 4 and its top 2 bits at bits 2s.. of the
  * uint16 at byte 2 */
@@ -638,6 +634,15 @@ int mk_matmul(int qtype, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t
  * exact dequantization to float32 (same products, same order as the reference dequantizer)
  * ------------------------------------------------------------------------------------- */
 
+/* 32 int8 codes -> 32 floats d * c, with d = d0 for the first 16 and d1 for the last 16 (one rounding) */
+static inline void store32_i8(float *o, __m256i c, float d0, float d1) {
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++)
+        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_set1_ps(i < 2 ? d0 : d1),
+                                                  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]))));
+}
+
 static void deq_q4_0(const uint8_t *w, int64_t K, float *o) {
     for (int64_t b = 0; b < K / 32; b++, w += 18, o += 32) {
         float d = h2f(w);
@@ -684,8 +689,8 @@ static void deq_q5_1(const uint8_t *w, int64_t K, float *o) {
 
 static void deq_q8_0(const uint8_t *w, int64_t K, float *o) {
     for (int64_t b = 0; b < K / 32; b++, w += 34, o += 32) {
-        float d = h2f(w);
-        for (int i = 0; i < 32; i++) o[i] = (float)(int8_t)w[2 + i] * d;
+        const float d = h2f(w);
+        store32_i8(o, _mm256_loadu_si256((const __m256i *)(w + 2)), d, d);
     }
 }
 
@@ -697,15 +702,6 @@ static inline void store32(float *o, __m256i q, __m256 s, __m256 m) {
         __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
         _mm256_storeu_ps(o + 8 * i, _mm256_sub_ps(_mm256_mul_ps(s, f), m));
     }
-}
-
-/* 32 int8 codes -> 32 floats d * c, with d = d0 for the first 16 and d1 for the last 16 (one rounding) */
-static inline void store32_i8(float *o, __m256i c, float d0, float d1) {
-    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int i = 0; i < 4; i++)
-        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_set1_ps(i < 2 ? d0 : d1),
-                                                  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]))));
 }
 
 static void deq_q4_k(const uint8_t *w, int64_t K, float *o) {
